@@ -1,1 +1,30 @@
-//! placeholder
+//! product-sync keeps a platform's copy of wealth-management product data in step with the
+//! management system that owns it, driven by product-request commands on Kafka.
+//!
+//! ```text
+//!  product-requests ──Kafka──▶ validate ─▶ authorize ─▶ fetch pages ─▶ fold into store ─▶ outbox ──▶ product-changes
+//!  (commands)                     │        (OAuth2       (management    (sea-orm:            │        product-request-results
+//!                                 │         client creds) system HTTP)   Postgres/SQLite)    │
+//!                                 └─ bad ──▶ product-requests.dlq (with reason)              └── relay (idempotent producer)
+//!                    at start: register with the service-governance platform; deregister at stop
+//! ```
+//!
+//! # Layout
+//! The modules follow the flow; the binary (`src/main.rs`) only parses the command line and
+//! calls into this library.
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | [`config`] | the public configuration keys, layered files + `PRODUCT_SYNC__…` env, validation |
+//! | [`telemetry`] | the `tracing` subscriber (pretty or JSON) |
+//! | [`retry`] | the one place transient failures are retried (`backoff`) |
+//! | [`kafka`] | client configuration, broker readiness, topic creation |
+//! | [`store`] | database connection, migrations, entities and the fold |
+//!
+//! Every boundary has its own `thiserror` error type that answers `is_transient()`.
+
+pub mod config;
+pub mod kafka;
+pub mod retry;
+pub mod store;
+pub mod telemetry;

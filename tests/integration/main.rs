@@ -1,1 +1,7 @@
+//! The integration tests: one binary, run against the real services that
+//! `deploy/local/kafka.sh up` and `deploy/local/postgres.sh up` start (or `deploy/local/test.sh`,
+//! which starts both). A missing service fails the test with the command that starts it.
 
+mod helpers;
+mod kafka_smoke;
+mod store_smoke;

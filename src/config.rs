@@ -1,0 +1,768 @@
+//! Configuration: the public keys of DESIGN.md's configuration contract, layered from files
+//! under `config/` and `PRODUCT_SYNC__…` environment variables, validated at start-up.
+//!
+//! Layers, later wins:
+//! 1. `config/default.toml` (the copy built into the binary when the directory has none);
+//! 2. `config/<env>.toml`, `<env>` from `PRODUCT_SYNC_ENV` (default `local`; optional for the
+//!    default, required when named explicitly);
+//! 3. the file given with `--config` (required);
+//! 4. environment variables `PRODUCT_SYNC__<SECTION>__<KEY>` (`__` between levels).
+//!
+//! Every struct denies unknown fields, so a typo is refused with the key's full name and the
+//! layer it came from instead of being silently ignored. Secrets (`upstream.client_secret`,
+//! the password inside `database.url`) are held in `secrecy` types and print as `[redacted]`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat, Value, ValueKind};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The environment variable prefix; `PRODUCT_SYNC__A__B` sets key `a.b`.
+pub const ENV_PREFIX: &str = "PRODUCT_SYNC";
+/// Selects the environment file (`local`, `production`, …).
+pub const ENV_SELECTOR: &str = "PRODUCT_SYNC_ENV";
+/// Overrides the configuration directory (default `./config`).
+pub const ENV_CONFIG_DIR: &str = "PRODUCT_SYNC_CONFIG_DIR";
+
+/// The built-in copy of `config/default.toml`, used when the directory has none so the binary
+/// runs from anywhere.
+const BUILT_IN_DEFAULT: &str = include_str!("../config/default.toml");
+
+/// A configuration that cannot be used. Always permanent: fixing it needs a person.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read or parsed.
+    #[error("cannot read configuration file {file}: {reason}")]
+    File { file: String, reason: String },
+    /// A key that the program does not know (usually a typo).
+    #[error(
+        "unknown configuration key `{key}` (set in {origin}); see README \"Configuration\" for the keys"
+    )]
+    UnknownKey { key: String, origin: String },
+    /// A key is present with a value of the wrong type or out of range.
+    #[error("invalid value for configuration key `{key}` (set in {origin}): {reason}")]
+    Invalid {
+        key: String,
+        origin: String,
+        reason: String,
+    },
+    /// A required key is missing from every layer.
+    #[error("missing configuration key `{key}`: set it in a config file or as {env}")]
+    Missing { key: String, env: String },
+}
+
+impl ConfigError {
+    /// Configuration errors never heal by retrying.
+    pub fn is_transient(&self) -> bool {
+        false
+    }
+}
+
+/// All settings of one product-sync process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub topics: TopicSettings,
+    pub database: DatabaseSettings,
+    pub upstream: UpstreamSettings,
+    pub governance: GovernanceSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+/// Where the broker is and how to talk to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Broker list, e.g. `127.0.0.1:9092`.
+    pub bootstrap_servers: String,
+    /// Consumer group shared by all instances; partitions are spread across its members.
+    pub group_id: String,
+    /// Raw librdkafka options passed through unchanged (TLS, SASL, timeouts…). From the
+    /// environment, `_` in the last segment stands for `.`:
+    /// `PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SECURITY_PROTOCOL=ssl` sets `security.protocol`.
+    #[serde(default)]
+    pub librdkafka: LibrdkafkaOptions,
+}
+
+/// Raw librdkafka options. Debug output redacts credential values.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct LibrdkafkaOptions(pub BTreeMap<String, String>);
+
+impl LibrdkafkaOptions {
+    /// Option name and value pairs, values unredacted: for building clients only.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter()
+    }
+
+    /// The value of one option.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// Name and value with credential values replaced, for logs and `product-sync config`.
+    pub fn redacted(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| {
+            (
+                k.as_str(),
+                if is_secret_option(k) {
+                    "[redacted]"
+                } else {
+                    v.as_str()
+                },
+            )
+        })
+    }
+}
+
+impl fmt::Debug for LibrdkafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.redacted()).finish()
+    }
+}
+
+/// Topic names and how missing topics are created.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSettings {
+    /// Product-request commands (input).
+    pub requests: String,
+    /// Field-level diff events (output).
+    pub changes: String,
+    /// One result event per command (output).
+    pub results: String,
+    /// Commands that could not be processed, with the reason in headers.
+    pub dlq: String,
+    /// Create missing topics at start-up.
+    pub create: bool,
+    /// Partition count for topics created at start-up; bounds the consumer group's parallelism.
+    pub partitions: i32,
+    /// Replication factor for topics created at start-up (3 in production).
+    pub replication_factor: i32,
+}
+
+/// The store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host/db` or `sqlite://path?mode=rwc`. Secret: may hold a password.
+    pub url: SecretString,
+    /// Upper bound of the connection pool.
+    pub max_connections: u32,
+    /// Apply pending migrations at start-up.
+    pub migrate_on_start: bool,
+    /// How long start-up keeps retrying an unreachable database before giving up.
+    pub connect_timeout_ms: u64,
+}
+
+/// The management system that owns the product data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// Name of the management system; part of change-event keys. Commands naming another
+    /// system are rejected.
+    pub system: String,
+    /// Base URL of the management system's HTTP API.
+    pub base_url: String,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// OAuth2 client secret. Never logged.
+    pub client_secret: SecretString,
+    /// Products per page asked of the management system.
+    pub page_size: u32,
+    /// Timeout of one HTTP request.
+    pub timeout_ms: u64,
+    /// How long transient failures of one call are retried before the call fails.
+    pub retry_max_elapsed_ms: u64,
+}
+
+/// The service-governance platform that instances register with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GovernanceSettings {
+    /// Register at start-up, heartbeat, deregister at stop.
+    pub enabled: bool,
+    /// Base URL of the governance platform.
+    pub base_url: String,
+    /// This service's identity at the platform.
+    pub app_id: String,
+}
+
+/// The ops endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `tracing` filter, e.g. `info` or `product_sync=debug,rdkafka=warn`; `RUST_LOG` wins.
+    pub level: String,
+    /// `pretty` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Where to read configuration from. `Default` is what the binary does: `./config` (or
+/// `PRODUCT_SYNC_CONFIG_DIR`), `PRODUCT_SYNC_ENV`, and the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Directory with `default.toml` and the environment files.
+    pub dir: Option<PathBuf>,
+    /// Environment name; `None` reads `PRODUCT_SYNC_ENV`, else `local`.
+    pub env_name: Option<String>,
+    /// An extra file (`--config`), read last among the files.
+    pub file: Option<PathBuf>,
+    /// Environment variables to use instead of the process environment (tests).
+    pub vars: Option<HashMap<String, String>>,
+}
+
+impl Sources {
+    fn var(&self, name: &str) -> Option<String> {
+        match &self.vars {
+            Some(vars) => vars.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        }
+    }
+}
+
+/// Loads, layers and validates the configuration.
+pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+    let config = build(sources)?;
+    let settings = deserialize(&config, sources)?;
+    settings.validate(&config)?;
+    Ok(settings)
+}
+
+fn build(sources: &Sources) -> Result<Config, ConfigError> {
+    let dir = sources
+        .dir
+        .clone()
+        .or_else(|| sources.var(ENV_CONFIG_DIR).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("config"));
+    let mut builder = Config::builder();
+
+    let default_file = dir.join("default.toml");
+    builder = if default_file.is_file() {
+        builder.add_source(file_source(&default_file, true)?)
+    } else {
+        builder.add_source(File::from_str(BUILT_IN_DEFAULT, FileFormat::Toml))
+    };
+
+    let (env_name, explicit) = match sources
+        .env_name
+        .clone()
+        .or_else(|| sources.var(ENV_SELECTOR))
+    {
+        Some(name) => (name, true),
+        None => ("local".to_owned(), false),
+    };
+    if env_name.is_empty()
+        || !env_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ConfigError::Invalid {
+            key: ENV_SELECTOR.to_owned(),
+            origin: "the environment".to_owned(),
+            reason: format!("{env_name:?} is not an environment name (letters, digits, - and _)"),
+        });
+    }
+    let env_file = dir.join(format!("{env_name}.toml"));
+    builder = builder.add_source(file_source(&env_file, explicit)?);
+
+    if let Some(file) = &sources.file {
+        builder = builder.add_source(file_source(file, true)?);
+    }
+
+    let env = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .source(sources.vars.clone().map(|vars| vars.into_iter().collect()));
+    builder = builder.add_source(env);
+
+    builder.build().map_err(|e| ConfigError::File {
+        file: dir.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn file_source(
+    path: &Path,
+    required: bool,
+) -> Result<File<config::FileSourceFile, FileFormat>, ConfigError> {
+    if required && !path.is_file() {
+        return Err(ConfigError::File {
+            file: path.display().to_string(),
+            reason: "no such file".to_owned(),
+        });
+    }
+    Ok(File::from(path).format(FileFormat::Toml).required(required))
+}
+
+fn deserialize(config: &Config, sources: &Sources) -> Result<Settings, ConfigError> {
+    let tree = tree_of(config);
+    let mut settings: Settings =
+        serde_path_to_error::deserialize(config.clone()).map_err(|err| {
+            let path = err.path().to_string();
+            describe(&tree, &path, err.into_inner())
+        })?;
+    // librdkafka option names use dots, which environment variable names cannot hold: from the
+    // environment, `_` stands for `.` (`…__LIBRDKAFKA__SASL_PASSWORD` sets `sasl.password`).
+    let prefix = format!("{ENV_PREFIX}__KAFKA__LIBRDKAFKA__");
+    let env_keys: Vec<String> = match &sources.vars {
+        Some(vars) => vars.keys().cloned().collect(),
+        None => std::env::vars().map(|(k, _)| k).collect(),
+    };
+    for name in env_keys {
+        if let Some(rest) = name.strip_prefix(&prefix) {
+            let key = rest.to_lowercase();
+            if let Some(value) = settings.kafka.librdkafka.0.remove(&key) {
+                settings
+                    .kafka
+                    .librdkafka
+                    .0
+                    .insert(key.replace('_', "."), value);
+            }
+        }
+    }
+    Ok(settings)
+}
+
+/// The merged key tree, each leaf with its origin.
+fn tree_of(config: &Config) -> config::Map<String, Value> {
+    match &config.cache.kind {
+        ValueKind::Table(t) => t.clone(),
+        _ => config::Map::new(),
+    }
+}
+
+/// Turns a deserialization failure into an error naming the full key and its origin.
+fn describe(
+    tree: &config::Map<String, Value>,
+    path: &str,
+    err: config::ConfigError,
+) -> ConfigError {
+    let message = err.to_string();
+    let parent = if path == "." {
+        String::new()
+    } else {
+        path.to_owned()
+    };
+    // The path may already end with the offending field (serde_path_to_error records map keys).
+    let join = |leaf: &str| {
+        if parent.is_empty() {
+            leaf.to_owned()
+        } else if parent == leaf || parent.ends_with(&format!(".{leaf}")) {
+            parent.clone()
+        } else {
+            format!("{parent}.{leaf}")
+        }
+    };
+    if let Some(field) = between(&message, "unknown field `", "`") {
+        let key = join(field);
+        return ConfigError::UnknownKey {
+            origin: origin_of(tree, &key),
+            key,
+        };
+    }
+    if let Some(field) = between(&message, "missing field `", "`") {
+        let key = join(field);
+        return ConfigError::Missing {
+            env: env_name_of(&key),
+            key,
+        };
+    }
+    if let config::ConfigError::Type {
+        key: Some(key),
+        origin,
+        ..
+    } = &err
+    {
+        let full = if key.contains('.') || parent.is_empty() {
+            key.clone()
+        } else {
+            join(key)
+        };
+        return ConfigError::Invalid {
+            origin: origin.clone().unwrap_or_else(|| origin_of(tree, &full)),
+            key: full,
+            reason: message,
+        };
+    }
+    ConfigError::Invalid {
+        origin: origin_of(tree, &parent),
+        key: parent,
+        reason: message,
+    }
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = s.find(start)? + start.len();
+    let len = s[from..].find(end)?;
+    Some(&s[from..from + len])
+}
+
+/// Where a key's value came from: a file path or "the environment".
+fn origin_of(tree: &config::Map<String, Value>, key: &str) -> String {
+    let mut node: Option<&Value> = None;
+    let mut table = Some(tree);
+    for part in key.split('.') {
+        node = table.and_then(|t| t.get(part));
+        table = match node {
+            Some(Value {
+                kind: ValueKind::Table(t),
+                ..
+            }) => Some(t),
+            _ => None,
+        };
+    }
+    match node {
+        // A table's own origin is unset; name the origin of its first leaf instead.
+        Some(Value {
+            kind: ValueKind::Table(t),
+            ..
+        }) => t
+            .values()
+            .find_map(|v| v.origin().map(str::to_owned))
+            .unwrap_or_else(|| "an unknown layer".to_owned()),
+        Some(v) => v
+            .origin()
+            .map(str::to_owned)
+            .unwrap_or_else(|| "config/default.toml (built in)".to_owned()),
+        None => "an unknown layer".to_owned(),
+    }
+}
+
+/// The environment variable that sets `key`.
+pub fn env_name_of(key: &str) -> String {
+    format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase())
+}
+
+impl Settings {
+    /// Checks what types alone cannot: URL schemes, ranges, non-empty names.
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let tree = tree_of(config);
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            origin: origin_of(&tree, key),
+            reason,
+        };
+        let non_empty = [
+            ("kafka.bootstrap_servers", &self.kafka.bootstrap_servers),
+            ("kafka.group_id", &self.kafka.group_id),
+            ("topics.requests", &self.topics.requests),
+            ("topics.changes", &self.topics.changes),
+            ("topics.results", &self.topics.results),
+            ("topics.dlq", &self.topics.dlq),
+            ("upstream.system", &self.upstream.system),
+            ("upstream.client_id", &self.upstream.client_id),
+            ("governance.app_id", &self.governance.app_id),
+        ];
+        for (key, value) in non_empty {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "must not be empty".to_owned()));
+            }
+        }
+        if self.upstream.system.contains('/') {
+            return Err(invalid(
+                "upstream.system",
+                "must not contain '/' (it is part of event keys)".to_owned(),
+            ));
+        }
+        let url = self.database.url.expose_secret();
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            return Err(invalid(
+                "database.url",
+                format!(
+                    "{} is neither a postgres:// nor a sqlite: URL",
+                    redact_url(url)
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("upstream.base_url", &self.upstream.base_url),
+            ("governance.base_url", &self.governance.base_url),
+        ] {
+            match url::Url::parse(value) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => return Err(invalid(key, format!("{value:?} is not an http(s) URL"))),
+            }
+        }
+        if !(1..=1000).contains(&self.upstream.page_size) {
+            return Err(invalid(
+                "upstream.page_size",
+                "must be between 1 and 1000".to_owned(),
+            ));
+        }
+        if self.upstream.timeout_ms == 0 {
+            return Err(invalid("upstream.timeout_ms", "must be above 0".to_owned()));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid(
+                "database.max_connections",
+                "must be above 0".to_owned(),
+            ));
+        }
+        if self.topics.partitions < 1 {
+            return Err(invalid(
+                "topics.partitions",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if self.topics.replication_factor < 1 {
+            return Err(invalid(
+                "topics.replication_factor",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", e.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// A URL with its password replaced, safe for logs and errors.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
+impl DatabaseSettings {
+    /// The URL without its password, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+impl fmt::Display for Settings {
+    /// A human-readable summary with every secret redacted (`product-sync config`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "kafka.bootstrap_servers = {:?}",
+            self.kafka.bootstrap_servers
+        )?;
+        writeln!(f, "kafka.group_id = {:?}", self.kafka.group_id)?;
+        for (k, v) in self.kafka.librdkafka.redacted() {
+            writeln!(f, "kafka.librdkafka.{k:?} = {v:?}")?;
+        }
+        writeln!(f, "topics.requests = {:?}", self.topics.requests)?;
+        writeln!(f, "topics.changes = {:?}", self.topics.changes)?;
+        writeln!(f, "topics.results = {:?}", self.topics.results)?;
+        writeln!(f, "topics.dlq = {:?}", self.topics.dlq)?;
+        writeln!(f, "topics.create = {}", self.topics.create)?;
+        writeln!(f, "topics.partitions = {}", self.topics.partitions)?;
+        writeln!(
+            f,
+            "topics.replication_factor = {}",
+            self.topics.replication_factor
+        )?;
+        writeln!(f, "database.url = {:?}", self.database.redacted_url())?;
+        writeln!(
+            f,
+            "database.max_connections = {}",
+            self.database.max_connections
+        )?;
+        writeln!(
+            f,
+            "database.migrate_on_start = {}",
+            self.database.migrate_on_start
+        )?;
+        writeln!(
+            f,
+            "database.connect_timeout_ms = {}",
+            self.database.connect_timeout_ms
+        )?;
+        writeln!(f, "upstream.system = {:?}", self.upstream.system)?;
+        writeln!(f, "upstream.base_url = {:?}", self.upstream.base_url)?;
+        writeln!(f, "upstream.client_id = {:?}", self.upstream.client_id)?;
+        writeln!(f, "upstream.client_secret = \"[redacted]\"")?;
+        writeln!(f, "upstream.page_size = {}", self.upstream.page_size)?;
+        writeln!(f, "upstream.timeout_ms = {}", self.upstream.timeout_ms)?;
+        writeln!(
+            f,
+            "upstream.retry_max_elapsed_ms = {}",
+            self.upstream.retry_max_elapsed_ms
+        )?;
+        writeln!(f, "governance.enabled = {}", self.governance.enabled)?;
+        writeln!(f, "governance.base_url = {:?}", self.governance.base_url)?;
+        writeln!(f, "governance.app_id = {:?}", self.governance.app_id)?;
+        writeln!(f, "http.listen = \"{}\"", self.http.listen)?;
+        writeln!(f, "log.level = {:?}", self.log.level)?;
+        write!(f, "log.format = {:?}", self.log.format)
+    }
+}
+
+/// librdkafka options whose values are credentials.
+pub fn is_secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.ends_with(".key.pem")
+        || k.contains("sasl.oauthbearer.config")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(vars: &[(&str, &str)]) -> Sources {
+        Sources {
+            dir: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config")),
+            env_name: None,
+            file: None,
+            vars: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn defaults_load_and_env_overrides_win() {
+        let s = load(&sources(&[
+            ("PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS", "10.0.0.1:9092"),
+            ("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "250"),
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "s3cr3t-from-env"),
+            ("PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SECURITY_PROTOCOL", "ssl"),
+        ]))
+        .unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "10.0.0.1:9092");
+        assert_eq!(s.upstream.page_size, 250);
+        assert_eq!(s.upstream.client_secret.expose_secret(), "s3cr3t-from-env");
+        assert_eq!(s.kafka.librdkafka.get("security.protocol"), Some("ssl"));
+        // The local environment file is layered over the defaults.
+        assert_eq!(s.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn production_file_selected_by_env() {
+        let s = load(&sources(&[
+            ("PRODUCT_SYNC_ENV", "production"),
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_env_key_is_named_with_origin() {
+        let err = load(&sources(&[("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRETT", "x")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::UnknownKey { .. }), "{msg}");
+        assert!(msg.contains("`upstream.client_secrett`"), "{msg}");
+        assert!(msg.contains("the environment"), "{msg}");
+        assert!(!msg.contains("\"x\""), "{msg}");
+    }
+
+    #[test]
+    fn unknown_file_key_is_named_with_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("extra.toml");
+        std::fs::write(&file, "[database]\nurll = \"sqlite::memory:\"\n").unwrap();
+        let mut src = sources(&[]);
+        src.file = Some(file.clone());
+        let msg = load(&src).unwrap_err().to_string();
+        assert!(msg.contains("`database.urll`"), "{msg}");
+        assert!(msg.contains("extra.toml"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_origin() {
+        let msg = load(&sources(&[("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("upstream.page_size"), "{msg}");
+        assert!(msg.contains("the environment"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_value_is_refused() {
+        let msg = load(&sources(&[("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("upstream.page_size") && msg.contains("between 1 and 1000"),
+            "{msg}"
+        );
+        let msg = load(&sources(&[(
+            "PRODUCT_SYNC__DATABASE__URL",
+            "mysql://u:hunter2@h/db",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("database.url"), "{msg}");
+        assert!(
+            !msg.contains("hunter2"),
+            "password leaked into the error: {msg}"
+        );
+    }
+
+    #[test]
+    fn missing_explicit_env_file_is_an_error() {
+        let msg = load(&sources(&[("PRODUCT_SYNC_ENV", "staging")]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("staging.toml"), "{msg}");
+    }
+
+    #[test]
+    fn display_redacts_secrets() {
+        let s = load(&sources(&[
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "topsecret-value"),
+            (
+                "PRODUCT_SYNC__DATABASE__URL",
+                "postgres://app:dbpass-value@db:5432/ps",
+            ),
+            (
+                "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SASL_PASSWORD",
+                "kafkapass-value",
+            ),
+        ]))
+        .unwrap();
+        let shown = format!("{s}\n{s:?}");
+        assert!(shown.contains("sasl.password"), "{shown}");
+        for secret in ["topsecret-value", "dbpass-value", "kafkapass-value"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+
+    #[test]
+    fn env_var_names_follow_the_contract() {
+        assert_eq!(
+            env_name_of("upstream.client_secret"),
+            "PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET"
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! Kafka plumbing shared by every role: client configuration from settings (with the raw
+//! librdkafka passthrough), waiting for the broker, and creating missing topics.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+
+use crate::config::KafkaSettings;
+use crate::retry::{RetryPolicy, Transient, retry};
+
+/// Errors at the Kafka boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// The broker did not answer a metadata request.
+    #[error("Kafka broker at {servers} is unreachable: {source}")]
+    Unreachable {
+        servers: String,
+        source: RdKafkaError,
+    },
+    /// A client could not be created (bad librdkafka option: permanent).
+    #[error("cannot create a Kafka client: {0}")]
+    Client(RdKafkaError),
+    /// Creating a topic failed.
+    #[error("cannot create topic {topic}: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    /// Any other broker error.
+    #[error("Kafka error: {0}")]
+    Other(#[from] RdKafkaError),
+}
+
+impl Transient for KafkaError {
+    fn is_transient(&self) -> bool {
+        match self {
+            KafkaError::Unreachable { .. } => true,
+            KafkaError::Client(_) => false,
+            KafkaError::CreateTopic { code, .. } => code_is_transient(*code),
+            KafkaError::Other(e) => e.rdkafka_error_code().is_some_and(code_is_transient),
+        }
+    }
+}
+
+impl KafkaError {
+    /// See [`Transient::is_transient`].
+    pub fn is_transient(&self) -> bool {
+        Transient::is_transient(self)
+    }
+}
+
+fn code_is_transient(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        BrokerTransportFailure
+            | AllBrokersDown
+            | OperationTimedOut
+            | RequestTimedOut
+            | NetworkException
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+            | NotController
+            | CoordinatorNotAvailable
+            | NotCoordinator
+            | CoordinatorLoadInProgress
+            | NotEnoughReplicas
+            | NotEnoughReplicasAfterAppend
+            | QueueFull
+            | MessageTimedOut
+            | UnknownTopicOrPartition
+    )
+}
+
+/// Base client configuration: bootstrap servers, then every passthrough option.
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.bootstrap_servers);
+    for (key, value) in settings.librdkafka.iter() {
+        config.set(key, value);
+    }
+    config
+}
+
+/// Waits until the broker answers a metadata request, retrying with backoff up to `budget`.
+pub async fn wait_for_broker(settings: &KafkaSettings, budget: Duration) -> Result<(), KafkaError> {
+    let consumer: BaseConsumer = client_config(settings)
+        .create()
+        .map_err(KafkaError::Client)?;
+    let consumer = std::sync::Arc::new(consumer);
+    let servers = settings.bootstrap_servers.clone();
+    retry(
+        &RetryPolicy::with_budget(budget),
+        "reach Kafka broker",
+        || {
+            let consumer = consumer.clone();
+            let servers = servers.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || {
+                    consumer.fetch_metadata(None, Duration::from_secs(3))
+                })
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(source)) => Err(KafkaError::Unreachable { servers, source }),
+                    Err(_) => Err(KafkaError::Unreachable {
+                        servers,
+                        source: RdKafkaError::Canceled,
+                    }),
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// A topic to create when missing.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+/// Creates the topics that do not exist yet; existing ones are left as they are.
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &[TopicSpec],
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(settings)
+        .create()
+        .map_err(KafkaError::Client)?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                &t.name,
+                t.partitions,
+                TopicReplication::Fixed(t.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(new_topics.iter(), &options).await?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(topic, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Retries: the one place where transient failures are retried — exponential backoff with
+//! jitter from the `backoff` crate, bounded by a maximum elapsed time. Each boundary's error
+//! type says whether it is transient; permanent errors stop at once.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::time::Duration;
+
+use backoff::ExponentialBackoff;
+
+/// What every boundary error answers: may the same call succeed later?
+pub trait Transient {
+    /// `true` when retrying the same operation may succeed (timeouts, resets, 5xx, 429…).
+    fn is_transient(&self) -> bool;
+    /// A wait the other side asked for (`Retry-After`), used instead of the backoff interval.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// How long and how fast to retry.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// First wait.
+    pub initial: Duration,
+    /// Longest single wait.
+    pub max_interval: Duration,
+    /// Give up (surface the last transient error) after this much time in total.
+    pub max_elapsed: Duration,
+}
+
+impl RetryPolicy {
+    /// A policy with the given total budget and sensible intervals (100 ms doubling to 5 s).
+    pub fn with_budget(max_elapsed: Duration) -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max_interval: Duration::from_secs(5),
+            max_elapsed,
+        }
+    }
+
+    fn backoff(&self) -> ExponentialBackoff {
+        ExponentialBackoff {
+            initial_interval: self.initial,
+            current_interval: self.initial,
+            max_interval: self.max_interval,
+            max_elapsed_time: Some(self.max_elapsed),
+            randomization_factor: 0.5,
+            multiplier: 2.0,
+            ..ExponentialBackoff::default()
+        }
+    }
+}
+
+/// Runs `op` until it succeeds, fails permanently, or the policy's budget is spent; in the
+/// last case the last transient error is returned. `what` names the operation in log lines.
+pub async fn retry<T, E, F, Fut>(policy: &RetryPolicy, what: &str, mut op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Transient + Display,
+{
+    backoff::future::retry_notify(
+        policy.backoff(),
+        || {
+            let attempt = op();
+            async move {
+                attempt.await.map_err(|e| {
+                    if !e.is_transient() {
+                        backoff::Error::permanent(e)
+                    } else if let Some(wait) = e.retry_after() {
+                        backoff::Error::retry_after(e, wait)
+                    } else {
+                        backoff::Error::transient(e)
+                    }
+                })
+            }
+        },
+        |err: E, wait: Duration| {
+            tracing::warn!(operation = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug)]
+    struct E(bool);
+    impl Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "e({})", self.0)
+        }
+    }
+    impl Transient for E {
+        fn is_transient(&self) -> bool {
+            self.0
+        }
+    }
+
+    fn fast() -> RetryPolicy {
+        RetryPolicy {
+            initial: Duration::from_millis(1),
+            max_interval: Duration::from_millis(5),
+            max_elapsed: Duration::from_millis(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_errors_are_retried_until_success() {
+        let calls = AtomicU32::new(0);
+        let out: Result<u32, E> = retry(&fast(), "t", || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            if n < 3 { Err(E(true)) } else { Ok(n) }
+        })
+        .await;
+        assert_eq!(out.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn permanent_errors_stop_at_once() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), E> = retry(&fast(), "t", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(E(false))
+        })
+        .await;
+        assert!(out.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn budget_exhausted_surfaces_the_transient_error() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), E> = retry(&fast(), "t", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(E(true))
+        })
+        .await;
+        assert!(out.unwrap_err().0);
+        assert!(calls.load(Ordering::SeqCst) > 1);
+    }
+}

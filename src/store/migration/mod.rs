@@ -1,0 +1,15 @@
+//! Schema migrations (sea-orm-migration), identical in meaning on PostgreSQL and SQLite.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_initial;
+
+/// All migrations, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000001_initial::Migration)]
+    }
+}

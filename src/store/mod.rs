@@ -1,0 +1,143 @@
+//! The store: connecting to PostgreSQL (production) or SQLite (embedded default) through
+//! sea-orm, retrying an unreachable database, and applying migrations safely when several
+//! instances start at once.
+
+use std::time::Duration;
+
+use sea_orm::sqlx;
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, DbErr,
+    RuntimeErr, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+use secrecy::ExposeSecret;
+
+use crate::config::DatabaseSettings;
+use crate::retry::{RetryPolicy, Transient, retry};
+
+pub mod migration;
+
+/// Errors at the store boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached (within the start-up budget, or mid-operation).
+    #[error("database at {url} is unreachable: {source}")]
+    Unreachable { url: String, source: DbErr },
+    /// A statement failed.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    /// Applying migrations failed.
+    #[error("migrating the schema failed: {0}")]
+    Migration(DbErr),
+}
+
+impl Transient for StoreError {
+    fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } => true,
+            StoreError::Db(e) => db_err_is_transient(e),
+            StoreError::Migration(e) => db_err_is_transient(e),
+        }
+    }
+}
+
+impl StoreError {
+    /// See [`Transient::is_transient`].
+    pub fn is_transient(&self) -> bool {
+        Transient::is_transient(self)
+    }
+}
+
+/// Connection loss, pool exhaustion, serialization failures and deadlocks heal by retrying;
+/// constraint violations and type errors do not.
+pub fn db_err_is_transient(e: &DbErr) -> bool {
+    match e {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            sqlx_is_transient(e)
+        }
+        _ => false,
+    }
+}
+
+fn sqlx_is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // PostgreSQL: connection exceptions (08…), serialization failure, deadlock,
+            // shutdown / crash, too many connections. SQLite: BUSY (5) and LOCKED (6).
+            Some(code) => {
+                code.starts_with("08")
+                    || matches!(
+                        code,
+                        "40001"
+                            | "40P01"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
+                            | "53300"
+                            | "5"
+                            | "6"
+                            | "517"
+                            | "262"
+                    )
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Opens the pool, retrying with backoff while the database is unreachable, up to
+/// `database.connect_timeout_ms`. The password never appears in logs or errors.
+pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, StoreError> {
+    let url = settings.redacted_url();
+    let mut options = ConnectOptions::new(settings.url.expose_secret().to_owned());
+    options
+        .max_connections(settings.max_connections)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(10))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.foreign_keys(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(10))
+        });
+    let policy = RetryPolicy::with_budget(Duration::from_millis(settings.connect_timeout_ms));
+    let db = retry(&policy, "connect to database", || {
+        let options = options.clone();
+        let url = url.clone();
+        async move {
+            Database::connect(options)
+                .await
+                .map_err(|source| StoreError::Unreachable { url, source })
+        }
+    })
+    .await?;
+    tracing::info!(database = %url, "connected to the store");
+    Ok(db)
+}
+
+/// Applies pending migrations. On PostgreSQL the whole run happens in one transaction holding
+/// an advisory lock, so instances starting together apply each migration exactly once.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), StoreError> {
+    match db.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            let txn = db.begin().await.map_err(StoreError::Migration)?;
+            txn.execute_unprepared("SELECT pg_advisory_xact_lock(7262646173790001)")
+                .await
+                .map_err(StoreError::Migration)?;
+            migration::Migrator::up(&txn, None)
+                .await
+                .map_err(StoreError::Migration)?;
+            txn.commit().await.map_err(StoreError::Migration)?;
+        }
+        _ => migration::Migrator::up(db, None)
+            .await
+            .map_err(StoreError::Migration)?,
+    }
+    Ok(())
+}

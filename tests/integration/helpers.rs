@@ -1,0 +1,130 @@
+//! Test helpers: each test gets its own topics, consumer group and database on the real
+//! broker and the real PostgreSQL; nothing is shared between tests.
+
+use std::time::Duration;
+
+use product_sync::config::{DatabaseSettings, KafkaSettings, LibrdkafkaOptions};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use secrecy::SecretString;
+
+/// Broker of the tests; override with `PRODUCT_SYNC_TEST_KAFKA`.
+pub fn kafka_bootstrap() -> String {
+    std::env::var("PRODUCT_SYNC_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Server-level URL of the tests' PostgreSQL; override with `PRODUCT_SYNC_TEST_DATABASE_URL`.
+pub fn pg_admin_url() -> String {
+    std::env::var("PRODUCT_SYNC_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://product_sync:product_sync@127.0.0.1:5432/product_sync".to_owned()
+    })
+}
+
+/// A short unique suffix for names.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Kafka settings pointing at the test broker, with a fresh group id.
+pub fn kafka_settings() -> KafkaSettings {
+    KafkaSettings {
+        bootstrap_servers: kafka_bootstrap(),
+        group_id: unique("test-group"),
+        librdkafka: LibrdkafkaOptions::default(),
+    }
+}
+
+/// Fails the test, with the command that starts it, when the broker does not answer.
+pub async fn require_kafka() -> KafkaSettings {
+    let settings = kafka_settings();
+    let bootstrap = settings.bootstrap_servers.clone();
+    let probe = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("a consumer config with only bootstrap.servers is valid");
+        consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|_| ())
+    })
+    .await
+    .expect("metadata probe task panicked");
+    if let Err(e) = probe {
+        panic!(
+            "Kafka is not reachable at {}: {e}. Start it with `deploy/local/kafka.sh up` \
+             (or run the whole suite with `deploy/local/test.sh`).",
+            settings.bootstrap_servers
+        );
+    }
+    settings
+}
+
+/// A fresh, empty PostgreSQL database for one test. Fails with the command that starts
+/// PostgreSQL when the server does not answer.
+pub async fn fresh_pg_database() -> DatabaseSettings {
+    let admin_url = pg_admin_url();
+    let admin = Database::connect(admin_url.clone()).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is not reachable at {}: {e}. Start it with `deploy/local/postgres.sh up` \
+             (or run the whole suite with `deploy/local/test.sh`).",
+            product_sync::config::redact_url(&admin_url)
+        )
+    });
+    let name = unique("ps_test").replace('-', "_");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+    admin.close().await.ok();
+    let mut url = url::Url::parse(&admin_url).expect("PRODUCT_SYNC_TEST_DATABASE_URL is a URL");
+    url.set_path(&format!("/{name}"));
+    database_settings(url.as_str())
+}
+
+/// A fresh SQLite file store; the directory lives as long as the returned guard.
+pub fn fresh_sqlite_database() -> (tempfile::TempDir, DatabaseSettings) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("store.sqlite").display()
+    );
+    (dir, database_settings(&url))
+}
+
+/// Store settings for a URL, with a short connect budget so a missing server fails fast.
+pub fn database_settings(url: &str) -> DatabaseSettings {
+    DatabaseSettings {
+        url: SecretString::from(url.to_owned()),
+        max_connections: 5,
+        migrate_on_start: true,
+        connect_timeout_ms: 5_000,
+    }
+}
+
+/// Connects to a test database (panics with context: tests only).
+pub async fn connect(settings: &DatabaseSettings) -> DatabaseConnection {
+    product_sync::store::connect(settings)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test database: {e}"))
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
