@@ -19,12 +19,16 @@
 //! | [`telemetry`] | the `tracing` subscriber (pretty or JSON) |
 //! | [`retry`] | the one place transient failures are retried (`backoff`) |
 //! | [`kafka`] | client configuration, broker readiness, topic creation |
-//! | [`store`] | database connection, migrations, entities and the fold |
+//! | [`product`] | the product record: contract parsing, identity, canonical JSON |
+//! | [`diff`] | the pure field-level diff of two products' content |
+//! | [`store`] | database connection, migrations, entities and the fold (`store::fold`) |
 //!
 //! Every boundary has its own `thiserror` error type that answers `is_transient()`.
 
 pub mod config;
+pub mod diff;
 pub mod kafka;
+pub mod product;
 pub mod retry;
 pub mod store;
 pub mod telemetry;

@@ -66,7 +66,7 @@ fetch_jars() {
   [ -f "$jars/.complete" ] && return 0
   say "fetching Apache Kafka $kafka_version jars from Maven Central into $jars"
   rm -rf "$jars" && mkdir -p "$jars"
-  mvn -B -q -f "$pom" \
+  mvn -B -q -Dstyle.color=never -f "$pom" \
     org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$jars" >&2 \
     || die "could not fetch the Kafka jars with Maven (is Maven Central reachable?)"

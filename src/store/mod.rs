@@ -15,6 +15,8 @@ use secrecy::ExposeSecret;
 use crate::config::DatabaseSettings;
 use crate::retry::{RetryPolicy, Transient, retry};
 
+pub mod entity;
+pub mod fold;
 pub mod migration;
 
 /// Errors at the store boundary.
@@ -29,6 +31,20 @@ pub enum StoreError {
     /// Applying migrations failed.
     #[error("migrating the schema failed: {0}")]
     Migration(DbErr),
+    /// A concurrent writer changed a row this transaction read; it was rolled back and may be
+    /// run again from a fresh read.
+    #[error("a concurrent writer changed the same products; the fold was rolled back")]
+    Conflict,
+    /// A record of the page breaks the contract; nothing of the page was applied.
+    #[error("record {index} ({identity}) of the page breaks the contract: {error}")]
+    InvalidRecord {
+        index: usize,
+        identity: String,
+        error: crate::product::RecordError,
+    },
+    /// A stored row cannot be read back as a product (edited by hand, or a bug).
+    #[error("stored product {id} is unreadable: {reason}")]
+    Corrupt { id: i64, reason: String },
 }
 
 impl Transient for StoreError {
@@ -37,6 +53,8 @@ impl Transient for StoreError {
             StoreError::Unreachable { .. } => true,
             StoreError::Db(e) => db_err_is_transient(e),
             StoreError::Migration(e) => db_err_is_transient(e),
+            StoreError::Conflict => true,
+            StoreError::Corrupt { .. } | StoreError::InvalidRecord { .. } => false,
         }
     }
 }

@@ -1,0 +1,300 @@
+//! Fold benchmark on PostgreSQL: the batched fold against a naive per-product fold (find, then
+//! insert or update through sea-orm's ActiveModel) in three situations — initial load,
+//! re-sync with nothing changed, re-sync with 10% changed. Prints one parseable line per case:
+//!
+//! `fold-bench: case=<initial|unchanged|changed10> products=<n> batched_per_s=<x> naive_per_s=<y> ratio=<x/y>`
+//!
+//! Run: `deploy/local/postgres.sh up && cargo bench --bench fold` (options after `--`:
+//! `--products N` (default 20000), `--naive-products N` (default 3000), `--page-size N`
+//! (default 500)). `PRODUCT_SYNC_BENCH_DATABASE_URL` names the server (default: the local
+//! test PostgreSQL); each run makes its own database.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use product_sync::config::DatabaseSettings;
+use product_sync::diff;
+use product_sync::product::{Content, Product, parse_decimal};
+use product_sync::retry::RetryPolicy;
+use product_sync::store::entity::{product_changes, products};
+use product_sync::store::fold::{FoldContext, fold_page};
+use product_sync::store::{connect, migrate};
+use sea_orm::ActiveValue::{NotSet, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
+    QueryFilter, TransactionTrait,
+};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const CATEGORIES: [&str; 3] = ["fixed_income", "equity", "mixed"];
+
+fn catalogue(n: usize, version: i64, changed_every: Option<usize>) -> Vec<Product> {
+    (0..n)
+        .map(|i| {
+            let changed = changed_every.is_some_and(|k| i % k == 0);
+            let v = if changed { version + 1 } else { version };
+            let nav = if changed {
+                format!("2.{:06}", i % 1_000_000)
+            } else {
+                format!("1.{:06}", i % 1_000_000)
+            };
+            let r = json!({
+                "product_code": format!("BENCH-{i:08}"),
+                "product_name": format!("基准理财产品{i}号"),
+                "category": CATEGORIES[i % 3],
+                "risk_level": format!("R{}", i % 5 + 1),
+                "currency": "CNY",
+                "issuer": "示例银行股份有限公司",
+                "status": "on_sale",
+                "nav": nav,
+                "expected_yield": format!("0.0{:04}", i % 9_999),
+                "min_investment": "10000.00",
+                "term_days": 30 + (i % 365),
+                "sale_start": "2026-01-01",
+                "sale_end": "2026-12-31",
+                "keywords": ["稳健", format!("k{}", i % 17)],
+                "attributes": {"channel": "app", "tier": i % 4},
+                "version": v,
+                "updated_at": "2026-11-01T08:00:00Z"
+            });
+            Product::from_json(&r).expect("generated records follow the contract")
+        })
+        .collect()
+}
+
+async fn batched(
+    db: &DatabaseConnection,
+    system: &str,
+    products: &[Product],
+    page_size: usize,
+) -> Duration {
+    let ctx = FoldContext {
+        system,
+        request_id: Some("bench"),
+        traceparent: None,
+    };
+    let policy = RetryPolicy::with_budget(Duration::from_secs(60));
+    let started = Instant::now();
+    for page in products.chunks(page_size) {
+        fold_page(db, &ctx, page, &policy)
+            .await
+            .expect("batched fold");
+    }
+    started.elapsed()
+}
+
+fn model_to_content(m: &products::Model) -> Content {
+    Content {
+        product_code: m.product_code.clone(),
+        product_name: m.product_name.clone(),
+        category: m.category.clone(),
+        risk_level: m.risk_level.as_deref().and_then(|s| s.parse().ok()),
+        currency: m.currency.clone(),
+        issuer: m.issuer.clone(),
+        status: m.status.as_deref().and_then(|s| s.parse().ok()),
+        nav: m.nav.and_then(|d| parse_decimal(&d.to_string()).ok()),
+        expected_yield: m
+            .expected_yield
+            .and_then(|d| parse_decimal(&d.to_string()).ok()),
+        min_investment: m
+            .min_investment
+            .and_then(|d| parse_decimal(&d.to_string()).ok()),
+        term_days: m.term_days,
+        sale_start: m.sale_start,
+        sale_end: m.sale_end,
+        keywords: serde_json::from_value(m.keywords.clone()).unwrap_or_default(),
+        attributes: m
+            .attributes
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn active_model(
+    system: &str,
+    key: &str,
+    p: &Product,
+    hash: String,
+    revision: i64,
+    now: chrono::DateTime<Utc>,
+) -> products::ActiveModel {
+    let c = &p.content;
+    products::ActiveModel {
+        id: NotSet,
+        system: Set(system.to_owned()),
+        identity: Set(key.to_owned()),
+        product_code: Set(c.product_code.clone()),
+        product_name: Set(c.product_name.clone()),
+        category: Set(c.category.clone()),
+        risk_level: Set(c.risk_level.map(|r| r.as_str().to_owned())),
+        currency: Set(c.currency.clone()),
+        issuer: Set(c.issuer.clone()),
+        status: Set(c.status.map(|s| s.as_str().to_owned())),
+        nav: Set(c.nav),
+        expected_yield: Set(c.expected_yield),
+        min_investment: Set(c.min_investment),
+        term_days: Set(c.term_days),
+        sale_start: Set(c.sale_start),
+        sale_end: Set(c.sale_end),
+        keywords: Set(json!(c.keywords)),
+        attributes: Set(Value::Object(c.attributes.clone().into_iter().collect())),
+        source_version: Set(p.version),
+        source_updated_at: Set(p.updated_at),
+        content_hash: Set(hash),
+        revision: Set(revision),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+}
+
+/// The baseline: per product, find it, then insert or update it and its change row through
+/// ActiveModel — one transaction per page, like the batched fold.
+async fn naive(
+    db: &DatabaseConnection,
+    system: &str,
+    items: &[Product],
+    page_size: usize,
+) -> Duration {
+    let started = Instant::now();
+    for page in items.chunks(page_size) {
+        let txn = db.begin().await.expect("begin");
+        for p in page {
+            let key = p.identity().key();
+            let found = products::Entity::find()
+                .filter(products::Column::System.eq(system))
+                .filter(products::Column::Identity.eq(key.clone()))
+                .one(&txn)
+                .await
+                .expect("find");
+            let hash = p.content.hash();
+            let now = Utc::now();
+            let c = &p.content;
+            let (op, revision, changes, before, id) = match found {
+                Some(m) if p.version < m.source_version || m.content_hash == hash => continue,
+                Some(m) => {
+                    let before = Product {
+                        content: model_to_content(&m),
+                        version: m.source_version,
+                        updated_at: m.source_updated_at,
+                    };
+                    let changes = diff::diff(&before.content, c);
+                    let revision = m.revision + 1;
+                    let mut am = active_model(system, &key, p, hash, revision, now);
+                    am.id = Set(m.id);
+                    am.created_at = NotSet;
+                    am.update(&txn).await.expect("update");
+                    ("updated", revision, changes, before.to_json(), m.id)
+                }
+                None => {
+                    let m = active_model(system, &key, p, hash, 1, now)
+                        .insert(&txn)
+                        .await
+                        .expect("insert");
+                    ("created", 1, diff::created(c), Value::Null, m.id)
+                }
+            };
+            product_changes::ActiveModel {
+                id: NotSet,
+                product_id: Set(id),
+                system: Set(system.to_owned()),
+                identity: Set(key),
+                product_code: Set(c.product_code.clone()),
+                revision: Set(revision),
+                event_id: Set(format!("{system}:{}:{revision}", p.identity().event_key())),
+                op: Set(op.to_owned()),
+                request_id: Set(Some("bench".into())),
+                traceparent: Set(None),
+                payload: Set(
+                    json!({"op": op, "changes": changes, "before": before, "after": p.to_json()}),
+                ),
+                created_at: Set(now),
+                published_at: Set(None),
+            }
+            .insert(&txn)
+            .await
+            .expect("insert change");
+        }
+        txn.commit().await.expect("commit");
+    }
+    started.elapsed()
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("fold bench: run it with `cargo bench --bench fold`");
+        return;
+    }
+    let n = arg("--products", 20_000);
+    let n_naive = arg("--naive-products", 3_000).min(n);
+    let page_size = arg("--page-size", 500);
+
+    let server = std::env::var("PRODUCT_SYNC_BENCH_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://product_sync:product_sync@127.0.0.1:5432/product_sync".into()
+    });
+    let admin = Database::connect(server.clone()).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL unreachable ({e}): start it with `deploy/local/postgres.sh up`")
+    });
+    let name = format!("ps_bench_{}", std::process::id());
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .expect("drop");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let mut url = url::Url::parse(&server).expect("URL");
+    url.set_path(&format!("/{name}"));
+    let db = connect(&DatabaseSettings {
+        url: SecretString::from(url.to_string()),
+        max_connections: 4,
+        migrate_on_start: true,
+        connect_timeout_ms: 10_000,
+    })
+    .await
+    .expect("connect");
+    migrate(&db).await.expect("migrate");
+
+    let v1 = catalogue(n, 1, None);
+    let v2 = catalogue(n, 1, Some(10));
+    eprintln!(
+        "fold bench: {n} products (naive: {n_naive}), pages of {page_size}, PostgreSQL at {name}"
+    );
+
+    let mut lines = Vec::new();
+    for (case, batch) in [("initial", &v1), ("unchanged", &v1), ("changed10", &v2)] {
+        let b = batched(&db, "bench-batched", batch, page_size).await;
+        let nv = naive(&db, "bench-naive", &batch[..n_naive], page_size).await;
+        let (x, y) = (rate(n, b), rate(n_naive, nv));
+        lines.push(format!(
+            "fold-bench: case={case} products={n} batched_per_s={x:.0} naive_per_s={y:.0} ratio={:.1}",
+            x / y
+        ));
+    }
+    db.close().await.ok();
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .ok();
+    for line in lines {
+        println!("{line}");
+    }
+}

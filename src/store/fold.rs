@@ -1,0 +1,617 @@
+//! The fold (seed claim 5): one page of products from the management system folded into the
+//! store in one transaction — unknown products inserted, changed ones updated, identical ones
+//! left alone, older ones skipped as stale — and one outbox row per insert or update written
+//! in the same transaction.
+//!
+//! # Cost
+//! A page costs a handful of statements whatever its size: one read of the stored
+//! (id, version, revision, hash) of all its products; one read of the full stored content of
+//! only those whose hash differs (for the diff); one multi-row insert of new products; one
+//! multi-row conditional upsert of changed ones; one multi-row insert of outbox rows.
+//!
+//! # Concurrency: optimistic, conditional writes (no read locks)
+//! Several instances may fold overlapping pages at once. Nothing is locked while reading;
+//! every write states what it read and only applies if that still holds:
+//! - a new product is inserted with `ON CONFLICT (system, identity) DO NOTHING`; if another
+//!   transaction inserted it first, fewer rows come back than were sent;
+//! - a changed product is written with `ON CONFLICT … DO UPDATE … WHERE products.revision =
+//!   <revision read>` (expressed as `excluded.revision - 1`); if another transaction changed it
+//!   since, the row is not written and not returned.
+//!
+//! Either way the transaction is rolled back with [`StoreError::Conflict`] — transient — and
+//! the page is folded again from a fresh read, which sees the other writer's result. So there
+//! is one row per product, no lost update, revisions grow by exactly one per change, and the
+//! unique index on `product_changes (product_id, revision)` backs "one change row per
+//! revision". Rows are written in identity order so concurrent writers lock them in the same
+//! order (PostgreSQL); deadlocks and SQLite's busy errors are transient too.
+//!
+//! `unchanged` writes no row and no event. Its one exception: when the record's `version` is
+//! newer than the stored one, the stored `source_version` alone is advanced (guarded the same
+//! way), so an older record with other content that arrives later is still seen as stale.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sea_orm::sea_query::{Alias, Expr, Func, OnConflict, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    FromQueryResult, QueryFilter, QuerySelect, TransactionTrait,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::StoreError;
+use super::entity::{product_changes, products};
+use crate::diff::{self, FieldChange};
+use crate::product::{Content, Identity, Product, parse_decimal};
+use crate::retry::{RetryPolicy, retry};
+
+/// Rows per multi-row statement: well under both databases' bind-parameter limits.
+const CHUNK: usize = 400;
+
+/// Who asked for this fold: carried into the outbox rows.
+#[derive(Debug, Clone, Copy)]
+pub struct FoldContext<'a> {
+    /// The management system the products come from.
+    pub system: &'a str,
+    /// The command that caused the fold.
+    pub request_id: Option<&'a str>,
+    /// W3C trace context of the command, carried onto every event.
+    pub traceparent: Option<&'a str>,
+}
+
+/// What a page did to the store.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FoldOutcome {
+    pub fetched: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub stale: u64,
+}
+
+impl FoldOutcome {
+    /// Adds another page's counts.
+    pub fn add(&mut self, other: FoldOutcome) {
+        self.fetched += other.fetched;
+        self.created += other.created;
+        self.updated += other.updated;
+        self.unchanged += other.unchanged;
+        self.stale += other.stale;
+    }
+}
+
+/// Folds one page, retrying transient failures (conflicts with concurrent writers, lost
+/// connections) under `policy`. Idempotent: folding the same page again changes nothing.
+pub async fn fold_page(
+    db: &DatabaseConnection,
+    ctx: &FoldContext<'_>,
+    page: &[Product],
+    policy: &RetryPolicy,
+) -> Result<FoldOutcome, StoreError> {
+    // Nothing of a page that holds a record breaking the contract is applied.
+    for (index, product) in page.iter().enumerate() {
+        product
+            .content
+            .validate()
+            .map_err(|error| StoreError::InvalidRecord {
+                index,
+                identity: product.identity().to_string(),
+                error,
+            })?;
+    }
+    let (prepared, duplicates) = prepare(page);
+    let mut outcome = retry(policy, "fold page", || fold_once(db, ctx, &prepared)).await?;
+    outcome.fetched += duplicates;
+    outcome.stale += duplicates;
+    Ok(outcome)
+}
+
+/// A record with what the fold needs of it computed once.
+#[derive(Debug)]
+struct Prepared<'a> {
+    product: &'a Product,
+    identity: Identity,
+    key: String,
+    hash: String,
+}
+
+/// One record per identity (the highest version; the later one on a tie), sorted by identity
+/// key so concurrent writers touch rows in the same order. Returns how many were dropped.
+fn prepare(page: &[Product]) -> (Vec<Prepared<'_>>, u64) {
+    let mut by_key: BTreeMap<String, Prepared<'_>> = BTreeMap::new();
+    let mut duplicates = 0;
+    for product in page {
+        let identity = product.identity();
+        let key = identity.key();
+        let candidate = Prepared {
+            product,
+            hash: product.content.hash(),
+            identity,
+            key: key.clone(),
+        };
+        match by_key.get(&key) {
+            Some(existing) => {
+                duplicates += 1;
+                if product.version >= existing.product.version {
+                    by_key.insert(key, candidate);
+                }
+            }
+            None => {
+                by_key.insert(key, candidate);
+            }
+        }
+    }
+    (by_key.into_values().collect(), duplicates)
+}
+
+#[derive(Debug, FromQueryResult)]
+struct StoredHead {
+    id: i64,
+    identity: String,
+    source_version: i64,
+    revision: i64,
+    content_hash: String,
+}
+
+/// A stored row with decimals read as text: exact on both backends.
+#[derive(Debug, FromQueryResult)]
+struct StoredRow {
+    id: i64,
+    product_code: Option<String>,
+    product_name: String,
+    category: Option<String>,
+    risk_level: Option<String>,
+    currency: Option<String>,
+    issuer: Option<String>,
+    status: Option<String>,
+    nav: Option<String>,
+    expected_yield: Option<String>,
+    min_investment: Option<String>,
+    term_days: Option<i32>,
+    sale_start: Option<NaiveDate>,
+    sale_end: Option<NaiveDate>,
+    keywords: Value,
+    attributes: Value,
+    source_version: i64,
+    source_updated_at: Option<DateTime<Utc>>,
+}
+
+/// A planned write of one product.
+struct Write<'a> {
+    record: &'a Prepared<'a>,
+    revision: i64,
+    /// `None` for a plain version advance (no event).
+    event: Option<PlannedEvent>,
+}
+
+struct PlannedEvent {
+    op: &'static str,
+    product_id: Option<i64>,
+    changes: Vec<FieldChange>,
+    before: Value,
+}
+
+async fn fold_once(
+    db: &DatabaseConnection,
+    ctx: &FoldContext<'_>,
+    page: &[Prepared<'_>],
+) -> Result<FoldOutcome, StoreError> {
+    let mut outcome = FoldOutcome {
+        fetched: page.len() as u64,
+        ..FoldOutcome::default()
+    };
+    if page.is_empty() {
+        return Ok(outcome);
+    }
+    let txn = db.begin().await?;
+    let heads = read_heads(&txn, ctx.system, page).await?;
+
+    let mut inserts: Vec<Write<'_>> = Vec::new();
+    let mut updates: Vec<(Write<'_>, i64)> = Vec::new();
+    let mut changed: Vec<(&Prepared<'_>, &StoredHead)> = Vec::new();
+    for record in page {
+        match heads.get(&record.key) {
+            None => inserts.push(Write {
+                record,
+                revision: 1,
+                event: Some(PlannedEvent {
+                    op: "created",
+                    product_id: None,
+                    changes: diff::created(&record.product.content),
+                    before: Value::Null,
+                }),
+            }),
+            Some(head) if record.product.version < head.source_version => outcome.stale += 1,
+            Some(head) if record.hash == head.content_hash => {
+                outcome.unchanged += 1;
+                if record.product.version > head.source_version {
+                    updates.push((
+                        Write {
+                            record,
+                            revision: head.revision,
+                            event: None,
+                        },
+                        head.id,
+                    ));
+                }
+            }
+            Some(head) => changed.push((record, head)),
+        }
+    }
+
+    if !changed.is_empty() {
+        let ids: Vec<i64> = changed.iter().map(|(_, h)| h.id).collect();
+        let stored = read_full(&txn, &ids).await?;
+        for (record, head) in changed {
+            let before = stored.get(&head.id).ok_or(StoreError::Conflict)?;
+            let changes = diff::diff(&before.content, &record.product.content);
+            if changes.is_empty() {
+                // Equal content under a different hash: a hash from an older canonical form.
+                outcome.unchanged += 1;
+                continue;
+            }
+            outcome.updated += 1;
+            updates.push((
+                Write {
+                    record,
+                    revision: head.revision + 1,
+                    event: Some(PlannedEvent {
+                        op: "updated",
+                        product_id: Some(head.id),
+                        changes,
+                        before: before.to_json(),
+                    }),
+                },
+                head.id,
+            ));
+        }
+    }
+    outcome.created = inserts.len() as u64;
+
+    let now = Utc::now();
+    let inserted_ids = write_products(&txn, ctx.system, &inserts, now, false).await?;
+    let update_writes: Vec<Write<'_>> = updates.into_iter().map(|(w, _)| w).collect();
+    write_products(&txn, ctx.system, &update_writes, now, true).await?;
+
+    let mut outbox = Vec::with_capacity(inserts.len() + update_writes.len());
+    for write in inserts.iter().chain(update_writes.iter()) {
+        let Some(event) = &write.event else { continue };
+        let product_id = match event.product_id {
+            Some(id) => id,
+            None => *inserted_ids
+                .get(&write.record.key)
+                .ok_or(StoreError::Conflict)?,
+        };
+        outbox.push(outbox_row(ctx, write, event, product_id, now));
+    }
+    for chunk in outbox.chunks(CHUNK) {
+        product_changes::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(&txn)
+            .await?;
+    }
+    txn.commit().await?;
+    Ok(outcome)
+}
+
+async fn read_heads(
+    txn: &DatabaseTransaction,
+    system: &str,
+    page: &[Prepared<'_>],
+) -> Result<HashMap<String, StoredHead>, StoreError> {
+    let mut heads = HashMap::with_capacity(page.len());
+    for chunk in page.chunks(CHUNK) {
+        let keys: Vec<&str> = chunk.iter().map(|p| p.key.as_str()).collect();
+        let rows = products::Entity::find()
+            .select_only()
+            .columns([
+                products::Column::Id,
+                products::Column::Identity,
+                products::Column::SourceVersion,
+                products::Column::Revision,
+                products::Column::ContentHash,
+            ])
+            .filter(products::Column::System.eq(system))
+            .filter(products::Column::Identity.is_in(keys))
+            .into_model::<StoredHead>()
+            .all(txn)
+            .await?;
+        heads.extend(rows.into_iter().map(|h| (h.identity.clone(), h)));
+    }
+    Ok(heads)
+}
+
+/// Reads full stored products by id (decimals as text, see the entity module).
+async fn read_full(
+    txn: &DatabaseTransaction,
+    ids: &[i64],
+) -> Result<HashMap<i64, Product>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let rows = select_rows()
+            .filter(products::Column::Id.is_in(chunk.to_vec()))
+            .into_model::<StoredRow>()
+            .all(txn)
+            .await?;
+        for row in rows {
+            let id = row.id;
+            out.insert(id, row_to_product(row)?);
+        }
+    }
+    Ok(out)
+}
+
+fn select_rows() -> sea_orm::Select<products::Entity> {
+    use products::Column as C;
+    let text = |c: C| Func::cast_as(Expr::col(c), Alias::new("TEXT"));
+    products::Entity::find()
+        .select_only()
+        .columns([
+            C::Id,
+            C::ProductCode,
+            C::ProductName,
+            C::Category,
+            C::RiskLevel,
+            C::Currency,
+            C::Issuer,
+            C::Status,
+            C::TermDays,
+            C::SaleStart,
+            C::SaleEnd,
+            C::Keywords,
+            C::Attributes,
+            C::SourceVersion,
+            C::SourceUpdatedAt,
+        ])
+        .expr_as(text(C::Nav), "nav")
+        .expr_as(text(C::ExpectedYield), "expected_yield")
+        .expr_as(text(C::MinInvestment), "min_investment")
+}
+
+fn row_to_product(row: StoredRow) -> Result<Product, StoreError> {
+    let id = row.id;
+    let corrupt = |field: &str, reason: String| StoreError::Corrupt {
+        id,
+        reason: format!("{field}: {reason}"),
+    };
+    let decimal = |field: &str, v: Option<String>| {
+        v.map(|s| parse_decimal(&s).map_err(|e| corrupt(field, e)))
+            .transpose()
+    };
+    let keywords: Vec<String> =
+        serde_json::from_value(row.keywords).map_err(|e| corrupt("keywords", e.to_string()))?;
+    let attributes = match row.attributes {
+        Value::Object(m) => m.into_iter().collect(),
+        other => return Err(corrupt("attributes", format!("not an object: {other}"))),
+    };
+    Ok(Product {
+        content: Content {
+            product_code: row.product_code,
+            product_name: row.product_name,
+            category: row.category,
+            risk_level: row
+                .risk_level
+                .map(|s| s.parse().map_err(|e| corrupt("risk_level", e)))
+                .transpose()?,
+            currency: row.currency,
+            issuer: row.issuer,
+            status: row
+                .status
+                .map(|s| s.parse().map_err(|e| corrupt("status", e)))
+                .transpose()?,
+            nav: decimal("nav", row.nav)?,
+            expected_yield: decimal("expected_yield", row.expected_yield)?,
+            min_investment: decimal("min_investment", row.min_investment)?,
+            term_days: row.term_days,
+            sale_start: row.sale_start,
+            sale_end: row.sale_end,
+            keywords,
+            attributes,
+        },
+        version: row.source_version,
+        updated_at: row.source_updated_at,
+    })
+}
+
+/// Reads every stored product of a system, in identity order (tests, checks, the demo).
+pub async fn load_all(
+    db: &impl ConnectionTrait,
+    system: &str,
+) -> Result<Vec<(Identity, Product, i64)>, StoreError> {
+    let rows = select_rows()
+        .column(products::Column::Identity)
+        .column(products::Column::Revision)
+        .filter(products::Column::System.eq(system))
+        .into_model::<StoredRowWithRevision>()
+        .all(db)
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let product = row_to_product(r.row)?;
+        out.push((product.identity(), product, r.revision));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct StoredRowWithRevision {
+    row: StoredRow,
+    revision: i64,
+}
+
+impl FromQueryResult for StoredRowWithRevision {
+    fn from_query_result(res: &sea_orm::QueryResult, pre: &str) -> Result<Self, sea_orm::DbErr> {
+        Ok(Self {
+            row: StoredRow::from_query_result(res, pre)?,
+            revision: res.try_get(pre, "revision")?,
+        })
+    }
+}
+
+/// Writes products in multi-row statements. `existing == false`: plain inserts that skip rows
+/// another writer created first; `true`: conditional upserts guarded by the revision read.
+/// Returns the id of every row written, by identity key; a row not written is a conflict.
+async fn write_products(
+    txn: &DatabaseTransaction,
+    system: &str,
+    writes: &[Write<'_>],
+    now: DateTime<Utc>,
+    existing: bool,
+) -> Result<HashMap<String, i64>, StoreError> {
+    use products::Column as C;
+    let mut ids = HashMap::with_capacity(writes.len());
+    for chunk in writes.chunks(CHUNK) {
+        let mut insert = Query::insert();
+        insert.into_table(products::Entity).columns([
+            C::System,
+            C::Identity,
+            C::ProductCode,
+            C::ProductName,
+            C::Category,
+            C::RiskLevel,
+            C::Currency,
+            C::Issuer,
+            C::Status,
+            C::Nav,
+            C::ExpectedYield,
+            C::MinInvestment,
+            C::TermDays,
+            C::SaleStart,
+            C::SaleEnd,
+            C::Keywords,
+            C::Attributes,
+            C::SourceVersion,
+            C::SourceUpdatedAt,
+            C::ContentHash,
+            C::Revision,
+            C::CreatedAt,
+            C::UpdatedAt,
+        ]);
+        for w in chunk {
+            let p = w.record.product;
+            let c = &p.content;
+            let values: Vec<Expr> = vec![
+                system.into(),
+                w.record.key.clone().into(),
+                c.product_code.clone().into(),
+                c.product_name.clone().into(),
+                c.category.clone().into(),
+                c.risk_level.map(|r| r.as_str().to_owned()).into(),
+                c.currency.clone().into(),
+                c.issuer.clone().into(),
+                c.status.map(|s| s.as_str().to_owned()).into(),
+                c.nav.into(),
+                c.expected_yield.into(),
+                c.min_investment.into(),
+                c.term_days.into(),
+                c.sale_start.into(),
+                c.sale_end.into(),
+                json!(c.keywords).into(),
+                Value::Object(c.attributes.clone().into_iter().collect()).into(),
+                p.version.into(),
+                p.updated_at.into(),
+                w.record.hash.clone().into(),
+                w.revision.into(),
+                now.into(),
+                now.into(),
+            ];
+            insert
+                .values(values)
+                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
+        }
+        let mut on_conflict = OnConflict::columns([C::System, C::Identity]);
+        if existing {
+            on_conflict
+                .update_columns([
+                    C::ProductCode,
+                    C::ProductName,
+                    C::Category,
+                    C::RiskLevel,
+                    C::Currency,
+                    C::Issuer,
+                    C::Status,
+                    C::Nav,
+                    C::ExpectedYield,
+                    C::MinInvestment,
+                    C::TermDays,
+                    C::SaleStart,
+                    C::SaleEnd,
+                    C::Keywords,
+                    C::Attributes,
+                    C::SourceVersion,
+                    C::SourceUpdatedAt,
+                    C::ContentHash,
+                    C::Revision,
+                    C::UpdatedAt,
+                ])
+                // A change: the row is still at the revision we read. A version advance: the
+                // row still holds the content we compared against, at an older version.
+                .action_and_where(Expr::cust(
+                    r#"("products"."revision" = "excluded"."revision" - 1 AND "products"."content_hash" <> "excluded"."content_hash")
+                       OR ("products"."revision" = "excluded"."revision" AND "products"."content_hash" = "excluded"."content_hash"
+                           AND "products"."source_version" < "excluded"."source_version")"#,
+                ));
+        } else {
+            on_conflict.do_nothing();
+        }
+        insert
+            .on_conflict(on_conflict)
+            .returning(Query::returning().columns([C::Id, C::Identity]));
+        let rows = txn.query_all(&insert).await?;
+        if rows.len() != chunk.len() {
+            // Another writer got there first: roll back and fold again from a fresh read.
+            return Err(StoreError::Conflict);
+        }
+        for row in rows {
+            let id: i64 = row.try_get("", "id")?;
+            let identity: String = row.try_get("", "identity")?;
+            ids.insert(identity, id);
+        }
+    }
+    Ok(ids)
+}
+
+fn outbox_row(
+    ctx: &FoldContext<'_>,
+    write: &Write<'_>,
+    event: &PlannedEvent,
+    product_id: i64,
+    now: DateTime<Utc>,
+) -> product_changes::ActiveModel {
+    use sea_orm::ActiveValue::{NotSet, Set};
+    let product = write.record.product;
+    let event_id = format!(
+        "{}:{}:{}",
+        ctx.system,
+        write.record.identity.event_key(),
+        write.revision
+    );
+    let payload = json!({
+        "op": event.op,
+        "system": ctx.system,
+        "product_code": product.content.product_code,
+        "revision": write.revision,
+        "request_id": ctx.request_id,
+        "changes": event.changes,
+        "before": event.before,
+        "after": product.to_json(),
+        "source_version": product.version,
+        "changed_at": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    });
+    product_changes::ActiveModel {
+        id: NotSet,
+        product_id: Set(product_id),
+        system: Set(ctx.system.to_owned()),
+        identity: Set(write.record.key.clone()),
+        product_code: Set(product.content.product_code.clone()),
+        revision: Set(write.revision),
+        event_id: Set(event_id),
+        op: Set(event.op.to_owned()),
+        request_id: Set(ctx.request_id.map(str::to_owned)),
+        traceparent: Set(ctx.traceparent.map(str::to_owned)),
+        payload: Set(payload),
+        created_at: Set(now),
+        published_at: Set(None),
+    }
+}
