@@ -19,16 +19,22 @@
 //! | [`telemetry`] | the `tracing` subscriber (pretty or JSON) |
 //! | [`retry`] | the one place transient failures are retried (`backoff`) |
 //! | [`kafka`] | client configuration, broker readiness, topic creation |
+//! | [`command`] | product-request commands and their selector |
+//! | [`upstream`] | governance registration, OAuth2 authorization, the paginated product fetch |
 //! | [`product`] | the product record: contract parsing, identity, canonical JSON |
 //! | [`diff`] | the pure field-level diff of two products' content |
 //! | [`store`] | database connection, migrations, entities and the fold (`store::fold`) |
+//! | [`sim`] | the contract simulator (management system + governance platform, fault injection) |
 //!
 //! Every boundary has its own `thiserror` error type that answers `is_transient()`.
 
+pub mod command;
 pub mod config;
 pub mod diff;
 pub mod kafka;
 pub mod product;
 pub mod retry;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;

@@ -2,12 +2,18 @@
 //! and hands over to the library. Exit codes: 0 success, 1 runtime failure, 2 usage or
 //! configuration error.
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use product_sync::config::{self, Settings, Sources};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use product_sync::config::{self, LogFormat, LogSettings, Settings, Sources};
+use product_sync::sim::{Catalogue, Faults, Sim, SimConfig};
 use product_sync::{store, telemetry};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,24 +35,119 @@ enum Command {
     Config,
     /// Apply pending database migrations to `database.url` and exit.
     Migrate,
+    /// Run the contract simulator: a management system and governance platform on HTTP.
+    Simulate(Box<SimulateArgs>),
+}
+
+/// Options of `simulate`. The first line on stdout is `listening on http://IP:PORT`.
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Size of the generated catalogue (ignored with --catalogue).
+    #[arg(long, default_value_t = 1000)]
+    products: usize,
+    /// Seed of the generated catalogue and of fault randomness.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Load the catalogue from a JSON file (`{"items":[…]}` or an array of records).
+    #[arg(long, value_name = "FILE")]
+    catalogue: Option<PathBuf>,
+    /// OAuth2 client id the token endpoint accepts.
+    #[arg(long, default_value = "product-sync")]
+    client_id: String,
+    /// OAuth2 client secret the token endpoint accepts.
+    #[arg(
+        long,
+        env = "SIM_CLIENT_SECRET",
+        default_value = "local-dev-secret",
+        hide_env_values = true
+    )]
+    client_secret: String,
+    /// Lifetime of issued tokens, in seconds.
+    #[arg(long, default_value_t = 300)]
+    token_ttl_s: u64,
+    /// App ids the governance platform accepts (repeatable).
+    #[arg(long = "app-id", default_value = "product-sync")]
+    app_ids: Vec<String>,
+    /// Lease of governance registrations, in seconds.
+    #[arg(long, default_value_t = 30)]
+    lease_s: u64,
+    /// Fraction of product requests answered with 500.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Fraction of product requests answered with 429.
+    #[arg(long, default_value_t = 0.0)]
+    throttle_rate: f64,
+    /// Retry-After of those 429 answers, in seconds.
+    #[arg(long, default_value_t = 1)]
+    retry_after_s: u64,
+    /// Latency added to every product request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Fraction of product requests answered with a body that is not JSON.
+    #[arg(long, default_value_t = 0.0)]
+    malformed_rate: f64,
+    /// Fraction of product responses cut off mid-body.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Fraction of pages carrying one record that breaks the contract.
+    #[arg(long, default_value_t = 0.0)]
+    bad_record_rate: f64,
+    /// Refuse tokens this many seconds after issue (tokens that expire early).
+    #[arg(long)]
+    token_revoke_after_s: Option<u64>,
+    /// Log level of the simulator.
+    #[arg(long, default_value = "info")]
+    log_level: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Simulate(args) => {
+            telemetry::init(&LogSettings {
+                level: args.log_level.clone(),
+                format: LogFormat::Pretty,
+            });
+            exit(simulate(*args).await)
+        }
+        Command::Config => match settings(cli.config) {
+            Ok(settings) => {
+                println!("{settings}");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Migrate => match settings(cli.config) {
+            Ok(settings) => exit(migrate(settings).await),
+            Err(code) => code,
+        },
+    }
+}
+
+/// Loads configuration and starts logging; a configuration error exits with 2.
+fn settings(file: Option<PathBuf>) -> Result<Settings, ExitCode> {
     let sources = Sources {
-        file: cli.config.clone(),
+        file,
         ..Sources::default()
     };
-    let settings = match config::load(&sources) {
-        Ok(s) => s,
+    match config::load(&sources) {
+        Ok(settings) => {
+            telemetry::init(&settings.log);
+            Ok(settings)
+        }
         Err(e) => {
             eprintln!("product-sync: configuration error: {e}");
-            return ExitCode::from(2);
+            Err(ExitCode::from(2))
         }
-    };
-    telemetry::init(&settings.log);
-    match run(cli.command, settings).await {
+    }
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "product-sync failed");
@@ -56,17 +157,86 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
-    match command {
-        Command::Config => {
-            println!("{settings}");
-            Ok(())
+async fn migrate(settings: Settings) -> anyhow::Result<()> {
+    let db = store::connect(&settings.database).await?;
+    store::migrate(&db).await?;
+    println!("migrations applied to {}", settings.database.redacted_url());
+    Ok(())
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let catalogue = match &args.catalogue {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading catalogue {}", path.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing catalogue {}", path.display()))?;
+            Catalogue::from_json(&value)
+                .map_err(|(i, e)| anyhow::anyhow!("catalogue {} record {i}: {e}", path.display()))?
         }
-        Command::Migrate => {
-            let db = store::connect(&settings.database).await?;
-            store::migrate(&db).await?;
-            println!("migrations applied to {}", settings.database.redacted_url());
-            Ok(())
+        None => Catalogue::generate(args.products, args.seed),
+    };
+    let products = catalogue.len();
+    let sim = Sim::new(
+        SimConfig {
+            client_id: args.client_id,
+            client_secret: args.client_secret,
+            token_ttl: Duration::from_secs(args.token_ttl_s),
+            app_ids: args.app_ids,
+            lease_seconds: args.lease_s,
+            faults: Faults {
+                error_rate: args.error_rate,
+                throttle_rate: args.throttle_rate,
+                retry_after_s: args.retry_after_s,
+                latency_ms: args.latency_ms,
+                malformed_rate: args.malformed_rate,
+                drop_rate: args.drop_rate,
+                bad_record_rate: args.bad_record_rate,
+                token_revoke_after_s: args.token_revoke_after_s,
+                ..Faults::default()
+            },
+            seed: args.seed,
+        },
+        catalogue,
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{bound}")?;
+        out.flush()?;
+    }
+    tracing::info!(%bound, products, "simulator serving the management-system and governance contract");
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal.cancel();
+    });
+    sim.serve(listener, stop).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
         }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
     }
 }

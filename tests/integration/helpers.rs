@@ -128,3 +128,53 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Everything every test logged through `tracing`, at TRACE level, in the production JSON
+/// format; installed once for the whole test binary.
+#[derive(Clone, Default)]
+pub struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+pub struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogWriter;
+    fn make_writer(&'a self) -> LogWriter {
+        LogWriter(self.0.clone())
+    }
+}
+
+static LOGS: std::sync::OnceLock<LogBuffer> = std::sync::OnceLock::new();
+
+pub fn captured_logs() -> LogBuffer {
+    LOGS.get_or_init(|| {
+        let buffer = LogBuffer::default();
+        product_sync::telemetry::init_with_writer(
+            &product_sync::config::LogSettings {
+                level: "trace".into(),
+                format: product_sync::config::LogFormat::Json,
+            },
+            buffer.clone(),
+        );
+        buffer
+    })
+    .clone()
+}

@@ -6,3 +6,4 @@ mod fold;
 mod helpers;
 mod kafka_smoke;
 mod store_smoke;
+mod upstream;

@@ -1,0 +1,163 @@
+//! The client side of the other organisations' HTTP contract (DESIGN.md "External contract"):
+//! registration with the governance platform (`governance`), OAuth2 client-credentials
+//! authorization (`auth`), and the paginated product fetch (`products`).
+//!
+//! One error type for the module; transient failures (5xx, 429, timeouts, resets) are retried
+//! by [`crate::retry`] under `upstream.retry_max_elapsed_ms`, permanent ones stop at once.
+//! Secrets (the client secret, access tokens) live in `secrecy` types: no error or log line
+//! carries them.
+
+use std::time::Duration;
+
+use crate::product::RecordError;
+use crate::retry::Transient;
+
+pub mod auth;
+pub mod governance;
+pub mod products;
+
+pub use auth::TokenSource;
+pub use governance::{Governance, Registration};
+pub use products::{Page, ProductClient};
+
+/// Errors at the upstream boundary. `what` names the call ("token request", "products page 3").
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Wrong client id or secret (HTTP 401 `invalid_client` from the token endpoint).
+    #[error(
+        "the management system refused client id {client_id:?}: invalid client credentials (check upstream.client_id and upstream.client_secret)"
+    )]
+    InvalidClient { client_id: String },
+    /// The governance platform does not know this service's identity.
+    #[error(
+        "the governance platform refused app id {app_id:?} (HTTP 403): register the app id there or fix governance.app_id"
+    )]
+    UnknownIdentity { app_id: String },
+    /// Still 401 after one token refresh.
+    #[error("{what}: unauthorized even with a fresh token (HTTP 401)")]
+    Unauthorized { what: String },
+    /// HTTP 403: not authorized for this data.
+    #[error("{what}: not authorized for this data (HTTP 403)")]
+    Forbidden { what: String },
+    /// HTTP 400: the request itself is wrong.
+    #[error("{what}: rejected as a bad request (HTTP 400): {detail}")]
+    BadRequest { what: String, detail: String },
+    /// HTTP 429: the server asks to wait.
+    #[error("{what}: throttled (HTTP 429), asked to wait {retry_after:?}")]
+    Throttled { what: String, retry_after: Duration },
+    /// HTTP 5xx.
+    #[error("{what}: server error (HTTP {status})")]
+    Server { what: String, status: u16 },
+    /// Timeouts, refused or reset connections, a body cut off mid-way.
+    #[error("{what}: {source}")]
+    Transport {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A 2xx body that is not the contract's JSON.
+    #[error("{what}: response body does not parse: {reason}")]
+    MalformedBody { what: String, reason: String },
+    /// A record of a page breaks the contract.
+    #[error("{what}: record {index} ({identity}) breaks the contract: {error}")]
+    InvalidRecord {
+        what: String,
+        index: usize,
+        identity: String,
+        error: RecordError,
+    },
+    /// Any other status.
+    #[error("{what}: unexpected HTTP status {status}")]
+    UnexpectedStatus { what: String, status: u16 },
+    /// A base URL from configuration that cannot be joined with a path.
+    #[error("invalid URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+}
+
+impl Transient for UpstreamError {
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Throttled { .. }
+                | UpstreamError::Server { .. }
+                | UpstreamError::Transport { .. }
+        )
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Throttled { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl UpstreamError {
+    /// See [`Transient::is_transient`].
+    pub fn is_transient(&self) -> bool {
+        Transient::is_transient(self)
+    }
+
+    /// Maps a non-success status to its error (401 is handled by the callers).
+    pub(crate) fn from_status(
+        what: &str,
+        status: reqwest::StatusCode,
+        retry_after: Option<Duration>,
+        body: &str,
+    ) -> Self {
+        let what = what.to_owned();
+        match status.as_u16() {
+            400 => UpstreamError::BadRequest {
+                what,
+                detail: body.chars().take(200).collect(),
+            },
+            401 => UpstreamError::Unauthorized { what },
+            403 => UpstreamError::Forbidden { what },
+            429 => UpstreamError::Throttled {
+                what,
+                retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+            },
+            s if (500..600).contains(&s) => UpstreamError::Server { what, status: s },
+            s => UpstreamError::UnexpectedStatus { what, status: s },
+        }
+    }
+}
+
+/// The `Retry-After` header in seconds (an HTTP date is treated as one second).
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    Some(Duration::from_secs(
+        value.trim().parse::<u64>().unwrap_or(1).min(300),
+    ))
+}
+
+/// Joins a configured base URL and a contract path.
+pub(crate) fn join(base: &str, path: &str) -> Result<url::Url, UpstreamError> {
+    let mut base = url::Url::parse(base).map_err(|e| UpstreamError::Url {
+        url: base.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if !base.path().ends_with('/') {
+        let p = format!("{}/", base.path());
+        base.set_path(&p);
+    }
+    base.join(path.trim_start_matches('/'))
+        .map_err(|e| UpstreamError::Url {
+            url: base.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// The HTTP client every upstream call uses: per-request timeout, no redirects to elsewhere.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, UpstreamError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("product-sync/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| UpstreamError::Url {
+            url: String::new(),
+            reason: format!("cannot build the HTTP client: {e}"),
+        })
+}

@@ -1,0 +1,267 @@
+//! The batch fetch (seed claims 1–2): every product matching a selector, page by page,
+//! following `next_cursor` to the end. Each page call has a timeout; transient failures are
+//! retried with backoff, 429 waits for `Retry-After`, a 401 refreshes the token once.
+
+use std::sync::Arc;
+
+use futures::Stream;
+use serde_json::Value;
+
+use super::auth::{Token, TokenSource};
+use super::{UpstreamError, join, retry_after};
+use crate::command::Selector;
+use crate::product::Product;
+use crate::retry::{RetryPolicy, retry};
+
+/// One page of the answer.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// 1-based position of the page within the fetch.
+    pub number: usize,
+    pub items: Vec<Product>,
+    pub next_cursor: Option<String>,
+}
+
+/// Fetches products from the management system.
+pub struct ProductClient {
+    http: reqwest::Client,
+    products_url: url::Url,
+    tokens: Arc<TokenSource>,
+    page_size: u32,
+    policy: RetryPolicy,
+}
+
+impl ProductClient {
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        tokens: Arc<TokenSource>,
+        page_size: u32,
+        policy: RetryPolicy,
+    ) -> Result<Self, UpstreamError> {
+        Ok(Self {
+            http,
+            products_url: join(base_url, "v1/products")?,
+            tokens,
+            page_size,
+            policy,
+        })
+    }
+
+    /// The token source (shared with other clients of the same credentials).
+    pub fn tokens(&self) -> &Arc<TokenSource> {
+        &self.tokens
+    }
+
+    /// Every page for `selector`, in order; the stream ends after the page without a cursor
+    /// or at the first error (which it yields).
+    pub fn pages(
+        &self,
+        selector: Selector,
+    ) -> impl Stream<Item = Result<Page, UpstreamError>> + '_ {
+        struct State {
+            selector: Selector,
+            cursor: Option<String>,
+            number: usize,
+            done: bool,
+        }
+        let start = State {
+            selector,
+            cursor: None,
+            number: 0,
+            done: false,
+        };
+        futures::stream::try_unfold(start, move |mut state| async move {
+            if state.done {
+                return Ok(None);
+            }
+            state.number += 1;
+            let page = self
+                .fetch_page(&state.selector, state.cursor.as_deref(), state.number)
+                .await?;
+            state.cursor = page.next_cursor.clone();
+            state.done = state.cursor.is_none();
+            Ok(Some((page, state)))
+        })
+    }
+
+    /// One page, retried under the policy.
+    pub async fn fetch_page(
+        &self,
+        selector: &Selector,
+        cursor: Option<&str>,
+        number: usize,
+    ) -> Result<Page, UpstreamError> {
+        let what = format!("products page {number}");
+        retry(&self.policy, &what, || {
+            self.fetch_once(selector, cursor, number, &what)
+        })
+        .await
+    }
+
+    async fn fetch_once(
+        &self,
+        selector: &Selector,
+        cursor: Option<&str>,
+        number: usize,
+        what: &str,
+    ) -> Result<Page, UpstreamError> {
+        let token = self.tokens.token().await?;
+        let mut response = self.send(selector, cursor, &token, what).await?;
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+            // Expired or revoked early: one fresh token, one more try.
+            self.tokens.invalidate(&token).await;
+            let token = self.tokens.token().await?;
+            response = self.send(selector, cursor, &token, what).await?;
+            if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+                return Err(UpstreamError::Unauthorized {
+                    what: what.to_owned(),
+                });
+            }
+        }
+        let status = response.status();
+        let wait = retry_after(response.headers());
+        let body = response
+            .bytes()
+            .await
+            .map_err(|source| UpstreamError::Transport {
+                what: what.to_owned(),
+                source,
+            })?;
+        if !status.is_success() {
+            return Err(UpstreamError::from_status(
+                what,
+                status,
+                wait,
+                &String::from_utf8_lossy(&body),
+            ));
+        }
+        parse_page(&body, number, what)
+    }
+
+    async fn send(
+        &self,
+        selector: &Selector,
+        cursor: Option<&str>,
+        token: &Token,
+        what: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut query: Vec<(&str, String)> = vec![("page_size", self.page_size.to_string())];
+        if let Some(k) = &selector.keyword {
+            query.push(("keyword", k.clone()));
+        }
+        if !selector.product_codes.is_empty() {
+            query.push(("product_codes", selector.product_codes.join(",")));
+        }
+        if let Some(c) = &selector.category {
+            query.push(("category", c.clone()));
+        }
+        if let Some(t) = &selector.updated_since {
+            query.push((
+                "updated_since",
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ));
+        }
+        if let Some(c) = cursor {
+            query.push(("cursor", c.to_owned()));
+        }
+        self.http
+            .get(self.products_url.clone())
+            .query(&query)
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(|source| UpstreamError::Transport {
+                what: what.to_owned(),
+                source,
+            })
+    }
+}
+
+/// Parses a products page; a record that breaks the contract fails the page, naming it.
+pub fn parse_page(body: &[u8], number: usize, what: &str) -> Result<Page, UpstreamError> {
+    let malformed = |reason: String| UpstreamError::MalformedBody {
+        what: what.to_owned(),
+        reason,
+    };
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| malformed(format!("not JSON: {e}")))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| malformed("not a JSON object".into()))?;
+    let items = obj
+        .get("items")
+        .and_then(Value::as_array)
+        .ok_or_else(|| malformed("`items` is missing or not an array".into()))?;
+    let next_cursor = match obj.get("next_cursor") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::String(_)) => None,
+        Some(_) => {
+            return Err(malformed(
+                "`next_cursor` is neither a string nor null".into(),
+            ));
+        }
+    };
+    let mut products = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let product = Product::from_json(item).map_err(|error| UpstreamError::InvalidRecord {
+            what: what.to_owned(),
+            index,
+            identity: describe_record(item),
+            error,
+        })?;
+        products.push(product);
+    }
+    Ok(Page {
+        number,
+        items: products,
+        next_cursor,
+    })
+}
+
+/// How to name a record in an error: its code, else its name, else its position only.
+fn describe_record(item: &Value) -> String {
+    match (
+        item.get("product_code").and_then(Value::as_str),
+        item.get("product_name").and_then(Value::as_str),
+    ) {
+        (Some(code), _) => format!("code {code}"),
+        (None, Some(name)) => format!("name {name:?}"),
+        _ => "no code or name".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_record_names_page_record_and_field() {
+        let body = br#"{"items":[{"product_code":"A","product_name":"a","version":1},{"product_code":"B","product_name":"b","nav":1.5,"version":1}],"next_cursor":null}"#;
+        let err = parse_page(body, 3, "products page 3").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("products page 3")
+                && msg.contains("record 1")
+                && msg.contains("code B")
+                && msg.contains("`nav`"),
+            "{msg}"
+        );
+        assert!(!err.is_transient());
+    }
+
+    #[test]
+    fn malformed_bodies_are_permanent_and_name_the_page() {
+        for body in [
+            &b"<html>"[..],
+            b"{\"items\":5}",
+            b"[]",
+            b"{\"items\":[],\"next_cursor\":7}",
+        ] {
+            let err = parse_page(body, 2, "products page 2").unwrap_err();
+            assert!(matches!(err, UpstreamError::MalformedBody { .. }), "{err}");
+            assert!(err.to_string().contains("products page 2"));
+        }
+    }
+}
