@@ -1,8 +1,26 @@
-//! Product-request commands: the feature information a command names (the selector) that the
-//! management system is asked for.
+//! Product-request commands: the wire shape on `topics.requests`, parsed and validated into a
+//! domain type. Every way a command can be bad has its own [`CommandError`] kind, which the
+//! pipeline writes into the DLQ record's headers.
+//!
+//! Wire form: `{"request_id","system"?,"selector":{"keyword"?,"product_codes"?,"category"?,
+//! "updated_since"?},"requested_by"?}`. Unknown fields are refused: a misspelt selector field
+//! would otherwise silently widen the request.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::product::MAX_CODE_LEN;
+
+/// Largest command accepted, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Longest request id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Most product codes in one command.
+pub const MAX_PRODUCT_CODES: usize = 1000;
+/// Longest keyword, in characters.
+pub const MAX_KEYWORD_CHARS: usize = 100;
+/// Longest category or `requested_by`, in characters.
+pub const MAX_LABEL_CHARS: usize = 200;
 
 /// Feature information of a product request: every product that matches all given parts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,5 +47,331 @@ impl Selector {
             && self.product_codes.is_empty()
             && self.category.is_none()
             && self.updated_since.is_none()
+    }
+}
+
+/// The command as it travels on Kafka.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandWire {
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    pub selector: Selector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+
+/// A validated product-request command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    request_id: String,
+    system: String,
+    selector: Selector,
+    requested_by: Option<String>,
+}
+
+impl Command {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+    pub fn system(&self) -> &str {
+        &self.system
+    }
+    pub fn selector(&self) -> &Selector {
+        &self.selector
+    }
+    pub fn requested_by(&self) -> Option<&str> {
+        self.requested_by.as_deref()
+    }
+
+    /// The command in its wire form (stored with the request row).
+    pub fn to_wire(&self) -> CommandWire {
+        CommandWire {
+            request_id: self.request_id.clone(),
+            system: Some(self.system.clone()),
+            selector: self.selector.clone(),
+            requested_by: self.requested_by.clone(),
+        }
+    }
+
+    /// Parses and validates a command's bytes for the management system `system`.
+    pub fn parse(payload: Option<&[u8]>, system: &str) -> Result<Command, CommandError> {
+        let bytes = payload.ok_or(CommandError::Empty)?;
+        if bytes.is_empty() {
+            return Err(CommandError::Empty);
+        }
+        if bytes.len() > MAX_COMMAND_BYTES {
+            return Err(CommandError::TooLarge { bytes: bytes.len() });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| CommandError::NotUtf8 {
+            at: e.valid_up_to(),
+        })?;
+        let wire: CommandWire = serde_json::from_str(text).map_err(|e| classify_json_error(&e))?;
+        Command::validate(wire, system)
+    }
+
+    /// Checks a wire command against the rules.
+    pub fn validate(wire: CommandWire, system: &str) -> Result<Command, CommandError> {
+        let id = &wire.request_id;
+        if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN {
+            return Err(CommandError::invalid(
+                "request_id",
+                format!("must be 1 to {MAX_REQUEST_ID_LEN} bytes"),
+            ));
+        }
+        if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(CommandError::invalid(
+                "request_id",
+                "may hold only letters, digits and - _ . :",
+            ));
+        }
+        let named = wire.system.unwrap_or_else(|| system.to_owned());
+        if named != system {
+            return Err(CommandError::UnknownSystem {
+                named: truncate(&named, 64),
+                expected: system.to_owned(),
+            });
+        }
+        let s = &wire.selector;
+        if s.is_empty() {
+            return Err(CommandError::EmptySelector);
+        }
+        if let Some(k) = &s.keyword
+            && (k.trim().is_empty() || k.chars().count() > MAX_KEYWORD_CHARS)
+        {
+            return Err(CommandError::invalid(
+                "selector.keyword",
+                format!("must be 1 to {MAX_KEYWORD_CHARS} characters, not blank"),
+            ));
+        }
+        if s.product_codes.len() > MAX_PRODUCT_CODES {
+            return Err(CommandError::invalid(
+                "selector.product_codes",
+                format!("more than {MAX_PRODUCT_CODES} codes"),
+            ));
+        }
+        for code in &s.product_codes {
+            if code.is_empty()
+                || code.len() > MAX_CODE_LEN
+                || code.contains(',')
+                || code.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(CommandError::invalid(
+                    "selector.product_codes",
+                    format!(
+                        "{:?} is not a product code (1 to {MAX_CODE_LEN} bytes, no spaces or commas)",
+                        truncate(code, 80)
+                    ),
+                ));
+            }
+        }
+        if let Some(c) = &s.category
+            && (c.trim().is_empty() || c.chars().count() > MAX_LABEL_CHARS)
+        {
+            return Err(CommandError::invalid(
+                "selector.category",
+                format!("must be 1 to {MAX_LABEL_CHARS} characters"),
+            ));
+        }
+        if let Some(by) = &wire.requested_by
+            && by.chars().count() > MAX_LABEL_CHARS
+        {
+            return Err(CommandError::invalid(
+                "requested_by",
+                format!("longer than {MAX_LABEL_CHARS} characters"),
+            ));
+        }
+        Ok(Command {
+            request_id: wire.request_id,
+            system: named,
+            selector: wire.selector,
+            requested_by: wire.requested_by,
+        })
+    }
+}
+
+/// Why a command was refused. All are permanent: the same bytes will never pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("the command is empty")]
+    Empty,
+    #[error("the command is {bytes} bytes, more than the {MAX_COMMAND_BYTES} allowed")]
+    TooLarge { bytes: usize },
+    #[error("the command is not UTF-8 (invalid byte at {at})")]
+    NotUtf8 { at: usize },
+    #[error("the command is not JSON: {0}")]
+    BadJson(String),
+    #[error("the command lacks `{0}`")]
+    MissingField(String),
+    #[error("the command has an unknown field `{0}`")]
+    UnknownField(String),
+    #[error("a field of the command has the wrong type: {0}")]
+    WrongType(String),
+    #[error("`{field}` is invalid: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error(
+        "the selector names nothing (give a keyword, product codes, a category or updated_since)"
+    )]
+    EmptySelector,
+    #[error("the command names system {named:?}, but this service syncs {expected:?}")]
+    UnknownSystem { named: String, expected: String },
+}
+
+impl CommandError {
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        CommandError::Invalid {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A short stable name of the failure, for DLQ headers and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CommandError::Empty => "empty",
+            CommandError::TooLarge { .. } => "too_large",
+            CommandError::NotUtf8 { .. } => "not_utf8",
+            CommandError::BadJson(_) => "bad_json",
+            CommandError::MissingField(_) => "missing_field",
+            CommandError::UnknownField(_) => "unknown_field",
+            CommandError::WrongType(_) => "wrong_type",
+            CommandError::Invalid { .. } => "invalid_field",
+            CommandError::EmptySelector => "empty_selector",
+            CommandError::UnknownSystem { .. } => "unknown_system",
+        }
+    }
+}
+
+fn classify_json_error(e: &serde_json::Error) -> CommandError {
+    let msg = e.to_string();
+    if let Some(field) = between(&msg, "missing field `", "`") {
+        return CommandError::MissingField(field.to_owned());
+    }
+    if let Some(field) = between(&msg, "unknown field `", "`") {
+        return CommandError::UnknownField(field.to_owned());
+    }
+    match e.classify() {
+        serde_json::error::Category::Data => CommandError::WrongType(truncate(&msg, 200)),
+        _ => CommandError::BadJson(truncate(&msg, 200)),
+    }
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = s.find(start)? + start.len();
+    let len = s[from..].find(end)?;
+    Some(&s[from..from + len])
+}
+
+fn truncate(s: &str, chars: usize) -> String {
+    s.chars().take(chars).collect()
+}
+
+/// A W3C `traceparent` value worth carrying (`00-<32 hex>-<16 hex>-<2 hex>`), else `None`.
+pub fn valid_traceparent(value: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(value).ok()?.trim();
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
+    (parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2))
+    .then(|| s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Command, CommandError> {
+        Command::parse(Some(s.as_bytes()), "wms")
+    }
+
+    #[test]
+    fn a_good_command_parses() {
+        let c = parse(r#"{"request_id":"r-1","selector":{"keyword":"稳健","product_codes":["A","B"],"updated_since":"2026-01-01T00:00:00Z"},"requested_by":"ops"}"#).unwrap();
+        assert_eq!(c.request_id(), "r-1");
+        assert_eq!(c.system(), "wms");
+        assert_eq!(c.selector().product_codes, ["A", "B"]);
+        assert_eq!(Command::validate(c.to_wire(), "wms").unwrap(), c);
+    }
+
+    #[test]
+    fn each_kind_of_bad_command_is_named() {
+        let big = format!(
+            r#"{{"request_id":"r","selector":{{"keyword":"{}"}}}}"#,
+            "x".repeat(MAX_COMMAND_BYTES)
+        );
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"", "empty"),
+            (big.as_bytes(), "too_large"),
+            (b"\xff\xfe{}", "not_utf8"),
+            (b"{not json", "bad_json"),
+            (br#"{"selector":{"keyword":"k"}}"#, "missing_field"),
+            (
+                br#"{"request_id":"r","selector":{"keyword":"k"},"extra":1}"#,
+                "unknown_field",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"kyeword":"k"}}"#,
+                "unknown_field",
+            ),
+            (
+                br#"{"request_id":7,"selector":{"keyword":"k"}}"#,
+                "wrong_type",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"product_codes":"A"}}"#,
+                "wrong_type",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"updated_since":"yesterday"}}"#,
+                "wrong_type",
+            ),
+            (br#"{"request_id":"r","selector":{}}"#, "empty_selector"),
+            (
+                br#"{"request_id":"r","system":"other","selector":{"keyword":"k"}}"#,
+                "unknown_system",
+            ),
+            (
+                br#"{"request_id":"","selector":{"keyword":"k"}}"#,
+                "invalid_field",
+            ),
+            (
+                br#"{"request_id":"a b","selector":{"keyword":"k"}}"#,
+                "invalid_field",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"keyword":"  "}}"#,
+                "invalid_field",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"product_codes":["A,B"]}}"#,
+                "invalid_field",
+            ),
+            (br#"[1,2,3]"#, "wrong_type"),
+        ];
+        for (bytes, kind) in cases {
+            let err = Command::parse(Some(bytes), "wms").unwrap_err();
+            assert_eq!(
+                err.kind(),
+                kind,
+                "{err} for {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(60)])
+            );
+        }
+        assert_eq!(Command::parse(None, "wms").unwrap_err().kind(), "empty");
+    }
+
+    #[test]
+    fn traceparent_is_validated() {
+        assert!(
+            valid_traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").is_some()
+        );
+        assert!(valid_traceparent(b"garbage").is_none());
     }
 }

@@ -34,29 +34,26 @@ pub fn diff(old: &Content, new: &Content) -> Vec<FieldChange> {
     changes
 }
 
-/// The changes of a newly created product: every field that has a value, from `null`.
+/// The changes of a newly created product: every field that has a value, from `null`
+/// (attributes key by key; an empty keyword list counts as no value).
 pub fn created(new: &Content) -> Vec<FieldChange> {
-    let empty = Content {
-        product_code: None,
-        product_name: String::new(),
-        category: None,
-        risk_level: None,
-        currency: None,
-        issuer: None,
-        status: None,
-        nav: None,
-        expected_yield: None,
-        min_investment: None,
-        term_days: None,
-        sale_start: None,
-        sale_end: None,
-        keywords: Vec::new(),
-        attributes: Default::default(),
-    };
-    let mut changes = diff(&empty, new);
-    for change in &mut changes {
-        if change.field == "product_name" || change.field == "keywords" {
-            change.old = Value::Null;
+    let mut changes = Vec::new();
+    for (field, value) in new.field_values() {
+        match value {
+            Value::Null => {}
+            Value::Array(ref a) if a.is_empty() => {}
+            Value::Object(map) if field == "attributes" => {
+                changes.extend(map.into_iter().map(|(key, v)| FieldChange {
+                    field: format!("attributes.{key}"),
+                    old: Value::Null,
+                    new: v,
+                }));
+            }
+            v => changes.push(FieldChange {
+                field: field.to_owned(),
+                old: Value::Null,
+                new: v,
+            }),
         }
     }
     changes

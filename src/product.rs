@@ -295,7 +295,13 @@ impl Product {
     /// The canonical JSON form (contract field names, decimals as strings, dates as
     /// `YYYY-MM-DD`), as served by the management system and carried in events.
     pub fn to_json(&self) -> Value {
+        self.to_json_and_hash().0
+    }
+
+    /// The canonical JSON form and the content hash, computed from one rendering.
+    pub fn to_json_and_hash(&self) -> (Value, String) {
         let mut obj = self.content.to_json_map();
+        let hash = hash_of(&obj);
         obj.insert("version".into(), Value::from(self.version));
         obj.insert(
             "updated_at".into(),
@@ -303,7 +309,7 @@ impl Product {
                 .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))
                 .unwrap_or(Value::Null),
         );
-        Value::Object(obj)
+        (Value::Object(obj), hash)
     }
 }
 
@@ -409,14 +415,20 @@ impl Content {
 
     /// SHA-256 of the canonical content, hex: equal content ⇔ equal hash (up to collisions).
     pub fn hash(&self) -> String {
-        let bytes = serde_json::to_vec(&Value::Object(self.to_json_map())).unwrap_or_default();
-        let digest = Sha256::digest(&bytes);
-        let mut out = String::with_capacity(64);
-        for b in digest {
-            out.push_str(&format!("{b:02x}"));
-        }
-        out
+        hash_of(&self.to_json_map())
     }
+}
+
+/// SHA-256 (hex) of a content map's canonical JSON (keys sorted: serde_json's map is ordered).
+fn hash_of(content: &Map<String, Value>) -> String {
+    use std::fmt::Write;
+    let bytes = serde_json::to_vec(content).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 fn opt_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, RecordError> {

@@ -119,6 +119,9 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false)
+        // The fold's statements carry hundreds of keys; a generic plan cached while the table
+        // was small (a sequential scan) would stay in use as it grows. Plan each execution.
+        .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]))
         .map_sqlx_sqlite_opts(|o| {
             o.foreign_keys(true)
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
