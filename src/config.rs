@@ -72,7 +72,29 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     pub governance: GovernanceSettings,
     pub http: HttpSettings,
+    pub pipeline: PipelineSettings,
     pub log: LogSettings,
+}
+
+/// The consumer loop and the outbox relay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Commands processed at once by this instance, across its partitions (one per partition).
+    pub max_in_flight: usize,
+    /// On revoke and shutdown, how long a command in flight may run on before it is abandoned
+    /// (and redelivered). Keep it below the consumer's session timeout.
+    pub drain_timeout_ms: u64,
+    /// Whole-process shutdown deadline after SIGTERM.
+    pub shutdown_timeout_ms: u64,
+    /// Run the outbox relay in this process.
+    pub relay_enabled: bool,
+    /// How often the relay looks for unpublished rows when idle.
+    pub relay_interval_ms: u64,
+    /// Rows published per relay round.
+    pub relay_batch_size: u64,
+    /// How long start-up waits for the broker before giving up.
+    pub broker_wait_ms: u64,
 }
 
 /// Where the broker is and how to talk to it.
@@ -525,6 +547,18 @@ impl Settings {
                 "must be above 0".to_owned(),
             ));
         }
+        if self.pipeline.max_in_flight == 0 {
+            return Err(invalid(
+                "pipeline.max_in_flight",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if self.pipeline.relay_batch_size == 0 {
+            return Err(invalid(
+                "pipeline.relay_batch_size",
+                "must be at least 1".to_owned(),
+            ));
+        }
         if self.topics.partitions < 1 {
             return Err(invalid(
                 "topics.partitions",
@@ -618,6 +652,18 @@ impl fmt::Display for Settings {
         writeln!(f, "governance.base_url = {:?}", self.governance.base_url)?;
         writeln!(f, "governance.app_id = {:?}", self.governance.app_id)?;
         writeln!(f, "http.listen = \"{}\"", self.http.listen)?;
+        let p = &self.pipeline;
+        writeln!(f, "pipeline.max_in_flight = {}", p.max_in_flight)?;
+        writeln!(f, "pipeline.drain_timeout_ms = {}", p.drain_timeout_ms)?;
+        writeln!(
+            f,
+            "pipeline.shutdown_timeout_ms = {}",
+            p.shutdown_timeout_ms
+        )?;
+        writeln!(f, "pipeline.relay_enabled = {}", p.relay_enabled)?;
+        writeln!(f, "pipeline.relay_interval_ms = {}", p.relay_interval_ms)?;
+        writeln!(f, "pipeline.relay_batch_size = {}", p.relay_batch_size)?;
+        writeln!(f, "pipeline.broker_wait_ms = {}", p.broker_wait_ms)?;
         writeln!(f, "log.level = {:?}", self.log.level)?;
         write!(f, "log.format = {:?}", self.log.format)
     }

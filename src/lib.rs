@@ -24,14 +24,22 @@
 //! | [`product`] | the product record: contract parsing, identity, canonical JSON |
 //! | [`diff`] | the pure field-level diff of two products' content |
 //! | [`store`] | database connection, migrations, entities and the fold (`store::fold`) |
+//! | [`pipeline`] | the consumer loop (at-least-once offsets, per-partition workers) and command processing |
+//! | [`outbox`] | the relay publishing change and result rows (idempotent producer, one leader) |
+//! | [`dlq`] | listing and replaying the dead-letter topic |
+//! | [`app`] | `run`: builds the parts, runs them, shuts them down in order |
 //! | [`sim`] | the contract simulator (management system + governance platform, fault injection) |
 //!
 //! Every boundary has its own `thiserror` error type that answers `is_transient()`.
 
+pub mod app;
 pub mod command;
 pub mod config;
 pub mod diff;
+pub mod dlq;
 pub mod kafka;
+pub mod outbox;
+pub mod pipeline;
 pub mod product;
 pub mod retry;
 pub mod sim;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use product_sync::app::Application;
 use product_sync::config::{self, LogFormat, LogSettings, Settings, Sources};
 use product_sync::sim::{Catalogue, Faults, Sim, SimConfig};
 use product_sync::{store, telemetry};
@@ -35,8 +36,25 @@ enum Command {
     Config,
     /// Apply pending database migrations to `database.url` and exit.
     Migrate,
+    /// Run the service: consume product-request commands, fetch, fold, publish changes.
+    Run,
+    /// Inspect or replay the dead-letter topic.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Run the contract simulator: a management system and governance platform on HTTP.
     Simulate(Box<SimulateArgs>),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Print every record of `topics.dlq` with its reason.
+    List,
+    /// Put DLQ records back on `topics.requests` (each record once).
+    Replay {
+        /// Only records whose failure was `transient` or `permanent`.
+        #[arg(long, value_parser = ["transient", "permanent"])]
+        only: Option<String>,
+    },
 }
 
 /// Options of `simulate`. The first line on stdout is `listening on http://IP:PORT`.
@@ -103,7 +121,9 @@ struct SimulateArgs {
     log_level: String,
 }
 
-#[tokio::main]
+// Four workers even on two cores: a partition revoke blocks the polling thread while the
+// revoked partitions' workers finish, and they need threads of their own to do so.
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -123,6 +143,14 @@ async fn main() -> ExitCode {
         },
         Command::Migrate => match settings(cli.config) {
             Ok(settings) => exit(migrate(settings).await),
+            Err(code) => code,
+        },
+        Command::Run => match settings(cli.config) {
+            Ok(settings) => exit(run(settings).await),
+            Err(code) => code,
+        },
+        Command::Dlq(command) => match settings(cli.config) {
+            Ok(settings) => exit(dlq(settings, command).await),
             Err(code) => code,
         },
     }
@@ -161,6 +189,48 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     let db = store::connect(&settings.database).await?;
     store::migrate(&db).await?;
     println!("migrations applied to {}", settings.database.redacted_url());
+    Ok(())
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        signal.cancel();
+    });
+    let app = tokio::select! {
+        app = Application::build(settings) => app.context("starting product-sync")?,
+        _ = stop.cancelled() => return Ok(()),
+    };
+    app.run_until_stopped(stop)
+        .await
+        .context("running product-sync")?;
+    Ok(())
+}
+
+async fn dlq(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List => {
+            let entries = product_sync::dlq::list(&settings)
+                .await
+                .context("reading the DLQ")?;
+            for e in &entries {
+                println!("{}", serde_json::to_string(e)?);
+            }
+            eprintln!("{} record(s) in {}", entries.len(), settings.topics.dlq);
+        }
+        DlqCommand::Replay { only } => {
+            let n = product_sync::dlq::replay(&settings, only.as_deref())
+                .await
+                .context("replaying the DLQ")?;
+            println!(
+                "replayed {n} record(s) from {} to {}",
+                settings.topics.dlq, settings.topics.requests
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,223 @@
+//! The running service (`product-sync run`): builds every part from the settings, runs them
+//! until the stop token fires, then shuts them down in the order written in
+//! [`Application::run_until_stopped`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::util::Timeout;
+use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::kafka::{self, KafkaError, TopicSpec, client_config};
+use crate::outbox::Relay;
+use crate::pipeline::{Pipeline, PipelineError, Processor};
+use crate::retry::RetryPolicy;
+use crate::store::{self, StoreError};
+use crate::upstream::{self, Governance, ProductClient, TokenSource, UpstreamError};
+
+/// Start-up and run failures of the service.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+impl AppError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AppError::Store(e) => e.is_transient(),
+            AppError::Kafka(e) => e.is_transient(),
+            AppError::Upstream(e) => e.is_transient(),
+            AppError::Pipeline(e) => e.is_transient(),
+        }
+    }
+}
+
+/// Every part of a running instance.
+pub struct Application {
+    settings: Settings,
+    db: DatabaseConnection,
+    client: Arc<ProductClient>,
+    producer: FutureProducer,
+    http: reqwest::Client,
+    instance_id: String,
+}
+
+impl Application {
+    /// Connects to the store (migrating it if configured), waits for the broker, creates
+    /// missing topics, and builds the upstream client and the producer.
+    pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        let db = store::connect(&settings.database).await?;
+        if settings.database.migrate_on_start {
+            store::migrate(&db).await?;
+        }
+        kafka::wait_for_broker(
+            &settings.kafka,
+            Duration::from_millis(settings.pipeline.broker_wait_ms),
+        )
+        .await?;
+        if settings.topics.create {
+            let t = &settings.topics;
+            let specs: Vec<TopicSpec> = [&t.requests, &t.changes, &t.results, &t.dlq]
+                .into_iter()
+                .map(|name| TopicSpec {
+                    name: name.clone(),
+                    partitions: t.partitions,
+                    replication_factor: t.replication_factor,
+                })
+                .collect();
+            kafka::ensure_topics(&settings.kafka, &specs).await?;
+        }
+        let u = &settings.upstream;
+        let http = upstream::http_client(Duration::from_millis(u.timeout_ms))?;
+        let policy = RetryPolicy::with_budget(Duration::from_millis(u.retry_max_elapsed_ms));
+        let tokens = Arc::new(TokenSource::new(
+            http.clone(),
+            &u.base_url,
+            u.client_id.clone(),
+            u.client_secret.clone(),
+            policy,
+        )?);
+        let client = Arc::new(ProductClient::new(
+            http.clone(),
+            &u.base_url,
+            tokens,
+            u.page_size,
+            policy,
+        )?);
+        let producer: FutureProducer = client_config(&settings.kafka)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .create()
+            .map_err(KafkaError::Client)?;
+        Ok(Self {
+            settings,
+            db,
+            client,
+            producer,
+            http,
+            instance_id: instance_id(),
+        })
+    }
+
+    /// The store connection (tests and tools read through it).
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Runs until `stop` fires, then shuts down in this order:
+    /// 1. the consumer stops taking commands; those in flight finish within
+    ///    `pipeline.drain_timeout_ms` or are abandoned for redelivery; stored offsets are committed;
+    /// 2. the relay publishes what is left in the outbox;
+    /// 3. the producer is flushed;
+    /// 4. the instance deregisters from the governance platform;
+    /// 5. the store's pool is closed.
+    ///
+    /// Steps 2–5 share `pipeline.shutdown_timeout_ms`.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> Result<(), AppError> {
+        let s = &self.settings;
+        let governance_stop = CancellationToken::new();
+        let governance = if s.governance.enabled {
+            let policy =
+                RetryPolicy::with_budget(Duration::from_millis(s.upstream.retry_max_elapsed_ms));
+            let g = Arc::new(Governance::new(
+                self.http.clone(),
+                &s.governance.base_url,
+                &s.governance.app_id,
+                self.instance_id.clone(),
+                policy,
+            ));
+            Some(g.start(governance_stop.clone()).await?)
+        } else {
+            None
+        };
+
+        let wake = Arc::new(Notify::new());
+        let relay_stop = CancellationToken::new();
+        let relay = s.pipeline.relay_enabled.then(|| {
+            let relay = Relay::new(
+                self.db.clone(),
+                s.database.url.clone(),
+                self.producer.clone(),
+                s.topics.changes.clone(),
+                s.topics.results.clone(),
+                s.pipeline.relay_batch_size,
+                Duration::from_millis(s.pipeline.relay_interval_ms),
+                wake.clone(),
+            );
+            let stop = relay_stop.clone();
+            tokio::spawn(async move { relay.run(stop).await })
+        });
+
+        let processor = Arc::new(Processor {
+            db: self.db.clone(),
+            client: self.client.clone(),
+            producer: self.producer.clone(),
+            system: s.upstream.system.clone(),
+            dlq_topic: s.topics.dlq.clone(),
+            results_topic: s.topics.results.clone(),
+            fold_policy: RetryPolicy::with_budget(Duration::from_millis(
+                s.database.connect_timeout_ms,
+            )),
+            relay_wake: wake,
+        });
+        let pipeline = Pipeline {
+            kafka: s.kafka.clone(),
+            requests_topic: s.topics.requests.clone(),
+            max_in_flight: s.pipeline.max_in_flight,
+            drain_timeout: Duration::from_millis(s.pipeline.drain_timeout_ms),
+            processor,
+        };
+        tracing::info!(instance_id = %self.instance_id, "product-sync running");
+        let result = pipeline.run(stop.clone()).await;
+        // If the consumer loop failed on its own, the rest must stop too.
+        stop.cancel();
+
+        let deadline = Instant::now() + Duration::from_millis(s.pipeline.shutdown_timeout_ms);
+        let left = || deadline.saturating_duration_since(Instant::now());
+        relay_stop.cancel();
+        if let Some(task) = relay
+            && tokio::time::timeout(left(), task).await.is_err()
+        {
+            tracing::warn!("the relay did not finish its last round before the shutdown deadline");
+        }
+        let producer = self.producer.clone();
+        let wait = left();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(wait))).await;
+        governance_stop.cancel();
+        if let Some(task) = governance
+            && tokio::time::timeout(left(), task).await.is_err()
+        {
+            tracing::warn!("deregistration did not finish before the shutdown deadline");
+        }
+        if let Err(e) = self.db.close().await {
+            tracing::warn!(error = %e, "closing the store's pool failed");
+        }
+        tracing::info!("product-sync stopped");
+        result.map_err(AppError::from)
+    }
+}
+
+/// `host-pid-random`: unique per process, readable in the governance platform.
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..8])
+}

@@ -1,0 +1,199 @@
+//! The dead-letter topic's tools: `dlq list` shows what is there and why, `dlq replay` puts
+//! records back on the request topic (original key, bytes and headers, minus the `dlq.*`
+//! ones). Replay remembers its place in a consumer group of its own
+//! (`<kafka.group_id>-dlq-replay`), so a record is replayed once.
+
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::util::Timeout;
+
+use crate::config::Settings;
+use crate::kafka::{KafkaError, client_config};
+
+/// One DLQ record, for people.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DlqEntry {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub reason: Option<String>,
+    pub error_class: Option<String>,
+    pub error_kind: Option<String>,
+    pub original: Option<String>,
+    /// The original command, lossily decoded, at most 500 characters.
+    pub payload: String,
+}
+
+/// Reads the DLQ from its start (or the replay group's position) up to its end at call time.
+fn read_until_end(
+    consumer: &BaseConsumer,
+    topic: &str,
+    from_group: bool,
+) -> Result<Vec<OwnedMessage>, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        let start = if from_group {
+            let mut one = TopicPartitionList::new();
+            one.add_partition(topic, *p);
+            match consumer
+                .committed_offsets(one, Duration::from_secs(10))?
+                .find_partition(topic, *p)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => o.max(low),
+                _ => low,
+            }
+        } else {
+            low
+        };
+        if start < high {
+            assignment.add_partition_offset(topic, *p, Offset::Offset(start))?;
+            ends.push((*p, high));
+        }
+    }
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    consumer.assign(&assignment)?;
+    let mut out = Vec::new();
+    let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !remaining.is_empty() && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let (p, o) = (m.partition(), m.offset());
+                out.push(m.detach());
+                if remaining.get(&p).is_some_and(|end| o + 1 >= *end) {
+                    remaining.remove(&p);
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Lists the DLQ's records.
+pub async fn list(settings: &Settings) -> Result<Vec<DlqEntry>, KafkaError> {
+    let settings = settings.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config(&settings.kafka)
+            .set("group.id", format!("{}-dlq-list", settings.kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(KafkaError::Client)?;
+        let records = read_until_end(&consumer, &settings.topics.dlq, false)?;
+        Ok(records
+            .iter()
+            .map(|m| DlqEntry {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                reason: header(m, "dlq.reason"),
+                error_class: header(m, "dlq.error_class"),
+                error_kind: header(m, "dlq.error_kind"),
+                original: match (
+                    header(m, "dlq.original_topic"),
+                    header(m, "dlq.original_partition"),
+                    header(m, "dlq.original_offset"),
+                ) {
+                    (Some(t), Some(p), Some(o)) => Some(format!("{t}[{p}]@{o}")),
+                    _ => None,
+                },
+                payload: m
+                    .payload()
+                    .map(|p| String::from_utf8_lossy(p).chars().take(500).collect())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    })
+    .await
+    .unwrap_or_else(|_| Err(KafkaError::Other(rdkafka::error::KafkaError::Canceled)))
+}
+
+/// Puts every not-yet-replayed DLQ record back on the request topic; returns how many.
+/// `only_class` limits it to `transient` or `permanent` failures.
+pub async fn replay(settings: &Settings, only_class: Option<&str>) -> Result<usize, KafkaError> {
+    let s = settings.clone();
+    let records = tokio::task::spawn_blocking(
+        move || -> Result<(BaseConsumer, Vec<OwnedMessage>), KafkaError> {
+            let consumer: BaseConsumer = client_config(&s.kafka)
+                .set("group.id", format!("{}-dlq-replay", s.kafka.group_id))
+                .set("enable.auto.commit", "false")
+                .create()
+                .map_err(KafkaError::Client)?;
+            let records = read_until_end(&consumer, &s.topics.dlq, true)?;
+            Ok((consumer, records))
+        },
+    )
+    .await
+    .unwrap_or_else(|_| Err(KafkaError::Other(rdkafka::error::KafkaError::Canceled)))?;
+    let (consumer, records) = records;
+    let producer: FutureProducer = client_config(&settings.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(KafkaError::Client)?;
+    let mut replayed = 0;
+    let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    for m in &records {
+        let class = header(m, "dlq.error_class");
+        if only_class.is_none() || class.as_deref() == only_class {
+            let mut headers = OwnedHeaders::new();
+            if let Some(h) = m.headers() {
+                for h in h.iter().filter(|h| !h.key.starts_with("dlq.")) {
+                    headers = headers.insert(Header {
+                        key: h.key,
+                        value: h.value,
+                    });
+                }
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&settings.topics.requests).headers(headers);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(p) = m.payload() {
+                record = record.payload(p);
+            }
+            producer
+                .send(record, Timeout::After(Duration::from_secs(30)))
+                .await
+                .map_err(|(e, _)| KafkaError::Other(e))?;
+            replayed += 1;
+        }
+        let e = next.entry(m.partition()).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    if !next.is_empty() {
+        let mut done = TopicPartitionList::new();
+        for (p, o) in next {
+            done.add_partition_offset(&settings.topics.dlq, p, Offset::Offset(o))?;
+        }
+        consumer.commit(&done, CommitMode::Sync)?;
+    }
+    Ok(replayed)
+}

@@ -1,0 +1,386 @@
+//! Processing one product-request command: validate it (bad ones go to the DLQ with a
+//! `rejected` result), skip it if already completed (its result is emitted again), otherwise
+//! fetch every page from the management system and fold each into the store, then record the
+//! request's outcome — whose result event the relay publishes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use rdkafka::Message;
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::command::{Command, CommandError, valid_traceparent};
+use crate::outbox::cloudevent_headers;
+use crate::retry::RetryPolicy;
+use crate::store::fold::{FoldContext, FoldOutcome, fold_page};
+use crate::store::{StoreError, requests};
+use crate::upstream::ProductClient;
+
+/// Header names of DLQ records.
+pub mod dlq_headers {
+    pub const REASON: &str = "dlq.reason";
+    pub const ERROR_CLASS: &str = "dlq.error_class";
+    pub const ERROR_KIND: &str = "dlq.error_kind";
+    pub const ORIGINAL_TOPIC: &str = "dlq.original_topic";
+    pub const ORIGINAL_PARTITION: &str = "dlq.original_partition";
+    pub const ORIGINAL_OFFSET: &str = "dlq.original_offset";
+    pub const FAILED_AT: &str = "dlq.failed_at";
+}
+
+/// The command was left unfinished (shutdown or revoke): its offset must not be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Abandoned;
+
+/// Failures inside one attempt at a command.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("producing to Kafka failed: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+impl AttemptError {
+    fn is_transient(&self) -> bool {
+        match self {
+            AttemptError::Store(e) => e.is_transient(),
+            AttemptError::Kafka(_) => true,
+        }
+    }
+}
+
+/// Everything processing needs; shared by the partition workers.
+pub struct Processor {
+    pub db: DatabaseConnection,
+    pub client: Arc<ProductClient>,
+    pub producer: FutureProducer,
+    pub system: String,
+    pub dlq_topic: String,
+    pub results_topic: String,
+    pub fold_policy: RetryPolicy,
+    pub relay_wake: Arc<Notify>,
+}
+
+impl Processor {
+    /// Handles one message until its offset may be stored. Transient failures of the store or
+    /// the broker are retried (with backoff) until they heal or `abandon` fires.
+    pub async fn handle(
+        &self,
+        msg: &OwnedMessage,
+        abandon: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let traceparent = header(msg, "traceparent").and_then(valid_traceparent);
+        let command = match Command::parse(msg.payload(), &self.system) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(kind = e.kind(), reason = %e, "rejected a malformed command");
+                return self
+                    .persist(abandon, || self.reject(msg, &e, traceparent.as_deref()))
+                    .await;
+            }
+        };
+        tracing::Span::current().record("request_id", command.request_id());
+        let mut failures = 0u32;
+        loop {
+            match self.attempt(msg, &command, traceparent.as_deref()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, attempt = failures + 1, "command interrupted by a transient failure; retrying");
+                    wait(abandon, failures).await?;
+                    failures = failures.saturating_add(1);
+                }
+                Err(e) => {
+                    // A permanent store failure (e.g. an unreadable stored row): fail the command.
+                    let reason = e.to_string();
+                    tracing::error!(error = %reason, "command failed permanently");
+                    let nothing = FoldOutcome::default();
+                    return self
+                        .persist(abandon, || {
+                            self.fail(msg, &command, &nothing, 0, &reason, "permanent", "store")
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Retries `step` until it succeeds or `abandon` fires.
+    async fn persist<F, Fut>(
+        &self,
+        abandon: &CancellationToken,
+        mut step: F,
+    ) -> Result<(), Abandoned>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), AttemptError>>,
+    {
+        let mut failures = 0u32;
+        loop {
+            match step().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record a command's outcome; retrying");
+                    wait(abandon, failures).await?;
+                    failures = failures.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        msg: &OwnedMessage,
+        command: &Command,
+        traceparent: Option<&str>,
+    ) -> Result<(), AttemptError> {
+        if let Some(row) = requests::find(&self.db, command.request_id()).await?
+            && row.status == requests::Status::Completed.as_str()
+        {
+            tracing::info!("request already completed; emitting its result again");
+            requests::reemit(&self.db, command.request_id()).await?;
+            self.relay_wake.notify_one();
+            return Ok(());
+        }
+        requests::begin(&self.db, command, traceparent, Utc::now()).await?;
+        let ctx = FoldContext {
+            system: command.system(),
+            request_id: Some(command.request_id()),
+            traceparent,
+        };
+        let mut outcome = FoldOutcome::default();
+        let mut pages = 0i32;
+        let mut stream = std::pin::pin!(self.client.pages(command.selector().clone()));
+        while let Some(page) = stream.next().await {
+            match page {
+                Ok(page) => {
+                    let folded = fold_page(&self.db, &ctx, &page.items, &self.fold_policy).await?;
+                    outcome.add(folded);
+                    pages += 1;
+                    tracing::debug!(page = page.number, items = page.items.len(), "page folded");
+                }
+                Err(e) => {
+                    let class = if e.is_transient() {
+                        "transient"
+                    } else {
+                        "permanent"
+                    };
+                    tracing::error!(error = %e, class, "the management system failed this command");
+                    return self
+                        .fail(
+                            msg,
+                            command,
+                            &outcome,
+                            pages,
+                            &e.to_string(),
+                            class,
+                            "upstream",
+                        )
+                        .await;
+                }
+            }
+        }
+        requests::finish(
+            &self.db,
+            command.request_id(),
+            requests::Status::Completed,
+            &outcome,
+            pages,
+            None,
+            Utc::now(),
+        )
+        .await?;
+        tracing::info!(
+            pages,
+            fetched = outcome.fetched,
+            created = outcome.created,
+            updated = outcome.updated,
+            unchanged = outcome.unchanged,
+            stale = outcome.stale,
+            "command completed"
+        );
+        self.relay_wake.notify_one();
+        Ok(())
+    }
+
+    /// Records a failed command and dead-letters it.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail(
+        &self,
+        msg: &OwnedMessage,
+        command: &Command,
+        outcome: &FoldOutcome,
+        pages: i32,
+        reason: &str,
+        class: &str,
+        kind: &str,
+    ) -> Result<(), AttemptError> {
+        self.dead_letter(msg, reason, class, kind).await?;
+        requests::finish(
+            &self.db,
+            command.request_id(),
+            requests::Status::Failed,
+            outcome,
+            pages,
+            Some(reason),
+            Utc::now(),
+        )
+        .await?;
+        self.relay_wake.notify_one();
+        Ok(())
+    }
+
+    /// A malformed command: to the DLQ, and a `rejected` result straight to the result topic
+    /// (no database needed, so bad input moves on even while the store is down).
+    async fn reject(
+        &self,
+        msg: &OwnedMessage,
+        error: &CommandError,
+        traceparent: Option<&str>,
+    ) -> Result<(), AttemptError> {
+        self.dead_letter(msg, &error.to_string(), "permanent", error.kind())
+            .await?;
+        let request_id = best_effort_request_id(msg);
+        let now = Utc::now();
+        let payload = requests::rejected_event(&request_id, &error.to_string(), now).to_string();
+        let ce_id = format!(
+            "{request_id}:rejected:{}:{}:{}",
+            msg.topic(),
+            msg.partition(),
+            msg.offset()
+        );
+        let time = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut headers = cloudevent_headers(
+            &ce_id,
+            "com.product-sync.request.rejected",
+            &format!("product-sync/{}", self.system),
+            &request_id,
+            &time,
+        );
+        if let Some(tp) = traceparent {
+            headers = headers.insert(Header {
+                key: "traceparent",
+                value: Some(tp),
+            });
+        }
+        let record = FutureRecord::to(&self.results_topic)
+            .key(&request_id)
+            .payload(&payload)
+            .headers(headers);
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(e, _)| AttemptError::Kafka(e))?;
+        Ok(())
+    }
+
+    /// Sends the original bytes and key to the DLQ with headers naming the reason.
+    async fn dead_letter(
+        &self,
+        msg: &OwnedMessage,
+        reason: &str,
+        class: &str,
+        kind: &str,
+    ) -> Result<(), AttemptError> {
+        let partition = msg.partition().to_string();
+        let offset = msg.offset().to_string();
+        let failed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let reason: String = reason.chars().take(2000).collect();
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = msg.headers() {
+            for h in original.iter().filter(|h| !h.key.starts_with("dlq.")) {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        headers = headers
+            .insert(Header {
+                key: dlq_headers::REASON,
+                value: Some(reason.as_str()),
+            })
+            .insert(Header {
+                key: dlq_headers::ERROR_CLASS,
+                value: Some(class),
+            })
+            .insert(Header {
+                key: dlq_headers::ERROR_KIND,
+                value: Some(kind),
+            })
+            .insert(Header {
+                key: dlq_headers::ORIGINAL_TOPIC,
+                value: Some(msg.topic()),
+            })
+            .insert(Header {
+                key: dlq_headers::ORIGINAL_PARTITION,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: dlq_headers::ORIGINAL_OFFSET,
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: dlq_headers::FAILED_AT,
+                value: Some(failed_at.as_str()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.dlq_topic).headers(headers);
+        if let Some(key) = msg.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = msg.payload() {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(e, _)| AttemptError::Kafka(e))?;
+        tracing::info!(topic = %self.dlq_topic, kind, class, "command dead-lettered");
+        Ok(())
+    }
+}
+
+/// The first value of a header, as bytes.
+pub fn header<'a>(msg: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
+    msg.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+}
+
+/// The request id of a command that failed validation, if one can be read; else the message
+/// key; else the message's position.
+fn best_effort_request_id(msg: &OwnedMessage) -> String {
+    let from_json = msg
+        .payload()
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+        .and_then(|v| {
+            v.get("request_id")
+                .and_then(|r| r.as_str())
+                .map(str::to_owned)
+        })
+        .filter(|id| !id.is_empty() && id.len() <= crate::command::MAX_REQUEST_ID_LEN);
+    from_json
+        .or_else(|| {
+            msg.key()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("{}:{}:{}", msg.topic(), msg.partition(), msg.offset()))
+}
+
+/// Backoff between attempts: 200 ms doubling to 10 s, cut short by `abandon`.
+async fn wait(abandon: &CancellationToken, failures: u32) -> Result<(), Abandoned> {
+    let delay = Duration::from_millis((200u64 << failures.min(6)).min(10_000));
+    tokio::select! {
+        _ = abandon.cancelled() => Err(Abandoned),
+        _ = tokio::time::sleep(delay) => Ok(()),
+    }
+}
