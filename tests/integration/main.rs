@@ -5,5 +5,6 @@
 mod fold;
 mod helpers;
 mod kafka_smoke;
+mod pipeline;
 mod store_smoke;
 mod upstream;

@@ -1,0 +1,743 @@
+//! End to end against the real broker, the real PostgreSQL and the simulator: commands in,
+//! store and change/result/DLQ topics out — in-process instances and real child processes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use product_sync::app::Application;
+use product_sync::command::Selector;
+use product_sync::config::{self, Settings, Sources};
+use product_sync::kafka::{TopicSpec, client_config, ensure_topics};
+use product_sync::product::{Identity, Product};
+use product_sync::sim::{Faults, SimConfig};
+use product_sync::store::fold::load_all;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use sea_orm::DatabaseConnection;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{connect, fresh_pg_database, require_kafka, unique, wait_for};
+use crate::upstream::{TestSim, start_sim};
+
+/// One test's world: its own topics, group, database and simulator.
+pub struct World {
+    pub sim: TestSim,
+    pub vars: HashMap<String, String>,
+    pub settings: Settings,
+    pub db: DatabaseConnection,
+    producer: FutureProducer,
+}
+
+pub async fn world(products: usize, partitions: i32) -> World {
+    let kafka = require_kafka().await;
+    let db_settings = fresh_pg_database().await;
+    let sim = start_sim(products, SimConfig::default()).await;
+    let prefix = unique("e2e");
+    let topics = ["requests", "changes", "results", "dlq"].map(|t| format!("{prefix}.{t}"));
+    let specs: Vec<TopicSpec> = topics
+        .iter()
+        .map(|name| TopicSpec {
+            name: name.clone(),
+            partitions: if name.ends_with(".requests") {
+                partitions
+            } else {
+                3
+            },
+            replication_factor: 1,
+        })
+        .collect();
+    ensure_topics(&kafka, &specs).await.expect("create topics");
+    let vars: HashMap<String, String> = [
+        ("PRODUCT_SYNC_ENV", "local".to_owned()),
+        (
+            "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS",
+            kafka.bootstrap_servers.clone(),
+        ),
+        ("PRODUCT_SYNC__KAFKA__GROUP_ID", format!("{prefix}-group")),
+        (
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SESSION_TIMEOUT_MS",
+            "6000".to_owned(),
+        ),
+        (
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__HEARTBEAT_INTERVAL_MS",
+            "500".to_owned(),
+        ),
+        ("PRODUCT_SYNC__TOPICS__REQUESTS", topics[0].clone()),
+        ("PRODUCT_SYNC__TOPICS__CHANGES", topics[1].clone()),
+        ("PRODUCT_SYNC__TOPICS__RESULTS", topics[2].clone()),
+        ("PRODUCT_SYNC__TOPICS__DLQ", topics[3].clone()),
+        ("PRODUCT_SYNC__TOPICS__PARTITIONS", partitions.to_string()),
+        (
+            "PRODUCT_SYNC__DATABASE__URL",
+            db_settings.url.expose_secret().to_owned(),
+        ),
+        ("PRODUCT_SYNC__UPSTREAM__BASE_URL", sim.base_url.clone()),
+        (
+            "PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET",
+            "local-dev-secret".to_owned(),
+        ),
+        ("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "200".to_owned()),
+        (
+            "PRODUCT_SYNC__UPSTREAM__RETRY_MAX_ELAPSED_MS",
+            "3000".to_owned(),
+        ),
+        ("PRODUCT_SYNC__GOVERNANCE__ENABLED", "true".to_owned()),
+        ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", sim.base_url.clone()),
+        ("PRODUCT_SYNC__PIPELINE__RELAY_INTERVAL_MS", "50".to_owned()),
+        (
+            "PRODUCT_SYNC__PIPELINE__DRAIN_TIMEOUT_MS",
+            "3000".to_owned(),
+        ),
+        ("PRODUCT_SYNC__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        (
+            "PRODUCT_SYNC__LOG__LEVEL",
+            "info,product_sync=debug".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let settings = config::load(&Sources {
+        dir: Some(manifest_dir().join("config")),
+        env_name: None,
+        file: None,
+        vars: Some(vars.clone()),
+    })
+    .expect("test configuration loads through the real loader");
+    let producer: FutureProducer = client_config(&kafka).create().expect("producer");
+    let db = connect(&db_settings).await;
+    World {
+        sim,
+        vars,
+        settings,
+        db,
+        producer,
+    }
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// An instance running inside the test process.
+pub struct InProcess {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), product_sync::app::AppError>>,
+}
+
+impl InProcess {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("instance task")
+            .expect("clean shutdown");
+    }
+}
+
+impl World {
+    pub async fn start(&self) -> InProcess {
+        self.start_with(self.settings.clone()).await
+    }
+
+    pub async fn start_with(&self, settings: Settings) -> InProcess {
+        let app = Application::build(settings).await.expect("instance starts");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+        InProcess { stop, task }
+    }
+
+    /// A `product-sync run` child process with this world's configuration.
+    pub fn spawn_process(&self, name: &str, extra: &[(&str, &str)]) -> Child {
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("{}-{name}.log", self.settings.kafka.group_id)),
+        )
+        .expect("log file");
+        std::process::Command::new(env!("CARGO_BIN_EXE_product-sync"))
+            .arg("run")
+            .current_dir(manifest_dir())
+            .env_remove("RUST_LOG")
+            .envs(&self.vars)
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn product-sync run")
+    }
+
+    pub async fn send(&self, key: &str, body: &[u8], headers: &[(&str, &str)]) {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        self.producer
+            .send(
+                FutureRecord::to(&self.settings.topics.requests)
+                    .key(key)
+                    .payload(body)
+                    .headers(h),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("command produced");
+    }
+
+    pub async fn command(&self, request_id: &str, selector: Value) {
+        let body = json!({"request_id": request_id, "selector": selector}).to_string();
+        self.send(request_id, body.as_bytes(), &[]).await;
+    }
+
+    /// Every record of a topic from the start.
+    pub async fn read_all(&self, topic: &str) -> Vec<OwnedMessage> {
+        let kafka = self.settings.kafka.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = client_config(&kafka)
+                .set("group.id", unique("reader"))
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .unwrap();
+            let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+            let mut list = TopicPartitionList::new();
+            let mut ends = HashMap::new();
+            for p in parts {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .unwrap();
+                if high > low {
+                    list.add_partition_offset(&topic, p, Offset::Offset(low))
+                        .unwrap();
+                    ends.insert(p, high);
+                }
+            }
+            let mut out = Vec::new();
+            if ends.is_empty() {
+                return out;
+            }
+            consumer.assign(&list).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !ends.is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "reading {topic} timed out"
+                );
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                    if ends
+                        .get(&m.partition())
+                        .is_some_and(|e| m.offset() + 1 >= *e)
+                    {
+                        ends.remove(&m.partition());
+                    }
+                    out.push(m.detach());
+                }
+            }
+            out
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn results(&self) -> Vec<Value> {
+        self.read_all(&self.settings.topics.results.clone())
+            .await
+            .iter()
+            .map(json_of)
+            .collect()
+    }
+
+    /// Waits until the result topic holds a result for each of `ids` (any status).
+    pub async fn wait_results(&self, ids: &[&str], deadline: Duration) -> Vec<Value> {
+        wait_for(&format!("results of {ids:?}"), deadline, || async {
+            let results = self.results().await;
+            ids.iter()
+                .all(|id| results.iter().any(|r| r["request_id"] == json!(id)))
+                .then_some(results)
+        })
+        .await
+    }
+
+    /// Waits until every change row is published.
+    pub async fn wait_outbox_empty(&self, deadline: Duration) {
+        use product_sync::store::entity::product_changes;
+        use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+        wait_for("an empty outbox", deadline, || async {
+            let n = product_changes::Entity::find()
+                .filter(product_changes::Column::PublishedAt.is_null())
+                .count(&self.db)
+                .await
+                .ok()?;
+            (n == 0).then_some(())
+        })
+        .await
+    }
+
+    pub async fn stored(&self) -> BTreeMap<Identity, (Product, i64)> {
+        load_all(&self.db, "wms")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(i, p, r)| (i, (p, r)))
+            .collect()
+    }
+
+    pub fn truth(&self, selector: &Selector) -> BTreeMap<Identity, Product> {
+        self.sim
+            .sim
+            .catalogue()
+            .select(selector)
+            .map(|p| (p.identity(), p.clone()))
+            .collect()
+    }
+}
+
+pub fn json_of(m: &OwnedMessage) -> Value {
+    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+pub fn header_of(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+fn selector(v: Value) -> Selector {
+    serde_json::from_value(v).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyword_command_syncs_the_matching_products_and_emits_their_events() {
+    let w = world(600, 3).await;
+    let instance = w.start().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = json!({"request_id": "req-keyword", "selector": {"keyword": "养老"}, "requested_by": "tests"}).to_string();
+    w.send(
+        "req-keyword",
+        body.as_bytes(),
+        &[("traceparent", traceparent)],
+    )
+    .await;
+
+    let results = w
+        .wait_results(&["req-keyword"], Duration::from_secs(60))
+        .await;
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
+    let truth = w.truth(&selector(json!({"keyword": "养老"})));
+    assert!(truth.len() > 20);
+
+    // The store equals the simulator's matching products, every field.
+    let stored = w.stored().await;
+    let stored_products: BTreeMap<Identity, Product> = stored
+        .iter()
+        .map(|(i, (p, _))| (i.clone(), p.clone()))
+        .collect();
+    assert_eq!(stored_products, truth);
+
+    // One `created` event per product, CloudEvents headers, the command's traceparent.
+    let events = w.read_all(&w.settings.topics.changes).await;
+    assert_eq!(events.len(), truth.len());
+    for m in &events {
+        let e = json_of(m);
+        assert_eq!(e["op"], "created");
+        assert_eq!(e["revision"], 1);
+        assert_eq!(e["request_id"], "req-keyword");
+        let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
+        let code = e["product_code"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("name:{}", e["after"]["product_name"].as_str().unwrap()));
+        assert_eq!(key, format!("wms/{code}"));
+        assert_eq!(header_of(m, "ce_id").unwrap(), format!("wms:{code}:1"));
+        assert_eq!(header_of(m, "ce_specversion").as_deref(), Some("1.0"));
+        assert_eq!(
+            header_of(m, "ce_type").as_deref(),
+            Some("com.product-sync.product.created")
+        );
+        assert_eq!(header_of(m, "ce_subject").unwrap(), code);
+        assert!(header_of(m, "ce_source").is_some() && header_of(m, "ce_time").is_some());
+        assert_eq!(header_of(m, "traceparent").as_deref(), Some(traceparent));
+        let identity = Product::from_json(&e["after"]).unwrap().identity();
+        assert_eq!(Product::from_json(&e["after"]).unwrap(), truth[&identity]);
+    }
+
+    // One completed result with the right counts.
+    let mine: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["request_id"] == "req-keyword")
+        .collect();
+    assert_eq!(mine.len(), 1);
+    let r = mine[0];
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["counts"]["fetched"], truth.len());
+    assert_eq!(r["counts"]["created"], truth.len());
+    assert_eq!(r["counts"]["updated"], 0);
+    assert!(r["pages"].as_i64().unwrap() >= 1);
+
+    // Registered with the governance platform while running.
+    assert_eq!(w.sim.sim.registrations().len(), 1);
+    instance.stop().await;
+    assert!(
+        w.sim.sim.registrations().is_empty(),
+        "deregistered at shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_changes_become_update_events_listing_exactly_the_changed_fields() {
+    let w = world(300, 3).await;
+    let instance = w.start().await;
+    w.command("first", json!({"category": "equity"})).await;
+    w.wait_results(&["first"], Duration::from_secs(60)).await;
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
+    let before = w.stored().await;
+    let created = w.read_all(&w.settings.topics.changes).await.len();
+
+    // Change some products upstream; only those in the category matter.
+    let changed = w.sim.sim.mutate(60, 7);
+    let in_category: Vec<&Product> = changed
+        .iter()
+        .filter(|p| p.content.category.as_deref() == Some("equity"))
+        .collect();
+    assert!(!in_category.is_empty());
+    w.command("second", json!({"category": "equity"})).await;
+    let results = w.wait_results(&["second"], Duration::from_secs(60)).await;
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
+
+    let events = w.read_all(&w.settings.topics.changes).await;
+    let updates: Vec<Value> = events
+        .iter()
+        .map(json_of)
+        .filter(|e| e["op"] == "updated")
+        .collect();
+    assert_eq!(
+        events.len(),
+        created + in_category.len(),
+        "unchanged products emitted nothing"
+    );
+    assert_eq!(updates.len(), in_category.len());
+    for u in &updates {
+        let after = Product::from_json(&u["after"]).unwrap();
+        let (old, old_revision) = &before[&after.identity()];
+        assert_eq!(u["revision"], old_revision + 1);
+        let fields: Vec<&str> = u["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["field"].as_str().unwrap())
+            .collect();
+        assert_eq!(fields, ["nav", "expected_yield"]);
+        for c in u["changes"].as_array().unwrap() {
+            let field = c["field"].as_str().unwrap();
+            assert_eq!(c["old"], old.to_json()[field]);
+            assert_eq!(c["new"], after.to_json()[field]);
+        }
+    }
+    let second = results
+        .iter()
+        .find(|r| r["request_id"] == "second")
+        .unwrap();
+    assert_eq!(second["counts"]["updated"], in_category.len());
+    assert_eq!(second["counts"]["created"], 0);
+    assert_eq!(
+        second["counts"]["unchanged"].as_u64().unwrap()
+            + second["counts"]["updated"].as_u64().unwrap(),
+        second["counts"]["fetched"].as_u64().unwrap()
+    );
+    instance.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_command_twice_and_a_new_id_over_unchanged_data_change_nothing() {
+    let w = world(200, 1).await;
+    let instance = w.start().await;
+    w.command("once", json!({"keyword": "稳健"})).await;
+    w.wait_results(&["once"], Duration::from_secs(60)).await;
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
+    let store_before = w.stored().await;
+    let events_before = w.read_all(&w.settings.topics.changes).await.len();
+    let product_requests = w
+        .sim
+        .sim
+        .stats()
+        .product_requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+
+    // Same request id again: not fetched again, its result emitted again.
+    w.command("once", json!({"keyword": "稳健"})).await;
+    wait_for("the repeated result", Duration::from_secs(60), || async {
+        (w.results()
+            .await
+            .iter()
+            .filter(|r| r["request_id"] == "once")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        w.sim
+            .sim
+            .stats()
+            .product_requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        product_requests,
+        "a completed request is not fetched again"
+    );
+    // A new id over unchanged data: fetched, nothing changes.
+    w.command("again", json!({"keyword": "稳健"})).await;
+    let results = w.wait_results(&["again"], Duration::from_secs(60)).await;
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
+    let again = results.iter().find(|r| r["request_id"] == "again").unwrap();
+    assert_eq!(again["counts"]["created"], 0);
+    assert_eq!(again["counts"]["updated"], 0);
+    assert_eq!(again["counts"]["unchanged"], again["counts"]["fetched"]);
+    assert_eq!(w.stored().await, store_before);
+    assert_eq!(
+        w.read_all(&w.settings.topics.changes).await.len(),
+        events_before
+    );
+    instance.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_commands_go_to_the_dlq_and_never_block_their_partition() {
+    let w = world(100, 1).await;
+    let instance = w.start().await;
+    let long_keyword = format!(
+        r#"{{"request_id":"bad-long","selector":{{"keyword":"{}"}}}}"#,
+        "长".repeat(300)
+    );
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("bad-json", b"{not json".to_vec()),
+        ("bad-utf8", b"\xff\xfe\xfd".to_vec()),
+        ("bad-empty", Vec::new()),
+        ("bad-missing", br#"{"selector":{"keyword":"x"}}"#.to_vec()),
+        (
+            "bad-unknown-field",
+            br#"{"request_id":"bad-unknown-field","selector":{"keyword":"x"},"oops":1}"#.to_vec(),
+        ),
+        (
+            "bad-type",
+            br#"{"request_id":"bad-type","selector":{"product_codes":"WM1"}}"#.to_vec(),
+        ),
+        (
+            "bad-selector",
+            br#"{"request_id":"bad-selector","selector":{}}"#.to_vec(),
+        ),
+        (
+            "bad-system",
+            br#"{"request_id":"bad-system","system":"elsewhere","selector":{"keyword":"x"}}"#
+                .to_vec(),
+        ),
+        ("bad-long", long_keyword.into_bytes()),
+        (
+            "bad-since",
+            br#"{"request_id":"bad-since","selector":{"updated_since":"last tuesday"}}"#.to_vec(),
+        ),
+    ];
+    let mut good = Vec::new();
+    for (i, (key, body)) in bad.iter().enumerate() {
+        w.send(key, body, &[]).await;
+        let id = format!("good-{i}");
+        w.command(&id, json!({"product_codes": [format!("WM{:07}", i + 1)]}))
+            .await;
+        good.push(id);
+    }
+    let ids: Vec<&str> = good.iter().map(String::as_str).collect();
+    let results = w.wait_results(&ids, Duration::from_secs(90)).await;
+    wait_for("ten DLQ records", Duration::from_secs(30), || async {
+        (w.read_all(&w.settings.topics.dlq).await.len() >= 10).then_some(())
+    })
+    .await;
+
+    let dlq = w.read_all(&w.settings.topics.dlq).await;
+    assert_eq!(dlq.len(), 10);
+    // The DLQ is keyed by the original key (so spread over its partitions): match by key.
+    let by_key: HashMap<Vec<u8>, &OwnedMessage> =
+        dlq.iter().map(|m| (m.key().unwrap().to_vec(), m)).collect();
+    let mut kinds = Vec::new();
+    for (key, body) in &bad {
+        let m = by_key
+            .get(key.as_bytes())
+            .unwrap_or_else(|| panic!("{key} missing from the DLQ"));
+        assert_eq!(
+            m.payload().unwrap_or_default(),
+            body.as_slice(),
+            "DLQ keeps the original bytes"
+        );
+        assert!(!header_of(m, "dlq.reason").unwrap().is_empty());
+        assert_eq!(
+            header_of(m, "dlq.error_class").as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(
+            header_of(m, "dlq.original_topic").as_deref(),
+            Some(w.settings.topics.requests.as_str())
+        );
+        assert_eq!(header_of(m, "dlq.original_partition").as_deref(), Some("0"));
+        assert!(
+            header_of(m, "dlq.original_offset")
+                .unwrap()
+                .parse::<i64>()
+                .is_ok()
+        );
+        kinds.push(header_of(m, "dlq.error_kind").unwrap());
+    }
+    assert_eq!(
+        kinds,
+        [
+            "bad_json",
+            "not_utf8",
+            "empty",
+            "missing_field",
+            "unknown_field",
+            "wrong_type",
+            "empty_selector",
+            "unknown_system",
+            "invalid_field",
+            "wrong_type"
+        ]
+    );
+    let rejected: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["status"] == "rejected")
+        .collect();
+    assert_eq!(rejected.len(), 10);
+    assert!(
+        rejected
+            .iter()
+            .all(|r| !r["error"].as_str().unwrap().is_empty())
+    );
+    assert!(
+        rejected.iter().any(|r| r["request_id"] == "bad-system"),
+        "a readable request id is kept"
+    );
+    // Every good command completed, in order on the partition (the result topic is keyed by
+    // request id, so its order says nothing; the request rows' finish times do).
+    let completed = results
+        .iter()
+        .filter(|r| r["status"] == "completed")
+        .count();
+    assert_eq!(completed, ids.len());
+    use product_sync::store::entity::requests;
+    use sea_orm::{EntityTrait, QueryOrder};
+    let rows = requests::Entity::find()
+        .order_by_asc(requests::Column::FinishedAt)
+        .all(&w.db)
+        .await
+        .unwrap();
+    let order: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.status == "completed")
+        .map(|r| r.request_id.as_str())
+        .collect();
+    assert_eq!(order, ids);
+    instance.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay_completes_it() {
+    let w = world(300, 1).await;
+    let instance = w.start().await;
+
+    // Down for a moment: retried within upstream.retry_max_elapsed_ms (3 s here).
+    w.sim.sim.set_faults(Faults {
+        script: [
+            product_sync::sim::Fault::Error500,
+            product_sync::sim::Fault::Error500,
+            product_sync::sim::Fault::Drop,
+        ]
+        .into(),
+        ..Faults::default()
+    });
+    w.command("short-outage", json!({"keyword": "ESG"})).await;
+    let results = w
+        .wait_results(&["short-outage"], Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        results
+            .iter()
+            .find(|r| r["request_id"] == "short-outage")
+            .unwrap()["status"],
+        "completed"
+    );
+
+    // Down for longer than the budget: failed result, DLQ record with a transient class.
+    w.sim.sim.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    w.command("long-outage", json!({"keyword": "绿色"})).await;
+    let results = w
+        .wait_results(&["long-outage"], Duration::from_secs(60))
+        .await;
+    let failed = results
+        .iter()
+        .find(|r| r["request_id"] == "long-outage")
+        .unwrap();
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"].as_str().unwrap().contains("503"),
+        "{failed}"
+    );
+    let dlq = w.read_all(&w.settings.topics.dlq).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        header_of(&dlq[0], "dlq.error_class").as_deref(),
+        Some("transient")
+    );
+    assert_eq!(
+        header_of(&dlq[0], "dlq.error_kind").as_deref(),
+        Some("upstream")
+    );
+
+    // Back up; replay puts it on the request topic again and it completes.
+    w.sim.sim.set_faults(Faults::default());
+    let replayed = product_sync::dlq::replay(&w.settings, None)
+        .await
+        .expect("replay");
+    assert_eq!(replayed, 1);
+    assert_eq!(
+        product_sync::dlq::replay(&w.settings, None)
+            .await
+            .expect("replay again"),
+        0,
+        "replayed once"
+    );
+    wait_for(
+        "the replayed command to complete",
+        Duration::from_secs(60),
+        || async {
+            w.results()
+                .await
+                .iter()
+                .any(|r| r["request_id"] == "long-outage" && r["status"] == "completed")
+                .then_some(())
+        },
+    )
+    .await;
+    let truth = w.truth(&selector(json!({"keyword": "绿色"})));
+    let stored = w.stored().await;
+    for identity in truth.keys() {
+        assert!(
+            stored.contains_key(identity),
+            "{identity} missing after replay"
+        );
+    }
+    instance.stop().await;
+}
