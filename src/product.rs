@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -257,8 +257,10 @@ impl Product {
         };
         let updated_at = opt_string(obj, "updated_at")?
             .map(|s| {
+                // Stores keep microseconds (PostgreSQL timestamptz): finer digits are dropped
+                // here, so what is stored is exactly what was parsed.
                 DateTime::parse_from_rfc3339(&s)
-                    .map(|d| d.with_timezone(&Utc))
+                    .map(|d| d.with_timezone(&Utc).trunc_subsecs(6))
                     .map_err(|e| {
                         RecordError::new("updated_at", format!("{s:?} is not RFC 3339: {e}"))
                     })

@@ -341,7 +341,17 @@ impl Pipeline {
                 let handled = processor.handle(&message, &abandon).instrument(span).await;
                 match handled {
                     Ok(()) => {
-                        if let Err(e) = consumer.store_offset(&key.0, key.1, message.offset() + 1) {
+                        // The offset to store is the next one to read (rd_kafka_offsets_store
+                        // takes it as given; the deprecated single-offset call adds one itself).
+                        let mut next = TopicPartitionList::new();
+                        let stored = next
+                            .add_partition_offset(
+                                &key.0,
+                                key.1,
+                                Offset::Offset(message.offset() + 1),
+                            )
+                            .and_then(|()| consumer.store_offsets(&next));
+                        if let Err(e) = stored {
                             // Revoked meanwhile: the new owner re-runs it, harmlessly.
                             tracing::info!(error = %e, offset = message.offset(), "could not store the offset; the command will be redelivered");
                         }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, SubsecRound, TimeZone, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -148,7 +148,7 @@ impl Catalogue {
                 (p.content.expected_yield.unwrap_or_default() + Decimal::new(1, 4)).normalize(),
             );
             p.version += 1;
-            p.updated_at = Some(now);
+            p.updated_at = Some(now.trunc_subsecs(6));
             changed.push(p.clone());
         }
         changed

@@ -154,8 +154,9 @@ impl World {
         InProcess { stop, task }
     }
 
-    /// A `product-sync run` child process with this world's configuration.
-    pub fn spawn_process(&self, name: &str, extra: &[(&str, &str)]) -> Child {
+    /// A `product-sync run` child process with this world's configuration; killed when the
+    /// guard drops (so a failing test leaves no process behind).
+    pub fn spawn_process(&self, name: &str, extra: &[(&str, &str)]) -> ChildGuard {
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("{}-{name}.log", self.settings.kafka.group_id)),
         )
@@ -169,6 +170,7 @@ impl World {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
+            .map(ChildGuard)
             .expect("spawn product-sync run")
     }
 
@@ -246,6 +248,32 @@ impl World {
                 }
             }
             out
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The consumer group's committed offset of a request-topic partition.
+    pub async fn committed(&self, partition: i32) -> Option<i64> {
+        let kafka = self.settings.kafka.clone();
+        let topic = self.settings.topics.requests.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = client_config(&kafka)
+                .set("group.id", &kafka.group_id)
+                .create()
+                .unwrap();
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&topic, partition);
+            let committed = consumer
+                .committed_offsets(list, Duration::from_secs(10))
+                .unwrap();
+            match committed
+                .find_partition(&topic, partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            }
         })
         .await
         .unwrap()
@@ -512,6 +540,9 @@ async fn the_same_command_twice_and_a_new_id_over_unchanged_data_change_nothing(
         events_before
     );
     instance.stop().await;
+    // Three commands on the one partition, all done: the group's committed offset is exactly 3
+    // — not fewer (redelivery) and not more (a command skipped).
+    assert_eq!(w.committed(0).await, Some(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -740,4 +771,238 @@ async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay
         );
     }
     instance.stop().await;
+}
+
+/// A child process that is killed if the test ends before it does.
+pub struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits for a child to exit, failing the test after `deadline`.
+async fn wait_exit(child: &mut ChildGuard, deadline: Duration) -> std::process::ExitStatus {
+    wait_for("the process to exit", deadline, || {
+        let status = child.0.try_wait().expect("try_wait");
+        async move { status }
+    })
+    .await
+}
+
+fn signal(child: &ChildGuard, sig: &str) {
+    let child = &child.0;
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{sig} failed");
+}
+
+/// Per product: the change topic's revisions are 1..=n without gaps, a repeated revision is
+/// the same event (same ce_id, same payload), and n is the stored revision.
+fn assert_gapless(events: &[OwnedMessage], stored: &BTreeMap<Identity, (Product, i64)>) -> usize {
+    let mut by_product: BTreeMap<String, BTreeMap<i64, (String, Value)>> = BTreeMap::new();
+    let mut duplicates = 0;
+    for m in events {
+        let e = json_of(m);
+        let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
+        let revision = e["revision"].as_i64().unwrap();
+        let ce_id = header_of(m, "ce_id").unwrap();
+        let mut body = e.clone();
+        body.as_object_mut().unwrap().remove("changed_at");
+        match by_product.entry(key.clone()).or_default().entry(revision) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((ce_id, body));
+            }
+            std::collections::btree_map::Entry::Occupied(o) => {
+                duplicates += 1;
+                assert_eq!(
+                    o.get().0,
+                    ce_id,
+                    "{key} revision {revision} published twice under different ids"
+                );
+                assert_eq!(
+                    o.get().1,
+                    body,
+                    "{key} revision {revision} published twice with different content"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        by_product.len(),
+        stored.len(),
+        "every stored product has events, and no other"
+    );
+    for (identity, (_, revision)) in stored {
+        let key = format!("wms/{}", identity.event_key());
+        let revisions: Vec<i64> = by_product[&key].keys().copied().collect();
+        assert_eq!(
+            revisions,
+            (1..=*revision).collect::<Vec<_>>(),
+            "{key}: revisions with a gap"
+        );
+    }
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_in_one_group_with_overlapping_selectors_agree_with_the_truth() {
+    let w = world(5000, 6).await;
+    let mut a = w.spawn_process("a", &[]);
+    let mut b = w.spawn_process("b", &[]);
+    wait_for(
+        "both instances registered",
+        Duration::from_secs(60),
+        || async { (w.sim.sim.registrations().len() == 2).then_some(()) },
+    )
+    .await;
+    let selectors = [
+        json!({"keyword": "稳健"}),
+        json!({"keyword": "养老"}),
+        json!({"category": "equity"}),
+        json!({"category": "fixed_income"}),
+        json!({"keyword": "ESG"}),
+        json!({"product_codes": (1..=400).map(|i| format!("WM{i:07}")).collect::<Vec<_>>()}),
+    ];
+    let mut ids = Vec::new();
+    for (round, s) in selectors.iter().chain(selectors.iter()).enumerate() {
+        let id = format!("scale-{round}");
+        w.command(&id, s.clone()).await;
+        ids.push(id);
+        if round == 5 {
+            // Upstream changes while the second round is on its way.
+            w.sim.sim.mutate(500, 3);
+        }
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let results = w.wait_results(&id_refs, Duration::from_secs(240)).await;
+    for id in &ids {
+        let r = results
+            .iter()
+            .find(|r| r["request_id"] == json!(id))
+            .unwrap();
+        assert_eq!(r["status"], "completed", "{r}");
+    }
+    w.wait_outbox_empty(Duration::from_secs(60)).await;
+
+    // The store equals the truth for everything the second round asked for.
+    let mut truth = BTreeMap::new();
+    for s in &selectors {
+        truth.extend(w.truth(&selector(s.clone())));
+    }
+    let stored = w.stored().await;
+    let stored_products: BTreeMap<Identity, Product> = stored
+        .iter()
+        .map(|(i, (p, _))| (i.clone(), p.clone()))
+        .collect();
+    assert_eq!(stored_products.len(), truth.len());
+    assert_eq!(stored_products, truth);
+    let events = w.read_all(&w.settings.topics.changes).await;
+    assert_gapless(&events, &stored);
+
+    signal(&a, "TERM");
+    signal(&b, "TERM");
+    assert!(wait_exit(&mut a, Duration::from_secs(60)).await.success());
+    assert!(wait_exit(&mut b, Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_in_the_middle_of_a_large_command_then_restart_loses_nothing() {
+    let w = world(3000, 1).await;
+    // A slow management system: the command takes many seconds.
+    w.sim.sim.set_faults(Faults {
+        latency_ms: 150,
+        ..Faults::default()
+    });
+    let mut a = w.spawn_process("a", &[("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "40")]);
+    w.command("big", json!({"category": "mixed"})).await;
+    wait_for(
+        "the first pages to be folded",
+        Duration::from_secs(60),
+        || async { (w.stored().await.len() >= 80).then_some(()) },
+    )
+    .await;
+    signal(&a, "KILL");
+    wait_exit(&mut a, Duration::from_secs(10)).await;
+    let partial = w.stored().await.len();
+    let truth = w.truth(&selector(json!({"category": "mixed"})));
+    assert!(
+        partial < truth.len(),
+        "killed mid-command ({partial} of {})",
+        truth.len()
+    );
+
+    w.sim.sim.set_faults(Faults::default());
+    let mut b = w.spawn_process("b", &[]);
+    let results = w.wait_results(&["big"], Duration::from_secs(120)).await;
+    assert_eq!(
+        results.iter().find(|r| r["request_id"] == "big").unwrap()["status"],
+        "completed"
+    );
+    w.wait_outbox_empty(Duration::from_secs(60)).await;
+    let stored = w.stored().await;
+    let stored_products: BTreeMap<Identity, Product> = stored
+        .iter()
+        .map(|(i, (p, _))| (i.clone(), p.clone()))
+        .collect();
+    assert_eq!(stored_products, truth, "nothing missing from the store");
+    let events = w.read_all(&w.settings.topics.changes).await;
+    assert_gapless(&events, &stored);
+    signal(&b, "TERM");
+    assert!(wait_exit(&mut b, Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_command_exits_cleanly_and_the_command_completes_after_restart() {
+    let w = world(3000, 1).await;
+    w.sim.sim.set_faults(Faults {
+        latency_ms: 150,
+        ..Faults::default()
+    });
+    let mut a = w.spawn_process("a", &[("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "40")]);
+    w.command("graceful", json!({"category": "cash"})).await;
+    wait_for(
+        "the first pages to be folded",
+        Duration::from_secs(60),
+        || async { (!w.stored().await.is_empty()).then_some(()) },
+    )
+    .await;
+    signal(&a, "TERM");
+    let status = wait_exit(&mut a, Duration::from_secs(60)).await;
+    assert!(status.success(), "clean exit on SIGTERM, got {status}");
+    assert!(
+        w.sim.sim.registrations().is_empty(),
+        "deregistered before exiting"
+    );
+
+    w.sim.sim.set_faults(Faults::default());
+    let mut b = w.spawn_process("b", &[]);
+    let results = w
+        .wait_results(&["graceful"], Duration::from_secs(120))
+        .await;
+    assert!(
+        results
+            .iter()
+            .any(|r| r["request_id"] == "graceful" && r["status"] == "completed")
+    );
+    w.wait_outbox_empty(Duration::from_secs(60)).await;
+    let stored = w.stored().await;
+    let stored_products: BTreeMap<Identity, Product> = stored
+        .iter()
+        .map(|(i, (p, _))| (i.clone(), p.clone()))
+        .collect();
+    assert_eq!(
+        stored_products,
+        w.truth(&selector(json!({"category": "cash"})))
+    );
+    assert_gapless(&w.read_all(&w.settings.topics.changes).await, &stored);
+    signal(&b, "TERM");
+    assert!(wait_exit(&mut b, Duration::from_secs(60)).await.success());
 }
