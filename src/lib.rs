@@ -27,6 +27,7 @@
 //! | [`pipeline`] | the consumer loop (at-least-once offsets, per-partition workers) and command processing |
 //! | [`outbox`] | the relay publishing change and result rows (idempotent producer, one leader) |
 //! | [`dlq`] | listing and replaying the dead-letter topic |
+//! | [`demo`] | `demo`: the same pipeline on a mock broker, SQLite and the in-process simulator |
 //! | [`app`] | `run`: builds the parts, runs them, shuts them down in order |
 //! | [`sim`] | the contract simulator (management system + governance platform, fault injection) |
 //!
@@ -35,6 +36,7 @@
 pub mod app;
 pub mod command;
 pub mod config;
+pub mod demo;
 pub mod diff;
 pub mod dlq;
 pub mod kafka;

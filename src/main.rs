@@ -32,6 +32,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Watch the pipeline work on embedded parts (mock broker, SQLite, simulator); needs nothing installed.
+    Demo {
+        /// Keep the SQLite store afterwards and print where it is.
+        #[arg(long)]
+        keep: bool,
+        /// Size of the simulated catalogue.
+        #[arg(long, default_value_t = 400)]
+        products: usize,
+    },
     /// Print the effective configuration (secrets redacted) and exit; 2 when it is invalid.
     Config,
     /// Apply pending database migrations to `database.url` and exit.
@@ -133,6 +142,15 @@ async fn main() -> ExitCode {
                 format: LogFormat::Pretty,
             });
             exit(simulate(*args).await)
+        }
+        Command::Demo { keep, products } => {
+            // The demo speaks for itself; only real errors are logged (the mock broker's
+            // connection chatter at teardown is not one).
+            telemetry::init(&LogSettings {
+                level: "error,librdkafka=off,rdkafka=off".into(),
+                format: LogFormat::Pretty,
+            });
+            exit(product_sync::demo::run(product_sync::demo::DemoOptions { keep, products }).await)
         }
         Command::Config => match settings(cli.config) {
             Ok(settings) => {

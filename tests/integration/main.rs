@@ -2,6 +2,7 @@
 //! `deploy/local/kafka.sh up` and `deploy/local/postgres.sh up` start (or `deploy/local/test.sh`,
 //! which starts both). A missing service fails the test with the command that starts it.
 
+mod cli;
 mod fold;
 mod helpers;
 mod kafka_smoke;

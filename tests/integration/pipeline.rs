@@ -316,7 +316,7 @@ impl World {
     pub async fn stored(&self) -> BTreeMap<Identity, (Product, i64)> {
         load_all(&self.db, "wms")
             .await
-            .unwrap()
+            .unwrap_or_else(|e| panic!("reading the store: {e}"))
             .into_iter()
             .map(|(i, p, r)| (i, (p, r)))
             .collect()

@@ -1,0 +1,393 @@
+//! `product-sync demo`: the whole service on embedded parts — librdkafka's in-process mock
+//! cluster as the broker, a SQLite file as the store, the simulator in-process as the
+//! management system — running the same [`Application`] as `run`, with a story a person can
+//! follow: two requests, a table of what they did, diff events in full, an upstream change, a
+//! second request that shows only what changed.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Application;
+use crate::config::{self, Sources};
+use crate::sim::{Catalogue, Sim, SimConfig};
+use crate::store::fold::load_all;
+
+/// Options of the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Keep the SQLite file afterwards (it is deleted otherwise).
+    pub keep: bool,
+    /// Products in the simulated catalogue.
+    pub products: usize,
+}
+
+const TOPICS: [&str; 4] = [
+    "product-requests",
+    "product-changes",
+    "product-request-results",
+    "product-requests.dlq",
+];
+
+/// Runs the demo to the end.
+pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("product-sync-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let db_path: PathBuf = dir.path().join("demo.sqlite");
+    say("product-sync demo: the real pipeline on embedded parts");
+    say("  broker:            librdkafka's in-process mock cluster");
+    say(&format!(
+        "  store:             SQLite at {}",
+        db_path.display()
+    ));
+
+    // The management system (and governance platform), in-process.
+    let sim = Sim::new(
+        SimConfig::default(),
+        Catalogue::generate(options.products, 2026),
+    );
+    let stop_sim = CancellationToken::new();
+    let sim_addr = sim
+        .clone()
+        .spawn("127.0.0.1:0".parse()?, stop_sim.clone())
+        .await?;
+    say(&format!(
+        "  management system: simulator at http://{sim_addr} ({} products)",
+        options.products
+    ));
+
+    // The broker.
+    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+    for topic in TOPICS {
+        cluster
+            .create_topic(topic, 3, 1)
+            .context("creating a mock topic")?;
+    }
+    let bootstrap = cluster.bootstrap_servers();
+
+    // The same configuration loader as `run`, pointed at the embedded parts.
+    let vars: HashMap<String, String> = [
+        ("PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+        (
+            "PRODUCT_SYNC__KAFKA__GROUP_ID",
+            "product-sync-demo".to_owned(),
+        ),
+        ("PRODUCT_SYNC__TOPICS__CREATE", "false".to_owned()),
+        (
+            "PRODUCT_SYNC__DATABASE__URL",
+            format!("sqlite://{}?mode=rwc", db_path.display()),
+        ),
+        (
+            "PRODUCT_SYNC__UPSTREAM__BASE_URL",
+            format!("http://{sim_addr}"),
+        ),
+        (
+            "PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET",
+            "local-dev-secret".to_owned(),
+        ),
+        ("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "50".to_owned()),
+        ("PRODUCT_SYNC__GOVERNANCE__ENABLED", "true".to_owned()),
+        (
+            "PRODUCT_SYNC__GOVERNANCE__BASE_URL",
+            format!("http://{sim_addr}"),
+        ),
+        ("PRODUCT_SYNC__PIPELINE__RELAY_INTERVAL_MS", "50".to_owned()),
+        ("PRODUCT_SYNC__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        (
+            "PRODUCT_SYNC__LOG__LEVEL",
+            "error,librdkafka=off,rdkafka=off".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    // A directory without files: the built-in defaults, then these overrides.
+    let settings = config::load(&Sources {
+        dir: Some(dir.path().join("no-config-files")),
+        env_name: None,
+        file: None,
+        vars: Some(vars),
+    })
+    .context("demo configuration")?;
+
+    let app = Application::build(settings.clone())
+        .await
+        .context("starting the pipeline")?;
+    let db = app.db().clone();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
+    say("  pipeline:          started (registered with the governance platform)\n");
+
+    let watcher = Watcher::start(&bootstrap)?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .context("demo producer")?;
+
+    // Act 1: two requests.
+    say("1) Two product requests arrive on `product-requests`:");
+    let first = [
+        (
+            "demo-pension",
+            json!({"keyword": "养老"}),
+            "products sharing the keyword 养老 (pension)",
+        ),
+        (
+            "demo-codes",
+            json!({"product_codes": ["WM0000001", "WM0000002", "WM0000003", "WM0000005", "WM0000008"]}),
+            "five products by code",
+        ),
+    ];
+    for (id, selector, what) in &first {
+        send(&producer, id, selector).await?;
+        say(&format!("   → {id:<20} {what}"));
+    }
+    watcher.wait_results(&db, &[first[0].0, first[1].0]).await?;
+    print_results(&watcher, &[first[0].0, first[1].0]);
+    let created = watcher.changes_of("created");
+    say(&format!(
+        "   {} `created` events on `product-changes`. Two of them in full:",
+        created.len()
+    ));
+    for e in created.iter().take(2) {
+        print_event(e);
+    }
+
+    // Act 2: the management system changes some products.
+    let changed = sim.mutate(40, 11);
+    let pension: Vec<_> = changed
+        .iter()
+        .filter(|p| {
+            p.content.keywords.iter().any(|k| k == "养老")
+                || p.content.product_name.contains("养老")
+        })
+        .collect();
+    say(&format!(
+        "\n2) Upstream, {} products change (NAV and expected yield); {} of them carry the keyword 养老.",
+        changed.len(),
+        pension.len()
+    ));
+    let second = "demo-pension-again";
+    send(&producer, second, &first[0].1).await?;
+    say(&format!("   → {second:<20} the same keyword again"));
+    watcher.wait_results(&db, &[second]).await?;
+    print_results(&watcher, &[second]);
+    let updated = watcher.changes_of("updated");
+    say(&format!(
+        "   {} `updated` events — exactly the changed products; the {} unchanged ones emitted nothing.",
+        updated.len(),
+        watcher
+            .result(second)
+            .map(|r| r["counts"]["unchanged"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    ));
+    for e in updated.iter().take(2) {
+        print_event(e);
+    }
+
+    let stored = load_all(&db, "wms").await.context("reading the store")?;
+    stop.cancel();
+    running
+        .await
+        .context("pipeline task")?
+        .context("pipeline")?;
+    stop_sim.cancel();
+    // Every client goes before the mock cluster does.
+    watcher.task.abort();
+    drop(watcher);
+    drop(producer);
+    drop(cluster);
+
+    say(&format!("\nThe store now holds {} products.", stored.len()));
+    if updated.len() != pension.len() {
+        bail!(
+            "expected {} updated events, saw {}",
+            pension.len(),
+            updated.len()
+        );
+    }
+    if options.keep {
+        let kept = dir.keep();
+        say(&format!(
+            "The SQLite store is kept at {} — try: sqlite3 {} 'select product_code, nav, revision from products limit 5'",
+            kept.join("demo.sqlite").display(),
+            kept.join("demo.sqlite").display()
+        ));
+    } else {
+        say("The SQLite store was temporary (run with --keep to keep it).");
+    }
+    Ok(())
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn send(producer: &FutureProducer, id: &str, selector: &Value) -> anyhow::Result<()> {
+    let body = json!({"request_id": id, "selector": selector, "requested_by": "demo"}).to_string();
+    producer
+        .send(
+            FutureRecord::to(TOPICS[0]).key(id).payload(&body),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .context("publishing a command")?;
+    Ok(())
+}
+
+/// Follows the change and result topics in the background.
+struct Watcher {
+    changes: Arc<Mutex<Vec<Value>>>,
+    results: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    fn start(bootstrap: &str) -> anyhow::Result<Self> {
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "product-sync-demo-watcher")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .context("demo watcher")?;
+        consumer
+            .subscribe(&[TOPICS[1], TOPICS[2]])
+            .context("demo watcher subscribe")?;
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let (c, r) = (changes.clone(), results.clone());
+        let task = tokio::spawn(async move {
+            while let Ok(m) = consumer.recv().await {
+                let value: Value =
+                    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
+                let target = if m.topic() == TOPICS[1] { &c } else { &r };
+                target.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+            }
+        });
+        Ok(Self {
+            changes,
+            results,
+            task,
+        })
+    }
+
+    fn result(&self, id: &str) -> Option<Value> {
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|r| r["request_id"] == json!(id))
+            .cloned()
+    }
+
+    fn changes_of(&self, op: &str) -> Vec<Value> {
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|e| e["op"] == json!(op))
+            .cloned()
+            .collect()
+    }
+
+    /// Shows live counts until every id has a result (at most two minutes).
+    async fn wait_results(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        ids: &[&str],
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut last = String::new();
+        loop {
+            let done = ids.iter().filter(|id| self.result(id).is_some()).count();
+            let stored = load_all(db, "wms").await.map(|v| v.len()).unwrap_or(0);
+            let events = self.changes.lock().unwrap_or_else(|e| e.into_inner()).len();
+            let line = format!(
+                "   … products in store: {stored:>4} | change events published: {events:>4} | results: {done}/{}",
+                ids.len()
+            );
+            if line != last {
+                say(&line);
+                last = line;
+            }
+            if done == ids.len() {
+                // Let the relay publish the last change rows of the final page.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the demo's requests did not finish within two minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+fn print_results(watcher: &Watcher, ids: &[&str]) {
+    say("");
+    say(&format!(
+        "   {:<24} {:<10} {:>7} {:>7} {:>7} {:>9} {:>5} {:>5}",
+        "request", "status", "fetched", "created", "updated", "unchanged", "stale", "pages"
+    ));
+    for id in ids {
+        if let Some(r) = watcher.result(id) {
+            let c = &r["counts"];
+            say(&format!(
+                "   {:<24} {:<10} {:>7} {:>7} {:>7} {:>9} {:>5} {:>5}",
+                id,
+                r["status"].as_str().unwrap_or("?"),
+                c["fetched"].as_i64().unwrap_or(0),
+                c["created"].as_i64().unwrap_or(0),
+                c["updated"].as_i64().unwrap_or(0),
+                c["unchanged"].as_i64().unwrap_or(0),
+                c["stale"].as_i64().unwrap_or(0),
+                r["pages"].as_i64().unwrap_or(0)
+            ));
+        }
+    }
+    say("");
+}
+
+fn print_event(e: &Value) {
+    let mut shown = e.clone();
+    if let Some(obj) = shown.as_object_mut() {
+        // A created product lists every field; show the first few.
+        if let Some(Value::Array(changes)) = obj.get_mut("changes")
+            && changes.len() > 4
+        {
+            let more = changes.len() - 4;
+            changes.truncate(4);
+            changes.push(json!(format!("… {more} more fields")));
+        }
+        // `before`/`after` are whole products; the changes say what moved.
+        for k in ["before", "after"] {
+            if let Some(v) = obj.get(k).filter(|v| !v.is_null()) {
+                let name = v["product_name"].clone();
+                obj.insert(
+                    k.to_owned(),
+                    json!({"product_name": name, "…": "(full product)"}),
+                );
+            }
+        }
+    }
+    let text = serde_json::to_string_pretty(&shown).unwrap_or_default();
+    for line in text.lines() {
+        say(&format!("     {line}"));
+    }
+}

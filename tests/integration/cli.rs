@@ -1,0 +1,81 @@
+//! The binary as a person meets it: the demo runs to the end on embedded parts, and
+//! configuration errors exit with 2 and name the key.
+
+use std::process::Command;
+
+fn binary() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_product-sync"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG");
+    c
+}
+
+#[test]
+fn the_demo_runs_to_the_end_and_shows_creates_updates_and_no_op_resyncs() {
+    let out = binary().arg("demo").output().expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("`created` events on `product-changes`"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"op\": \"created\""), "{stdout}");
+    assert!(stdout.contains("\"op\": \"updated\""), "{stdout}");
+    assert!(
+        stdout.contains("unchanged ones emitted nothing"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("demo-pension-again       completed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("SQLite"),
+        "the output says where the data is: {stdout}"
+    );
+}
+
+#[test]
+fn a_configuration_error_exits_2_and_names_the_key_and_its_origin() {
+    let out = binary()
+        .arg("config")
+        .env("PRODUCT_SYNC__UPSTREAM__PAGE_SIZ", "10")
+        .output()
+        .expect("config runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upstream.page_siz") && stderr.contains("the environment"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_effective_configuration_prints_without_secrets() {
+    let out = binary()
+        .arg("config")
+        .env(
+            "PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET",
+            "cli-secret-value-123",
+        )
+        .env(
+            "PRODUCT_SYNC__DATABASE__URL",
+            "postgres://u:cli-db-password-456@db/ps",
+        )
+        .output()
+        .expect("config runs");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("upstream.client_secret = \"[redacted]\""),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("cli-secret-value-123") && !stdout.contains("cli-db-password-456"),
+        "{stdout}"
+    );
+}
