@@ -2,6 +2,7 @@
 //! until the stop token fires, then shuts them down in the order written in
 //! [`Application::run_until_stopped`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::kafka::{self, KafkaError, TopicSpec, client_config};
+use crate::ops::{self, Membership, OpsState};
 use crate::outbox::Relay;
 use crate::pipeline::{Pipeline, PipelineError, Processor};
 use crate::retry::RetryPolicy;
@@ -30,6 +32,11 @@ pub enum AppError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("cannot serve the ops endpoint on {addr} (http.listen): {source}")]
+    Ops {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl AppError {
@@ -39,6 +46,7 @@ impl AppError {
             AppError::Kafka(e) => e.is_transient(),
             AppError::Upstream(e) => e.is_transient(),
             AppError::Pipeline(e) => e.is_transient(),
+            AppError::Ops { .. } => false,
         }
     }
 }
@@ -51,6 +59,9 @@ pub struct Application {
     producer: FutureProducer,
     http: reqwest::Client,
     instance_id: String,
+    membership: Arc<Membership>,
+    ops_addr: SocketAddr,
+    ops_stop: CancellationToken,
 }
 
 impl Application {
@@ -102,6 +113,24 @@ impl Application {
             .set("compression.type", "lz4")
             .create()
             .map_err(KafkaError::Client)?;
+        let membership = Arc::new(Membership::default());
+        let ops_stop = CancellationToken::new();
+        let ops_addr = ops::serve(
+            settings.http.listen,
+            OpsState {
+                db: db.clone(),
+                producer: producer.clone(),
+                http: http.clone(),
+                upstream_base_url: u.base_url.clone(),
+                membership: membership.clone(),
+            },
+            ops_stop.clone(),
+        )
+        .await
+        .map_err(|e| AppError::Ops {
+            addr: settings.http.listen,
+            source: e,
+        })?;
         Ok(Self {
             settings,
             db,
@@ -109,7 +138,15 @@ impl Application {
             producer,
             http,
             instance_id: instance_id(),
+            membership,
+            ops_addr,
+            ops_stop,
         })
+    }
+
+    /// Where the ops endpoint listens (useful when `http.listen` asked for port 0).
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
     }
 
     /// The store connection (tests and tools read through it).
@@ -123,7 +160,7 @@ impl Application {
     /// 2. the relay publishes what is left in the outbox;
     /// 3. the producer is flushed;
     /// 4. the instance deregisters from the governance platform;
-    /// 5. the store's pool is closed.
+    /// 5. the ops endpoint stops and the store's pool is closed.
     ///
     /// Steps 2–5 share `pipeline.shutdown_timeout_ms`.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> Result<(), AppError> {
@@ -179,6 +216,7 @@ impl Application {
             max_in_flight: s.pipeline.max_in_flight,
             drain_timeout: Duration::from_millis(s.pipeline.drain_timeout_ms),
             processor,
+            membership: self.membership.clone(),
         };
         tracing::info!(instance_id = %self.instance_id, "product-sync running");
         let result = pipeline.run(stop.clone()).await;
@@ -202,6 +240,7 @@ impl Application {
         {
             tracing::warn!("deregistration did not finish before the shutdown deadline");
         }
+        self.ops_stop.cancel();
         if let Err(e) = self.db.close().await {
             tracing::warn!(error = %e, "closing the store's pool failed");
         }

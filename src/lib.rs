@@ -27,6 +27,7 @@
 //! | [`pipeline`] | the consumer loop (at-least-once offsets, per-partition workers) and command processing |
 //! | [`outbox`] | the relay publishing change and result rows (idempotent producer, one leader) |
 //! | [`dlq`] | listing and replaying the dead-letter topic |
+//! | [`metrics`], [`ops`] | Prometheus metrics; the `/healthz`, `/readyz`, `/metrics` endpoint |
 //! | [`demo`] | `demo`: the same pipeline on a mock broker, SQLite and the in-process simulator |
 //! | [`app`] | `run`: builds the parts, runs them, shuts them down in order |
 //! | [`sim`] | the contract simulator (management system + governance platform, fault injection) |
@@ -40,6 +41,8 @@ pub mod demo;
 pub mod diff;
 pub mod dlq;
 pub mod kafka;
+pub mod metrics;
+pub mod ops;
 pub mod outbox;
 pub mod pipeline;
 pub mod product;

@@ -210,10 +210,17 @@ impl Relay {
 
     /// One round: up to `batch` change rows, then up to `batch` results.
     pub async fn publish_round(&self) -> Result<Published, RelayError> {
-        Ok(Published {
-            changes: self.publish_changes().await?,
-            results: self.publish_results().await?,
-        })
+        let changes = self.publish_changes().await?;
+        crate::metrics::metrics()
+            .published
+            .with_label_values(&["change"])
+            .inc_by(changes as u64);
+        let results = self.publish_results().await?;
+        crate::metrics::metrics()
+            .published
+            .with_label_values(&["result"])
+            .inc_by(results as u64);
+        Ok(Published { changes, results })
     }
 
     async fn publish_changes(&self) -> Result<usize, RelayError> {

@@ -77,6 +77,8 @@ where
             }
         },
         |err: E, wait: Duration| {
+            let operation = what.trim_end_matches(|c: char| c.is_ascii_digit() || c == ' ');
+            crate::metrics::metrics().retries.with_label_values(&[operation]).inc();
             tracing::warn!(operation = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
         },
     )

@@ -38,6 +38,8 @@ use tracing::Instrument;
 
 use crate::config::KafkaSettings;
 use crate::kafka::client_config;
+use crate::metrics::metrics;
+use crate::ops::Membership;
 
 pub mod process;
 
@@ -137,16 +139,32 @@ fn wait_finished(finished: &(Mutex<bool>, Condvar), deadline: Instant) -> bool {
     true
 }
 
-/// Consumer context: drains revoked partitions' workers and commits before a rebalance.
+/// Consumer context: drains revoked partitions' workers and commits before a rebalance;
+/// reports membership and consumer lag.
 struct Context {
     registry: Arc<Registry>,
+    membership: Arc<Membership>,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag = &metrics().consumer_lag;
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    lag.with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            self.membership.partitions.store(0, Ordering::SeqCst);
             let keys: Vec<PartitionKey> = list
                 .elements()
                 .iter()
@@ -162,7 +180,11 @@ impl ConsumerContext for Context {
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.membership.joined.store(true, Ordering::SeqCst);
         if let Rebalance::Assign(list) = rebalance {
+            self.membership
+                .partitions
+                .store(list.count(), Ordering::SeqCst);
             let parts: Vec<String> = list
                 .elements()
                 .iter()
@@ -192,6 +214,8 @@ pub struct Pipeline {
     pub max_in_flight: usize,
     pub drain_timeout: Duration,
     pub processor: Arc<Processor>,
+    /// Shared with the ops endpoint's readiness check.
+    pub membership: Arc<Membership>,
 }
 
 impl Pipeline {
@@ -208,8 +232,10 @@ impl Pipeline {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "5000")
             .create_with_context(Context {
                 registry: registry.clone(),
+                membership: self.membership.clone(),
             })
             .map_err(PipelineError::Consumer)?;
         let consumer = Arc::new(consumer);

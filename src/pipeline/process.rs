@@ -4,7 +4,7 @@
 //! request's outcome — whose result event the relay publishes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::command::{Command, CommandError, valid_traceparent};
+use crate::metrics::metrics;
 use crate::outbox::cloudevent_headers;
 use crate::retry::RetryPolicy;
 use crate::store::fold::{FoldContext, FoldOutcome, fold_page};
@@ -81,6 +82,7 @@ impl Processor {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(kind = e.kind(), reason = %e, "rejected a malformed command");
+                metrics().commands.with_label_values(&["rejected"]).inc();
                 return self
                     .persist(abandon, || self.reject(msg, &e, traceparent.as_deref()))
                     .await;
@@ -144,6 +146,7 @@ impl Processor {
             && row.status == requests::Status::Completed.as_str()
         {
             tracing::info!("request already completed; emitting its result again");
+            metrics().commands.with_label_values(&["repeated"]).inc();
             requests::reemit(&self.db, command.request_id()).await?;
             self.relay_wake.notify_one();
             return Ok(());
@@ -157,10 +160,22 @@ impl Processor {
         let mut outcome = FoldOutcome::default();
         let mut pages = 0i32;
         let mut stream = std::pin::pin!(self.client.pages(command.selector().clone()));
-        while let Some(page) = stream.next().await {
+        loop {
+            let fetching = Instant::now();
+            let Some(page) = stream.next().await else {
+                break;
+            };
+            metrics()
+                .fetch_seconds
+                .observe(fetching.elapsed().as_secs_f64());
             match page {
                 Ok(page) => {
+                    let folding = Instant::now();
                     let folded = fold_page(&self.db, &ctx, &page.items, &self.fold_policy).await?;
+                    metrics()
+                        .fold_seconds
+                        .observe(folding.elapsed().as_secs_f64());
+                    crate::metrics::record_fold(&folded);
                     outcome.add(folded);
                     pages += 1;
                     tracing::debug!(page = page.number, items = page.items.len(), "page folded");
@@ -205,6 +220,7 @@ impl Processor {
             stale = outcome.stale,
             "command completed"
         );
+        metrics().commands.with_label_values(&["completed"]).inc();
         self.relay_wake.notify_one();
         Ok(())
     }
@@ -232,6 +248,7 @@ impl Processor {
             Utc::now(),
         )
         .await?;
+        metrics().commands.with_label_values(&["failed"]).inc();
         self.relay_wake.notify_one();
         Ok(())
     }

@@ -128,6 +128,7 @@ fn manifest_dir() -> PathBuf {
 
 /// An instance running inside the test process.
 pub struct InProcess {
+    pub ops: std::net::SocketAddr,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), product_sync::app::AppError>>,
 }
@@ -149,9 +150,10 @@ impl World {
 
     pub async fn start_with(&self, settings: Settings) -> InProcess {
         let app = Application::build(settings).await.expect("instance starts");
+        let ops = app.ops_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-        InProcess { stop, task }
+        InProcess { ops, stop, task }
     }
 
     /// A `product-sync run` child process with this world's configuration; killed when the
@@ -1005,4 +1007,72 @@ async fn sigterm_during_a_command_exits_cleanly_and_the_command_completes_after_
     assert_gapless(&w.read_all(&w.settings.topics.changes).await, &stored);
     signal(&b, "TERM");
     assert!(wait_exit(&mut b, Duration::from_secs(60)).await.success());
+}
+
+/// The value of one sample of the Prometheus text page (0 when absent).
+fn sample(page: &str, name_and_labels: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ops_endpoint_reports_health_readiness_and_moving_counters() {
+    let w = world(300, 2).await;
+    let instance = w.start().await;
+    let base = format!("http://{}", instance.ops);
+    let http = reqwest::Client::new();
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready: Value = wait_for("readiness", Duration::from_secs(30), || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        if r.status() == 200 {
+            r.json().await.ok()
+        } else {
+            None
+        }
+    })
+    .await;
+    assert_eq!(ready["database"], true);
+    assert_eq!(ready["broker"], true);
+    assert_eq!(ready["upstream"], true);
+
+    let page = || async {
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = page().await;
+    w.command("metered", json!({"category": "cash"})).await;
+    w.wait_results(&["metered"], Duration::from_secs(60)).await;
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
+    let after = page().await;
+    let completed = r#"product_sync_commands_total{status="completed"}"#;
+    let created = r#"product_sync_products_total{outcome="created"}"#;
+    let expected = w.truth(&selector(json!({"category": "cash"}))).len() as f64;
+    assert!(
+        sample(&after, completed) >= sample(&before, completed) + 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, created) >= sample(&before, created) + expected,
+        "{after}"
+    );
+    assert!(
+        sample(&after, "product_sync_fold_page_seconds_count")
+            > sample(&before, "product_sync_fold_page_seconds_count")
+    );
+    assert!(sample(&after, "product_sync_fetch_page_seconds_count") > 0.0);
+    assert!(after.contains("product_sync_outbox_backlog 0"), "{after}");
+    assert!(
+        after.contains("product_sync_relay_published_total"),
+        "{after}"
+    );
+    instance.stop().await;
 }

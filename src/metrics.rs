@@ -1,0 +1,151 @@
+//! Metrics in Prometheus form, one registry per process: commands by status, products by
+//! outcome, fetch and fold latency, relay throughput, retries by cause, consumer lag, and the
+//! outbox backlog (measured at scrape time). Served by the ops endpoint at `/metrics`.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric of product-sync.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Commands handled, by final status (`completed`, `failed`, `rejected`, `repeated`).
+    pub commands: IntCounterVec,
+    /// Products folded, by outcome (`created`, `updated`, `unchanged`, `stale`).
+    pub products: IntCounterVec,
+    /// Time to fetch one page from the management system (retries included).
+    pub fetch_seconds: Histogram,
+    /// Time to fold one page into the store (retries included).
+    pub fold_seconds: Histogram,
+    /// Events the relay published, by kind (`change`, `result`).
+    pub published: IntCounterVec,
+    /// Transient failures retried, by operation.
+    pub retries: IntCounterVec,
+    /// Consumer lag of each assigned request-topic partition (from librdkafka statistics).
+    pub consumer_lag: IntGaugeVec,
+    /// Unpublished change rows at the last scrape.
+    pub outbox_backlog: IntGauge,
+    /// Age in seconds of the oldest unpublished change row at the last scrape.
+    pub outbox_oldest_age_seconds: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
+    let buckets = vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+// The names and label sets above are constants: registering them cannot fail at run time
+// except by a programming error caught by the first test that touches `metrics()`.
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let consumer_lag = IntGaugeVec::new(
+        Opts::new(
+            "product_sync_consumer_lag",
+            "Consumer lag per request-topic partition",
+        ),
+        &["topic", "partition"],
+    )
+    .unwrap_or_else(|e| panic!("metric consumer_lag: {e}"));
+    registry
+        .register(Box::new(consumer_lag.clone()))
+        .unwrap_or_else(|e| panic!("metric consumer_lag: {e}"));
+    Metrics {
+        commands: counter(
+            &registry,
+            "product_sync_commands_total",
+            "Commands handled, by status",
+            &["status"],
+        ),
+        products: counter(
+            &registry,
+            "product_sync_products_total",
+            "Products folded, by outcome",
+            &["outcome"],
+        ),
+        fetch_seconds: histogram(
+            &registry,
+            "product_sync_fetch_page_seconds",
+            "Time to fetch one page",
+        ),
+        fold_seconds: histogram(
+            &registry,
+            "product_sync_fold_page_seconds",
+            "Time to fold one page",
+        ),
+        published: counter(
+            &registry,
+            "product_sync_relay_published_total",
+            "Events published by the relay",
+            &["kind"],
+        ),
+        retries: counter(
+            &registry,
+            "product_sync_retries_total",
+            "Transient failures retried, by operation",
+            &["operation"],
+        ),
+        consumer_lag,
+        outbox_backlog: gauge(
+            &registry,
+            "product_sync_outbox_backlog",
+            "Unpublished change rows",
+        ),
+        outbox_oldest_age_seconds: gauge(
+            &registry,
+            "product_sync_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished change row",
+        ),
+        registry,
+    }
+});
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Counts the outcome of one folded page.
+pub fn record_fold(outcome: &crate::store::fold::FoldOutcome) {
+    let p = &metrics().products;
+    p.with_label_values(&["created"]).inc_by(outcome.created);
+    p.with_label_values(&["updated"]).inc_by(outcome.updated);
+    p.with_label_values(&["unchanged"])
+        .inc_by(outcome.unchanged);
+    p.with_label_values(&["stale"]).inc_by(outcome.stale);
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut buffer = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&metrics().registry.gather(), &mut buffer) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    String::from_utf8(buffer).unwrap_or_default()
+}

@@ -1,0 +1,128 @@
+//! The ops endpoint on `http.listen`: `/healthz` (the process answers), `/readyz` (store,
+//! broker and management system reachable, consumer group joined), `/metrics` (Prometheus).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chrono::Utc;
+use rdkafka::producer::{FutureProducer, Producer};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder,
+};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{metrics, render};
+use crate::store::entity::product_changes;
+
+/// What the consumer loop reports about its group membership.
+#[derive(Debug, Default)]
+pub struct Membership {
+    /// A rebalance has completed at least once.
+    pub joined: AtomicBool,
+    /// Partitions currently assigned.
+    pub partitions: AtomicUsize,
+}
+
+/// What the checks need.
+#[derive(Clone)]
+pub struct OpsState {
+    pub db: DatabaseConnection,
+    pub producer: FutureProducer,
+    pub http: reqwest::Client,
+    pub upstream_base_url: String,
+    pub membership: Arc<Membership>,
+}
+
+/// Binds the ops endpoint (port 0 picks one) and serves it until `stop`; returns the address.
+pub async fn serve(
+    addr: SocketAddr,
+    state: OpsState,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .with_state(state);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the ops endpoint stopped");
+        }
+    });
+    tracing::info!(%bound, "ops endpoint listening (/healthz, /readyz, /metrics)");
+    Ok(bound)
+}
+
+async fn readyz(State(s): State<OpsState>) -> Response {
+    let database = s.db.execute_unprepared("SELECT 1").await.is_ok();
+    let producer = s.producer.clone();
+    let broker = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false);
+    // Any HTTP answer means the management system is reachable; only transport errors count.
+    let upstream = s
+        .http
+        .get(&s.upstream_base_url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .is_ok();
+    let joined = s.membership.joined.load(Ordering::SeqCst);
+    let partitions = s.membership.partitions.load(Ordering::SeqCst);
+    let ready = database && broker && upstream && joined;
+    let body = json!({
+        "ready": ready,
+        "database": database,
+        "broker": broker,
+        "upstream": upstream,
+        "consumer_group_joined": joined,
+        "partitions_assigned": partitions,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics_page(State(s): State<OpsState>) -> Response {
+    use product_changes::Column as C;
+    let unpublished = product_changes::Entity::find().filter(C::PublishedAt.is_null());
+    if let Ok(n) = unpublished.clone().count(&s.db).await {
+        metrics()
+            .outbox_backlog
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    if let Ok(oldest) = unpublished.order_by_asc(C::Id).one(&s.db).await {
+        let age = oldest
+            .map(|r| (Utc::now() - r.created_at).num_seconds().max(0))
+            .unwrap_or(0);
+        metrics().outbox_oldest_age_seconds.set(age);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(),
+    )
+        .into_response()
+}
