@@ -23,7 +23,7 @@ pub const MAX_KEYWORD_CHARS: usize = 100;
 pub const MAX_LABEL_CHARS: usize = 200;
 
 /// Feature information of a product request: every product that matches all given parts.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Selector {
     /// A keyword shared by the products (matched against names and keyword lists).
@@ -51,7 +51,7 @@ impl Selector {
 }
 
 /// The command as it travels on Kafka.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandWire {
     pub request_id: String,

@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::product::Content;
 
 /// One changed field: its contract name (`attributes.<key>` for attributes) and both values.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FieldChange {
     pub field: String,
     pub old: Value,

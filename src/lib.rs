@@ -28,6 +28,7 @@
 //! | [`outbox`] | the relay publishing change and result rows (idempotent producer, one leader) |
 //! | [`dlq`] | listing and replaying the dead-letter topic |
 //! | [`metrics`], [`ops`] | Prometheus metrics; the `/healthz`, `/readyz`, `/metrics` endpoint |
+//! | [`tools`] | `request`, `tail`, `schema` |
 //! | [`demo`] | `demo`: the same pipeline on a mock broker, SQLite and the in-process simulator |
 //! | [`app`] | `run`: builds the parts, runs them, shuts them down in order |
 //! | [`sim`] | the contract simulator (management system + governance platform, fault injection) |
@@ -50,4 +51,5 @@ pub mod retry;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod tools;
 pub mod upstream;

@@ -47,6 +47,41 @@ enum Command {
     Migrate,
     /// Run the service: consume product-request commands, fetch, fold, publish changes.
     Run,
+    /// Publish a product-request command from flags; prints its request id.
+    Request {
+        /// A keyword the products share.
+        #[arg(long)]
+        keyword: Option<String>,
+        /// Product codes, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        codes: Vec<String>,
+        /// A product category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Only products changed since this RFC 3339 time.
+        #[arg(long, value_parser = product_sync::tools::parse_since)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// The request id (default: a new one).
+        #[arg(long)]
+        id: Option<String>,
+        /// Who asks (carried in the command).
+        #[arg(long)]
+        requested_by: Option<String>,
+    },
+    /// Follow a topic and pretty-print its events (Ctrl-C stops).
+    Tail {
+        /// Which topic: changes, results, dlq or requests.
+        #[arg(long, default_value = "changes", value_parser = ["changes", "results", "dlq", "requests"])]
+        topic: String,
+        /// Start from the beginning of the topic instead of new records only.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Print the JSON Schemas of the command, the change event and the result event.
+    Schema,
     /// Inspect or replay the dead-letter topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -165,6 +200,72 @@ async fn main() -> ExitCode {
         },
         Command::Run => match settings(cli.config) {
             Ok(settings) => exit(run(settings).await),
+            Err(code) => code,
+        },
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&product_sync::tools::schemas()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Request {
+            keyword,
+            codes,
+            category,
+            since,
+            id,
+            requested_by,
+        } => match settings(cli.config) {
+            Ok(settings) => {
+                let selector = product_sync::command::Selector {
+                    keyword,
+                    product_codes: codes,
+                    category,
+                    updated_since: since,
+                };
+                match product_sync::tools::request(&settings, id, selector, requested_by).await {
+                    Ok(id) => {
+                        println!("{id}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e @ product_sync::tools::ToolError::Invalid(_)) => {
+                        eprintln!("product-sync: {e}; see `product-sync request --help`");
+                        ExitCode::from(2)
+                    }
+                    Err(e) => exit(Err(anyhow::Error::new(e).context(format!(
+                        "publishing to {} at {} (is the broker up? deploy/local/kafka.sh up)",
+                        settings.topics.requests, settings.kafka.bootstrap_servers
+                    )))),
+                }
+            }
+            Err(code) => code,
+        },
+        Command::Tail {
+            topic,
+            from_beginning,
+            count,
+        } => match settings(cli.config) {
+            Ok(settings) => {
+                let name = match topic.as_str() {
+                    "results" => settings.topics.results.clone(),
+                    "dlq" => settings.topics.dlq.clone(),
+                    "requests" => settings.topics.requests.clone(),
+                    _ => settings.topics.changes.clone(),
+                };
+                let stop = CancellationToken::new();
+                let signal = stop.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    signal.cancel();
+                });
+                exit(
+                    product_sync::tools::tail(&settings, &name, from_beginning, count, stop)
+                        .await
+                        .map(|_| ())
+                        .with_context(|| format!("following {name}")),
+                )
+            }
             Err(code) => code,
         },
         Command::Dlq(command) => match settings(cli.config) {

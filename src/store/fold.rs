@@ -715,20 +715,32 @@ fn to_json_text<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> 
     serde_json::to_string(value).map_err(|e| StoreError::Db(sea_orm::DbErr::Json(e.to_string())))
 }
 
-/// The change event as stored in the outbox (DESIGN.md "Topics and messages"), serialized
-/// straight from references: no copy of the product's JSON tree is made.
-#[derive(Serialize)]
-struct ChangeEvent<'a> {
-    op: &'a str,
-    system: &'a str,
-    product_code: Option<&'a str>,
-    revision: i64,
-    request_id: Option<&'a str>,
-    changes: &'a [FieldChange],
-    before: &'a Value,
-    after: &'a Value,
-    source_version: i64,
-    changed_at: String,
+/// The change event as stored in the outbox and published on `topics.changes` (DESIGN.md
+/// "Topics and messages"), serialized straight from references: no copy of the product's
+/// JSON tree is made. `product-sync schema` prints its JSON Schema.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ChangeEvent<'a> {
+    /// `created` or `updated`.
+    pub op: &'a str,
+    /// The management system.
+    pub system: &'a str,
+    /// Absent for products known by name only.
+    pub product_code: Option<&'a str>,
+    /// Grows by one with each change of this product; with `system` and the code it forms the
+    /// CloudEvents id.
+    pub revision: i64,
+    /// The command that caused the change.
+    pub request_id: Option<&'a str>,
+    /// The changed fields (every field with a value, for `created`).
+    pub changes: &'a [FieldChange],
+    /// The product before (`null` for `created`), in the contract's JSON form.
+    pub before: &'a Value,
+    /// The product after, in the contract's JSON form.
+    pub after: &'a Value,
+    /// The management system's `version` of `after`.
+    pub source_version: i64,
+    /// When the store changed (RFC 3339).
+    pub changed_at: String,
 }
 
 /// One outbox row.

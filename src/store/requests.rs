@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::StoreError;
 use super::entity::requests;
@@ -170,38 +170,67 @@ pub async fn mark_published(
     Ok(())
 }
 
+/// Product counts of a command.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, schemars::JsonSchema)]
+pub struct Counts {
+    pub fetched: i64,
+    pub created: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub stale: i64,
+}
+
+/// The result event on `topics.results`, one per command. `product-sync schema` prints its
+/// JSON Schema.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct ResultEvent {
+    pub request_id: String,
+    /// `completed`, `failed` or `rejected`.
+    pub status: String,
+    pub counts: Counts,
+    /// Pages fetched from the management system.
+    pub pages: i32,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    /// Why it failed or was rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The result event of a finished request (DESIGN.md "Topics and messages").
 pub fn result_event(row: &requests::Model) -> Value {
-    let mut event = json!({
-        "request_id": row.request_id,
-        "status": row.status,
-        "counts": {
-            "fetched": row.fetched,
-            "created": row.created,
-            "updated": row.updated,
-            "unchanged": row.unchanged,
-            "stale": row.stale,
+    let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    serde_json::to_value(ResultEvent {
+        request_id: row.request_id.clone(),
+        status: row.status.clone(),
+        counts: Counts {
+            fetched: row.fetched,
+            created: row.created,
+            updated: row.updated,
+            unchanged: row.unchanged,
+            stale: row.stale,
         },
-        "pages": row.pages,
-        "started_at": row.started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "finished_at": row.finished_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-    });
-    if let Some(error) = &row.error {
-        event["error"] = json!(error);
-    }
-    event
+        pages: row.pages,
+        started_at: at(row.started_at),
+        finished_at: row.finished_at.map(at),
+        error: row.error.clone(),
+    })
+    .unwrap_or(Value::Null)
 }
 
 /// A `rejected` result for a command that never became a request row.
 pub fn rejected_event(request_id: &str, error: &str, now: DateTime<Utc>) -> Value {
     let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    json!({
-        "request_id": request_id,
-        "status": "rejected",
-        "counts": {"fetched": 0, "created": 0, "updated": 0, "unchanged": 0, "stale": 0},
-        "pages": 0,
-        "started_at": at,
-        "finished_at": at,
-        "error": error,
+    serde_json::to_value(ResultEvent {
+        request_id: request_id.to_owned(),
+        status: "rejected".to_owned(),
+        counts: Counts::default(),
+        pages: 0,
+        started_at: at.clone(),
+        finished_at: Some(at),
+        error: Some(error.to_owned()),
     })
+    .unwrap_or(Value::Null)
 }

@@ -79,3 +79,96 @@ fn the_effective_configuration_prints_without_secrets() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn request_publishes_a_command_that_tail_shows() {
+    let kafka = crate::helpers::require_kafka().await;
+    let topic = crate::helpers::unique("cli-requests");
+    product_sync::kafka::ensure_topics(
+        &kafka,
+        &[product_sync::kafka::TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+            replication_factor: 1,
+        }],
+    )
+    .await
+    .unwrap();
+    let env = [
+        (
+            "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS",
+            kafka.bootstrap_servers.as_str(),
+        ),
+        ("PRODUCT_SYNC__TOPICS__REQUESTS", topic.as_str()),
+    ];
+    let out = binary()
+        .args([
+            "request",
+            "--keyword",
+            "稳健",
+            "--codes",
+            "WM0000001,WM0000002",
+            "--id",
+            "cli-req-1",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cli-req-1");
+
+    let out = binary()
+        .args([
+            "tail",
+            "--topic",
+            "requests",
+            "--from-beginning",
+            "--count",
+            "1",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("key=cli-req-1") && shown.contains("稳健") && shown.contains("WM0000002"),
+        "{shown}"
+    );
+
+    // A command the service would reject is refused before it is sent.
+    let out = binary()
+        .args(["request", "--id", "cli-req-2"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("selector names nothing"));
+}
+
+#[test]
+fn schema_prints_the_three_message_schemas() {
+    let out = binary().arg("schema").output().unwrap();
+    assert!(out.status.success());
+    let schemas: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("schema output is JSON");
+    for (name, field) in [
+        ("command", "selector"),
+        ("change_event", "changes"),
+        ("result_event", "counts"),
+    ] {
+        assert!(
+            schemas[name]["properties"][field].is_object(),
+            "{name} lacks {field}: {}",
+            schemas[name]
+        );
+    }
+}
