@@ -3,6 +3,7 @@
 //! which starts both). A missing service fails the test with the command that starts it.
 
 mod cli;
+mod deploy;
 mod fold;
 mod helpers;
 mod kafka_smoke;

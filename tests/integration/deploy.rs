@@ -1,0 +1,167 @@
+//! The deployment files are checked with what can run here: every YAML file parses, and every
+//! configuration they set is loaded through the program's own configuration loader.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use product_sync::config::{self, Settings, Sources};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every document of a YAML file, as JSON, with merge keys (`<<: *anchor`) applied.
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| {
+            let mut value = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+            value
+                .apply_merge()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            serde_json::to_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+fn load(vars: &HashMap<String, String>) -> Settings {
+    config::load(&Sources {
+        dir: Some(repo().join("config")),
+        env_name: None,
+        file: None,
+        vars: Some(vars.clone()),
+    })
+    .unwrap_or_else(|e| panic!("the deployment's configuration is refused: {e}"))
+}
+
+fn string_map(v: &Value) -> HashMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_yaml_file_under_deploy_parses() {
+    let mut files = vec![repo().join("deploy/docker-compose.yml")];
+    for entry in std::fs::read_dir(repo().join("deploy/k8s")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    for f in &files {
+        assert!(!documents(f).is_empty(), "{} is empty", f.display());
+    }
+    assert!(files.len() >= 7);
+}
+
+#[test]
+fn compose_instances_use_keys_the_program_accepts() {
+    let compose = &documents(&repo().join("deploy/docker-compose.yml"))[0];
+    let services = compose["services"].as_object().unwrap();
+    for name in [
+        "kafka",
+        "postgres",
+        "simulator",
+        "product-sync-1",
+        "product-sync-2",
+    ] {
+        assert!(services.contains_key(name), "compose lacks {name}");
+    }
+    for name in ["product-sync-1", "product-sync-2"] {
+        let env = string_map(&services[name]["environment"]);
+        assert!(env.keys().all(|k| k.starts_with("PRODUCT_SYNC")), "{env:?}");
+        let s = load(&env);
+        assert_eq!(s.kafka.bootstrap_servers, "kafka:9092");
+        assert_eq!(s.upstream.base_url, "http://simulator:8080");
+        assert!(s.governance.enabled);
+    }
+    let sim = services["simulator"]["command"].as_array().unwrap();
+    assert_eq!(sim[0], "simulate");
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_the_configuration() {
+    let k8s = repo().join("deploy/k8s");
+    let doc = |f: &str| documents(&k8s.join(f)).remove(0);
+    let configmap = doc("configmap.yaml");
+    let secret = doc("secret.yaml");
+    let mut env = string_map(&configmap["data"]);
+    env.extend(string_map(&secret["stringData"]));
+    let s = load(&env);
+
+    let deployment = doc("deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let grace_ms = pod["terminationGracePeriodSeconds"].as_u64().unwrap() * 1000;
+    assert!(
+        grace_ms > s.pipeline.drain_timeout_ms + s.pipeline.shutdown_timeout_ms,
+        "the grace period must outlast the drain and the shutdown steps"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(
+        container["ports"][0]["containerPort"].as_u64(),
+        Some(u64::from(s.http.listen.port()))
+    );
+    let refs: Vec<&str> = container["envFrom"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            r["configMapRef"]["name"]
+                .as_str()
+                .or(r["secretRef"]["name"].as_str())
+        })
+        .collect();
+    assert!(refs.contains(&configmap["metadata"]["name"].as_str().unwrap()));
+    assert!(refs.contains(&secret["metadata"]["name"].as_str().unwrap()));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+
+    let keda = doc("keda-scaledobject.yaml");
+    let trigger = &keda["spec"]["triggers"][0]["metadata"];
+    assert_eq!(trigger["topic"], s.topics.requests.as_str());
+    assert_eq!(trigger["consumerGroup"], s.kafka.group_id.as_str());
+    assert!(
+        keda["spec"]["maxReplicaCount"].as_i64().unwrap() <= i64::from(s.topics.partitions),
+        "never more replicas than partitions"
+    );
+    assert_eq!(
+        doc("pdb.yaml")["spec"]["selector"],
+        deployment["spec"]["selector"]
+    );
+    assert_eq!(
+        doc("service.yaml")["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[test]
+fn the_dockerfile_is_multi_stage_and_runs_as_a_non_root_user() {
+    let text = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    assert!(
+        text.lines().filter(|l| l.starts_with("FROM ")).count() >= 2,
+        "multi-stage"
+    );
+    let user = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("a USER line");
+    assert!(
+        !user.starts_with('0') && !user.starts_with("root"),
+        "runs as {user}"
+    );
+    assert!(text.contains("PRODUCT_SYNC_ENV=production"));
+    assert!(text.contains("--locked"));
+}
