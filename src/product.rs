@@ -300,10 +300,10 @@ impl Product {
         self.to_json_and_hash().0
     }
 
-    /// The canonical JSON form and the content hash, computed from one rendering.
+    /// The canonical JSON form and the content hash.
     pub fn to_json_and_hash(&self) -> (Value, String) {
         let mut obj = self.content.to_json_map();
-        let hash = hash_of(&obj);
+        let hash = self.content.hash();
         obj.insert("version".into(), Value::from(self.version));
         obj.insert(
             "updated_at".into(),
@@ -416,21 +416,49 @@ impl Content {
     }
 
     /// SHA-256 of the canonical content, hex: equal content ⇔ equal hash (up to collisions).
+    /// Streams the canonical JSON (keys sorted) into the hasher: nothing is allocated.
     pub fn hash(&self) -> String {
-        hash_of(&self.to_json_map())
+        use std::fmt::Write;
+        let mut hasher = Sha256::new();
+        // Writing to a hasher cannot fail; serializing these types cannot either.
+        let _ = serde_json::to_writer(&mut hasher, &Canonical(self));
+        let mut out = String::with_capacity(64);
+        for b in hasher.finalize() {
+            let _ = write!(out, "{b:02x}");
+        }
+        out
     }
 }
 
-/// SHA-256 (hex) of a content map's canonical JSON (keys sorted: serde_json's map is ordered).
-fn hash_of(content: &Map<String, Value>) -> String {
-    use std::fmt::Write;
-    let bytes = serde_json::to_vec(content).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(out, "{b:02x}");
+/// The content in canonical JSON form — the same bytes as the sorted map of
+/// `Content::field_values` — serialized without building that map.
+struct Canonical<'a>(&'a Content);
+
+impl serde::Serialize for Canonical<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let c = self.0;
+        let decimal = |d: &Option<Decimal>| d.map(|d| d.to_string());
+        let date = |d: &Option<NaiveDate>| d.map(|d| d.to_string());
+        // Keys in sorted order, as serde_json's ordered map would write them.
+        let mut m = serializer.serialize_map(Some(CONTENT_FIELDS.len()))?;
+        m.serialize_entry("attributes", &c.attributes)?;
+        m.serialize_entry("category", &c.category)?;
+        m.serialize_entry("currency", &c.currency)?;
+        m.serialize_entry("expected_yield", &decimal(&c.expected_yield))?;
+        m.serialize_entry("issuer", &c.issuer)?;
+        m.serialize_entry("keywords", &c.keywords)?;
+        m.serialize_entry("min_investment", &decimal(&c.min_investment))?;
+        m.serialize_entry("nav", &decimal(&c.nav))?;
+        m.serialize_entry("product_code", &c.product_code)?;
+        m.serialize_entry("product_name", &c.product_name)?;
+        m.serialize_entry("risk_level", &c.risk_level.map(RiskLevel::as_str))?;
+        m.serialize_entry("sale_end", &date(&c.sale_end))?;
+        m.serialize_entry("sale_start", &date(&c.sale_start))?;
+        m.serialize_entry("status", &c.status.map(ProductStatus::as_str))?;
+        m.serialize_entry("term_days", &c.term_days)?;
+        m.end()
     }
-    out
 }
 
 fn opt_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, RecordError> {
@@ -562,6 +590,17 @@ mod tests {
         assert_eq!(p.identity().key(), "name:稳健理财1号");
         r["product_name"] = json!("");
         assert_eq!(Product::from_json(&r).unwrap_err().field, "product_code");
+    }
+
+    #[test]
+    fn the_streamed_hash_is_the_hash_of_the_canonical_map() {
+        let p = Product::from_json(&record()).unwrap();
+        let bytes = serde_json::to_vec(&p.content.to_json_map()).unwrap();
+        let expected: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(p.content.hash(), expected);
     }
 
     #[test]

@@ -115,8 +115,6 @@ struct Prepared<'a> {
     identity: Identity,
     key: String,
     hash: String,
-    /// The canonical JSON form (the event's `after`), rendered once.
-    json: Value,
 }
 
 /// One record per identity (the highest version; the later one on a tie), sorted by identity
@@ -127,11 +125,9 @@ fn prepare(page: &[Product]) -> (Vec<Prepared<'_>>, u64) {
     for product in page {
         let identity = product.identity();
         let key = identity.key();
-        let (json, hash) = product.to_json_and_hash();
         let candidate = Prepared {
             product,
-            hash,
-            json,
+            hash: product.content.hash(),
             identity,
             key: key.clone(),
         };
@@ -195,6 +191,8 @@ struct PlannedEvent {
     product_id: Option<i64>,
     changes: Vec<FieldChange>,
     before: Value,
+    /// Rendered only for products written with an event: unchanged ones never need it.
+    after: Value,
 }
 
 async fn fold_once(
@@ -225,6 +223,7 @@ async fn fold_once(
                     product_id: None,
                     changes: diff::created(&record.product.content),
                     before: Value::Null,
+                    after: record.product.to_json(),
                 }),
             }),
             Some(head) if record.product.version < head.source_version => outcome.stale += 1,
@@ -266,6 +265,7 @@ async fn fold_once(
                         product_id: Some(head.id),
                         changes,
                         before: before.to_json(),
+                        after: record.product.to_json(),
                     }),
                 },
                 head.id,
@@ -619,33 +619,10 @@ fn products_statement_values(
     rows: Vec<ProductRow<'_>>,
     existing: bool,
 ) -> Result<sea_orm::sea_query::InsertStatement, StoreError> {
-    use products::Column as C;
     let mut insert = Query::insert();
-    insert.into_table(products::Entity).columns([
-        C::System,
-        C::Identity,
-        C::ProductCode,
-        C::ProductName,
-        C::Category,
-        C::RiskLevel,
-        C::Currency,
-        C::Issuer,
-        C::Status,
-        C::Nav,
-        C::ExpectedYield,
-        C::MinInvestment,
-        C::TermDays,
-        C::SaleStart,
-        C::SaleEnd,
-        C::Keywords,
-        C::Attributes,
-        C::SourceVersion,
-        C::SourceUpdatedAt,
-        C::ContentHash,
-        C::Revision,
-        C::CreatedAt,
-        C::UpdatedAt,
-    ]);
+    insert
+        .into_table(products::Entity)
+        .columns(PRODUCT_COLUMNS.iter().map(|(name, _)| Alias::new(*name)));
     for r in rows {
         let values: Vec<Expr> = vec![
             r.system.into(),
@@ -676,38 +653,22 @@ fn products_statement_values(
             .values(values)
             .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
     }
-    let mut on_conflict = OnConflict::columns([C::System, C::Identity]);
+    let mut on_conflict = OnConflict::columns([Alias::new("system"), Alias::new("identity")]);
     if existing {
         on_conflict
-            .update_columns([
-                C::ProductCode,
-                C::ProductName,
-                C::Category,
-                C::RiskLevel,
-                C::Currency,
-                C::Issuer,
-                C::Status,
-                C::Nav,
-                C::ExpectedYield,
-                C::MinInvestment,
-                C::TermDays,
-                C::SaleStart,
-                C::SaleEnd,
-                C::Keywords,
-                C::Attributes,
-                C::SourceVersion,
-                C::SourceUpdatedAt,
-                C::ContentHash,
-                C::Revision,
-                C::UpdatedAt,
-            ])
+            .update_columns(
+                PRODUCT_COLUMNS
+                    .iter()
+                    .filter(|(name, _)| !matches!(*name, "system" | "identity" | "created_at"))
+                    .map(|(name, _)| Alias::new(*name)),
+            )
             .action_and_where(Expr::cust(UPSERT_GUARD));
     } else {
         on_conflict.do_nothing();
     }
     insert
         .on_conflict(on_conflict)
-        .returning(Query::returning().columns([C::Id, C::Identity]));
+        .returning(Query::returning().columns([Alias::new("id"), Alias::new("identity")]));
     Ok(insert)
 }
 
@@ -805,7 +766,7 @@ fn outbox_row<'a>(
             request_id: ctx.request_id,
             changes: &event.changes,
             before: &event.before,
-            after: &write.record.json,
+            after: &event.after,
             source_version: product.version,
             changed_at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         },
@@ -836,21 +797,10 @@ async fn write_outbox(txn: &DatabaseTransaction, rows: &[OutboxRow<'_>]) -> Resu
                 .await?;
             }
             _ => {
-                use product_changes::Column as C;
                 let mut insert = Query::insert();
-                insert.into_table(product_changes::Entity).columns([
-                    C::ProductId,
-                    C::System,
-                    C::Identity,
-                    C::ProductCode,
-                    C::Revision,
-                    C::EventId,
-                    C::Op,
-                    C::RequestId,
-                    C::Traceparent,
-                    C::Payload,
-                    C::CreatedAt,
-                ]);
+                insert
+                    .into_table(product_changes::Entity)
+                    .columns(OUTBOX_COLUMNS.iter().map(|(name, _)| Alias::new(*name)));
                 for r in chunk {
                     let values: Vec<Expr> = vec![
                         r.product_id.into(),
