@@ -317,13 +317,34 @@ async fn read_heads(
                 products::Column::ContentHash,
             ])
             .filter(products::Column::System.eq(system))
-            .filter(products::Column::Identity.is_in(keys))
+            .filter(identity_in(db.get_database_backend(), &keys))
             .into_model::<StoredHead>()
             .all(db)
             .await?;
         heads.extend(rows.into_iter().map(|h| (h.identity.clone(), h)));
     }
     Ok(heads)
+}
+
+/// `identity IN (…)`; on PostgreSQL `identity = ANY($1)` with one array parameter, which is
+/// cheaper to bind and plan than hundreds of scalars.
+fn identity_in(backend: DatabaseBackend, keys: &[&str]) -> sea_orm::sea_query::SimpleExpr {
+    match backend {
+        DatabaseBackend::Postgres => {
+            let array: Vec<sea_orm::Value> = keys
+                .iter()
+                .map(|k| sea_orm::Value::String(Some((*k).to_owned())))
+                .collect();
+            Expr::cust_with_values(
+                r#""products"."identity" = ANY($1)"#,
+                [sea_orm::Value::Array(
+                    sea_orm::sea_query::ArrayType::String,
+                    Some(Box::new(array)),
+                )],
+            )
+        }
+        _ => products::Column::Identity.is_in(keys.iter().copied()),
+    }
 }
 
 /// Reads full stored products by id (decimals as text, see the entity module).
