@@ -32,6 +32,8 @@ pub enum AppError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("product-sync needs a multi-threaded tokio runtime (partition revokes block the polling thread)")]
+    Runtime,
     #[error("cannot serve the ops endpoint on {addr} (http.listen): {source}")]
     Ops {
         addr: SocketAddr,
@@ -46,7 +48,7 @@ impl AppError {
             AppError::Kafka(e) => e.is_transient(),
             AppError::Upstream(e) => e.is_transient(),
             AppError::Pipeline(e) => e.is_transient(),
-            AppError::Ops { .. } => false,
+            AppError::Ops { .. } | AppError::Runtime => false,
         }
     }
 }
@@ -67,7 +69,13 @@ pub struct Application {
 impl Application {
     /// Connects to the store (migrating it if configured), waits for the broker, creates
     /// missing topics, and builds the upstream client and the producer.
+    ///
+    /// Needs a multi-threaded tokio runtime: a partition revoke blocks the polling thread
+    /// while the revoked partitions' workers finish on other threads.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            return Err(AppError::Runtime);
+        }
         let db = store::connect(&settings.database).await?;
         if settings.database.migrate_on_start {
             store::migrate(&db).await?;
