@@ -32,7 +32,9 @@ pub enum AppError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
-    #[error("product-sync needs a multi-threaded tokio runtime (partition revokes block the polling thread)")]
+    #[error(
+        "product-sync needs a multi-threaded tokio runtime (partition revokes block the polling thread)"
+    )]
     Runtime,
     #[error("cannot serve the ops endpoint on {addr} (http.listen): {source}")]
     Ops {
@@ -73,7 +75,9 @@ impl Application {
     /// Needs a multi-threaded tokio runtime: a partition revoke blocks the polling thread
     /// while the revoked partitions' workers finish on other threads.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread
+        {
             return Err(AppError::Runtime);
         }
         let db = store::connect(&settings.database).await?;

@@ -364,7 +364,13 @@ impl Pipeline {
                     offset = message.offset(),
                     request_id = tracing::field::Empty,
                 );
-                let handled = processor.handle(&message, &abandon).instrument(span).await;
+                // Abandoning drops the command mid-way: an open transaction rolls back, nothing
+                // is stored for its offset, and the partition's next owner runs it again.
+                let handled = tokio::select! {
+                    biased;
+                    _ = abandon.cancelled() => Err(process::Abandoned),
+                    r = processor.handle(&message, &abandon).instrument(span) => r,
+                };
                 match handled {
                     Ok(()) => {
                         // The offset to store is the next one to read (rd_kafka_offsets_store
