@@ -29,8 +29,9 @@ pub struct DlqEntry {
     pub payload: String,
 }
 
-/// Reads the DLQ from its start (or the replay group's position) up to its end at call time.
-fn read_until_end(
+/// Reads `topic` from its start (or, with `from_group`, the consumer group's committed
+/// position) up to its end at call time. Blocking: call it from a blocking context.
+pub fn read_until_end(
     consumer: &BaseConsumer,
     topic: &str,
     from_group: bool,
@@ -71,8 +72,15 @@ fn read_until_end(
     consumer.assign(&assignment)?;
     let mut out = Vec::new();
     let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !remaining.is_empty() && std::time::Instant::now() < deadline {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while !remaining.is_empty() {
+        if std::time::Instant::now() > deadline {
+            // A partial read must not pass for the whole topic.
+            return Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+            )
+            .into());
+        }
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 let (p, o) = (m.partition(), m.offset());

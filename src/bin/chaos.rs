@@ -312,37 +312,7 @@ fn read_all(settings: &Settings, topic: &str) -> anyhow::Result<Vec<OwnedMessage
         )
         .set("enable.auto.commit", "false")
         .create()?;
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut list = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for p in md.topics()[0].partitions() {
-        let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-        if high > low {
-            list.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
-            ends.insert(p.id(), high);
-        }
-    }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok(out);
-    }
-    consumer.assign(&list)?;
-    let until = Instant::now() + Duration::from_secs(300);
-    while !ends.is_empty() {
-        if Instant::now() > until {
-            bail!("reading {topic} timed out");
-        }
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            if ends
-                .get(&m.partition())
-                .is_some_and(|e| m.offset() + 1 >= *e)
-            {
-                ends.remove(&m.partition());
-            }
-            out.push(m.detach());
-        }
-    }
-    Ok(out)
+    Ok(product_sync::dlq::read_until_end(&consumer, topic, false)?)
 }
 
 fn header(m: &OwnedMessage, name: &str) -> Option<String> {

@@ -410,25 +410,3 @@ fn partition_list((topic, partition): &PartitionKey) -> TopicPartitionList {
     list.add_partition(topic, *partition);
     list
 }
-
-/// Offsets of each partition of `topic` at the group's committed position (for tools/tests).
-pub fn committed_offsets(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partitions: i32,
-    timeout: Duration,
-) -> Result<Vec<Option<i64>>, KafkaError> {
-    let mut list = TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
-    let committed = consumer.committed_offsets(list, timeout)?;
-    Ok((0..partitions)
-        .map(
-            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            },
-        )
-        .collect())
-}
