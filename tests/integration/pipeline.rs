@@ -113,6 +113,11 @@ pub async fn world(products: usize, partitions: i32) -> World {
     .expect("test configuration loads through the real loader");
     let producer: FutureProducer = client_config(&kafka).create().expect("producer");
     let db = connect(&db_settings).await;
+    // Migrated up front: the test reads the store while child processes are still starting
+    // (their own migration is then a no-op; concurrent migration has its own test).
+    product_sync::store::migrate(&db)
+        .await
+        .expect("migrate the test database");
     World {
         sim,
         vars,
