@@ -13,7 +13,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
 use crate::config::Settings;
-use crate::kafka::{KafkaError, client_config};
+use crate::kafka::{KafkaError, client_config, header_text as header};
 
 /// One DLQ record, for people.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -94,14 +94,6 @@ pub fn read_until_end(
         }
     }
     Ok(out)
-}
-
-fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Lists the DLQ's records.

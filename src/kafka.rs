@@ -155,3 +155,15 @@ pub async fn ensure_topics(
     }
     Ok(())
 }
+
+/// The first value of a record's header, as text (lossy); `None` when absent.
+pub fn header_text(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::Message;
+    use rdkafka::message::Headers;
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use product_sync::command::Selector;
 use product_sync::config::{self, Settings, Sources};
-use product_sync::kafka::{TopicSpec, client_config, ensure_topics};
+use product_sync::kafka::{TopicSpec, client_config, ensure_topics, header_text as header};
 use product_sync::product::{Identity, Product};
 use product_sync::sim::{Catalogue, Faults, Sim, SimConfig};
 use product_sync::store::fold::load_all;
@@ -27,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sea_orm::{ConnectionTrait, Database};
@@ -313,14 +313,6 @@ fn read_all(settings: &Settings, topic: &str) -> anyhow::Result<Vec<OwnedMessage
         .set("enable.auto.commit", "false")
         .create()?;
     Ok(product_sync::dlq::read_until_end(&consumer, topic, false)?)
-}
-
-fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 fn json_of(m: &OwnedMessage) -> Value {
