@@ -270,15 +270,22 @@ fn truncate(s: &str, chars: usize) -> String {
     s.chars().take(chars).collect()
 }
 
-/// A W3C `traceparent` value worth carrying (`00-<32 hex>-<16 hex>-<2 hex>`), else `None`.
+/// A W3C `traceparent` value worth carrying (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase hex, no
+/// all-zero ids, version not `ff`), trimmed; else `None`.
 pub fn valid_traceparent(value: &[u8]) -> Option<String> {
     let s = std::str::from_utf8(value).ok()?.trim();
     let parts: Vec<&str> = s.split('-').collect();
-    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
+    let hex = |p: &str, n: usize| {
+        p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let nonzero = |p: &str| p.bytes().any(|b| b != b'0');
     (parts.len() == 4
         && hex(parts[0], 2)
+        && parts[0] != "ff"
         && hex(parts[1], 32)
+        && nonzero(parts[1])
         && hex(parts[2], 16)
+        && nonzero(parts[2])
         && hex(parts[3], 2))
     .then(|| s.to_owned())
 }
@@ -372,6 +379,15 @@ mod tests {
         assert!(
             valid_traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").is_some()
         );
-        assert!(valid_traceparent(b"garbage").is_none());
+        for bad in [
+            &b"garbage"[..],
+            b"00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+            b"00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        ] {
+            assert!(valid_traceparent(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }

@@ -5,6 +5,9 @@
 mod cli;
 mod deploy;
 mod fold;
+mod fuzz_corpus;
+#[path = "../fuzz/checks.rs"]
+mod fuzz_checks;
 mod helpers;
 mod kafka_smoke;
 mod pipeline;

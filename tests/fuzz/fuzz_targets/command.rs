@@ -1,0 +1,7 @@
+//! Fuzz target: the command decoder (bytes from the request topic).
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::command(data));
