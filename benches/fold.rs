@@ -5,8 +5,9 @@
 //! `fold-bench: case=<initial|unchanged|changed10> products=<n> batched_per_s=<x> naive_per_s=<y> ratio=<x/y>`
 //!
 //! Run: `deploy/local/postgres.sh up && cargo bench --bench fold` (options after `--`:
-//! `--products N` (default 20000), `--naive-products N` (default 3000), `--page-size N`
-//! (default 500)). `PRODUCT_SYNC_BENCH_DATABASE_URL` names the server (default: the local
+//! `--products N` (default 20000), `--naive-products N` (default 3000; 0 skips the baseline and prints
+//! the batched figures only, for profiling), `--page-size N`
+//! (default 500), `--keep-db` (leave the database for inspection)). `PRODUCT_SYNC_BENCH_DATABASE_URL` names the server (default: the local
 //! test PostgreSQL); each run makes its own database.
 
 use std::time::{Duration, Instant};
@@ -279,9 +280,14 @@ async fn main() {
         "fold bench: {n} products (naive: {n_naive}), pages of {page_size}, PostgreSQL at {name}"
     );
 
+    // `--naive-products 0` skips the baseline (for profiling the batched fold alone).
     let mut lines = Vec::new();
     for (case, batch) in [("initial", &v1), ("unchanged", &v1), ("changed10", &v2)] {
         let b = batched(&db, "bench-batched", batch, page_size).await;
+        if n_naive == 0 {
+            eprintln!("fold bench: case={case} batched_per_s={:.0}", rate(n, b));
+            continue;
+        }
         let nv = naive(&db, "bench-naive", &batch[..n_naive], page_size).await;
         let (x, y) = (rate(n, b), rate(n_naive, nv));
         lines.push(format!(
@@ -290,10 +296,14 @@ async fn main() {
         ));
     }
     db.close().await.ok();
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
-        .await
-        .ok();
+    if std::env::args().any(|a| a == "--keep-db") {
+        eprintln!("fold bench: database {name} kept");
+    } else {
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+            .await
+            .ok();
+    }
     for line in lines {
         println!("{line}");
     }

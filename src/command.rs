@@ -387,7 +387,11 @@ mod tests {
             b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
         ] {
-            assert!(valid_traceparent(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                valid_traceparent(bad).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

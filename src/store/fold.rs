@@ -30,13 +30,14 @@
 //! way), so an older record with other content that arrives later is still seen as stale.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sea_orm::sea_query::{Alias, Expr, Func, OnConflict, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, FromQueryResult, QueryFilter, QuerySelect, Statement, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseConnectionType,
+    DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QuerySelect, TransactionTrait,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -46,6 +47,8 @@ use super::entity::{product_changes, products};
 use crate::diff::{self, FieldChange};
 use crate::product::{Content, Identity, Product, parse_decimal};
 use crate::retry::{RetryPolicy, retry};
+
+mod pg;
 
 /// Rows per multi-row statement: well under both databases' bind-parameter limits.
 const CHUNK: usize = 1000;
@@ -114,7 +117,14 @@ struct Prepared<'a> {
     product: &'a Product,
     identity: Identity,
     key: String,
-    hash: String,
+    /// The content hash, computed once (while the first read is on the server).
+    hash: OnceLock<String>,
+}
+
+impl Prepared<'_> {
+    fn hash(&self) -> &str {
+        self.hash.get_or_init(|| self.product.content.hash())
+    }
 }
 
 /// One record per identity (the highest version; the later one on a tie), sorted by identity
@@ -127,7 +137,7 @@ fn prepare(page: &[Product]) -> (Vec<Prepared<'_>>, u64) {
         let key = identity.key();
         let candidate = Prepared {
             product,
-            hash: product.content.hash(),
+            hash: OnceLock::new(),
             identity,
             key: key.clone(),
         };
@@ -208,7 +218,13 @@ async fn fold_once(
         return Ok(outcome);
     }
     // Reads need no transaction: every write below re-checks what was read (module header).
-    let heads = read_heads(db, ctx.system, page).await?;
+    // The hashes are computed while the server looks the products up.
+    let (heads, ()) = tokio::join!(read_heads(db, ctx.system, page), async {
+        for record in page {
+            record.hash();
+        }
+    });
+    let heads = heads?;
 
     let mut inserts: Vec<Write<'_>> = Vec::new();
     let mut updates: Vec<(Write<'_>, i64)> = Vec::new();
@@ -227,7 +243,7 @@ async fn fold_once(
                 }),
             }),
             Some(head) if record.product.version < head.source_version => outcome.stale += 1,
-            Some(head) if record.hash == head.content_hash => {
+            Some(head) if record.hash() == head.content_hash => {
                 outcome.unchanged += 1;
                 if record.product.version > head.source_version {
                     updates.push((
@@ -278,9 +294,20 @@ async fn fold_once(
         return Ok(outcome);
     }
     let now = Utc::now();
+    let update_writes: Vec<Write<'_>> = updates.into_iter().map(|(w, _)| w).collect();
+    if let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &db.inner {
+        pg::write(
+            db.get_postgres_connection_pool(),
+            ctx,
+            &inserts,
+            &update_writes,
+            now,
+        )
+        .await?;
+        return Ok(outcome);
+    }
     let txn = db.begin().await?;
     let inserted_ids = write_products(&txn, ctx.system, &inserts, now, false).await?;
-    let update_writes: Vec<Write<'_>> = updates.into_iter().map(|(w, _)| w).collect();
     write_products(&txn, ctx.system, &update_writes, now, true).await?;
 
     let mut outbox = Vec::with_capacity(inserts.len() + update_writes.len());
@@ -475,8 +502,7 @@ impl FromQueryResult for StoredRowWithRevision {
     }
 }
 
-/// One product row as written, borrowed from the record: both write paths start here.
-#[derive(Serialize)]
+/// One product row as written by the SQLite path, borrowed from the record.
 struct ProductRow<'a> {
     system: &'a str,
     identity: &'a str,
@@ -487,7 +513,6 @@ struct ProductRow<'a> {
     currency: Option<&'a str>,
     issuer: Option<&'a str>,
     status: Option<&'static str>,
-    /// Serialized as decimal strings: exact through JSON and `numeric` input.
     nav: Option<Decimal>,
     expected_yield: Option<Decimal>,
     min_investment: Option<Decimal>,
@@ -504,31 +529,31 @@ struct ProductRow<'a> {
     updated_at: DateTime<Utc>,
 }
 
-/// The columns of `ProductRow`, with their PostgreSQL types for `json_to_recordset`.
-const PRODUCT_COLUMNS: [(&str, &str); 23] = [
-    ("system", "text"),
-    ("identity", "text"),
-    ("product_code", "text"),
-    ("product_name", "text"),
-    ("category", "text"),
-    ("risk_level", "text"),
-    ("currency", "text"),
-    ("issuer", "text"),
-    ("status", "text"),
-    ("nav", "numeric"),
-    ("expected_yield", "numeric"),
-    ("min_investment", "numeric"),
-    ("term_days", "int4"),
-    ("sale_start", "date"),
-    ("sale_end", "date"),
-    ("keywords", "json"),
-    ("attributes", "json"),
-    ("source_version", "int8"),
-    ("source_updated_at", "timestamptz"),
-    ("content_hash", "text"),
-    ("revision", "int8"),
-    ("created_at", "timestamptz"),
-    ("updated_at", "timestamptz"),
+/// The columns of `ProductRow`.
+const PRODUCT_COLUMNS: [&str; 23] = [
+    "system",
+    "identity",
+    "product_code",
+    "product_name",
+    "category",
+    "risk_level",
+    "currency",
+    "issuer",
+    "status",
+    "nav",
+    "expected_yield",
+    "min_investment",
+    "term_days",
+    "sale_start",
+    "sale_end",
+    "keywords",
+    "attributes",
+    "source_version",
+    "source_updated_at",
+    "content_hash",
+    "revision",
+    "created_at",
+    "updated_at",
 ];
 
 /// The condition of a conditional upsert. A change: the row is still at the revision read and
@@ -561,7 +586,7 @@ fn product_row<'a>(system: &'a str, w: &'a Write<'a>, now: DateTime<Utc>) -> Pro
         attributes: &c.attributes,
         source_version: p.version,
         source_updated_at: p.updated_at,
-        content_hash: &w.record.hash,
+        content_hash: w.record.hash(),
         revision: w.revision,
         created_at: now,
         updated_at: now,
@@ -581,16 +606,9 @@ async fn write_products(
     let mut ids = HashMap::with_capacity(writes.len());
     for chunk in writes.chunks(CHUNK) {
         let rows: Vec<ProductRow<'_>> = chunk.iter().map(|w| product_row(system, w, now)).collect();
-        let returned = match txn.get_database_backend() {
-            DatabaseBackend::Postgres => {
-                txn.query_all_raw(products_statement_pg(&rows, existing)?)
-                    .await?
-            }
-            _ => {
-                txn.query_all(&products_statement_values(rows, existing)?)
-                    .await?
-            }
-        };
+        let returned = txn
+            .query_all(&products_statement_values(rows, existing)?)
+            .await?;
         if returned.len() != chunk.len() {
             // Another writer got there first: roll back and fold again from a fresh read.
             return Err(StoreError::Conflict);
@@ -604,37 +622,6 @@ async fn write_products(
     Ok(ids)
 }
 
-/// PostgreSQL: the whole chunk travels as one JSON parameter, expanded by `json_to_recordset`
-/// — one bind value instead of 23 per row, and no per-value work in the driver.
-fn products_statement_pg(rows: &[ProductRow<'_>], existing: bool) -> Result<Statement, StoreError> {
-    let names: Vec<&str> = PRODUCT_COLUMNS.iter().map(|(n, _)| *n).collect();
-    let typed: Vec<String> = PRODUCT_COLUMNS
-        .iter()
-        .map(|(n, t)| format!("{n} {t}"))
-        .collect();
-    let action = if existing {
-        let set: Vec<String> = names
-            .iter()
-            .filter(|n| !matches!(**n, "system" | "identity" | "created_at"))
-            .map(|n| format!("{n} = excluded.{n}"))
-            .collect();
-        format!("DO UPDATE SET {} WHERE {UPSERT_GUARD}", set.join(", "))
-    } else {
-        "DO NOTHING".to_owned()
-    };
-    let sql = format!(
-        "INSERT INTO products ({cols}) SELECT {cols} FROM json_to_recordset($1::json) AS r({typed}) \
-         ON CONFLICT (system, identity) {action} RETURNING id, identity",
-        cols = names.join(", "),
-        typed = typed.join(", "),
-    );
-    Ok(Statement::from_sql_and_values(
-        DatabaseBackend::Postgres,
-        sql,
-        [to_json_text(rows)?.into()],
-    ))
-}
-
 /// Other backends: a multi-row `INSERT … VALUES … ON CONFLICT`.
 fn products_statement_values(
     rows: Vec<ProductRow<'_>>,
@@ -643,7 +630,7 @@ fn products_statement_values(
     let mut insert = Query::insert();
     insert
         .into_table(products::Entity)
-        .columns(PRODUCT_COLUMNS.iter().map(|(name, _)| Alias::new(*name)));
+        .columns(PRODUCT_COLUMNS.iter().map(|name| Alias::new(*name)));
     for r in rows {
         let values: Vec<Expr> = vec![
             r.system.into(),
@@ -680,8 +667,8 @@ fn products_statement_values(
             .update_columns(
                 PRODUCT_COLUMNS
                     .iter()
-                    .filter(|(name, _)| !matches!(*name, "system" | "identity" | "created_at"))
-                    .map(|(name, _)| Alias::new(*name)),
+                    .filter(|name| !matches!(**name, "system" | "identity" | "created_at"))
+                    .map(|name| Alias::new(*name)),
             )
             .action_and_where(Expr::cust(UPSERT_GUARD));
     } else {
@@ -725,8 +712,7 @@ pub struct ChangeEvent<'a> {
     pub changed_at: String,
 }
 
-/// One outbox row.
-#[derive(Serialize)]
+/// One outbox row (SQLite path).
 struct OutboxRow<'a> {
     product_id: i64,
     system: &'a str,
@@ -741,19 +727,19 @@ struct OutboxRow<'a> {
     created_at: DateTime<Utc>,
 }
 
-/// The columns of `OutboxRow`, with their PostgreSQL types for `json_to_recordset`.
-const OUTBOX_COLUMNS: [(&str, &str); 11] = [
-    ("product_id", "int8"),
-    ("system", "text"),
-    ("identity", "text"),
-    ("product_code", "text"),
-    ("revision", "int8"),
-    ("event_id", "text"),
-    ("op", "text"),
-    ("request_id", "text"),
-    ("traceparent", "text"),
-    ("payload", "json"),
-    ("created_at", "timestamptz"),
+/// The columns of `OutboxRow`.
+const OUTBOX_COLUMNS: [&str; 11] = [
+    "product_id",
+    "system",
+    "identity",
+    "product_code",
+    "revision",
+    "event_id",
+    "op",
+    "request_id",
+    "traceparent",
+    "payload",
+    "created_at",
 ];
 
 fn outbox_row<'a>(
@@ -770,79 +756,78 @@ fn outbox_row<'a>(
         identity: &write.record.key,
         product_code: product.content.product_code.as_deref(),
         revision: write.revision,
-        event_id: format!(
-            "{}:{}:{}",
-            ctx.system,
-            write.record.identity.event_key(),
-            write.revision
-        ),
+        event_id: event_id(ctx, write),
         op: event.op,
         request_id: ctx.request_id,
         traceparent: ctx.traceparent,
-        payload: ChangeEvent {
-            op: event.op,
-            system: ctx.system,
-            product_code: product.content.product_code.as_deref(),
-            revision: write.revision,
-            request_id: ctx.request_id,
-            changes: &event.changes,
-            before: &event.before,
-            after: &event.after,
-            source_version: product.version,
-            changed_at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        },
+        payload: change_event(
+            ctx,
+            write,
+            event,
+            &now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
         created_at: now,
     }
 }
 
-/// Inserts outbox rows (`published_at` starts empty), in chunks.
+/// The CloudEvents id of a write: `system:code:revision` (or `system:name:…:revision`).
+fn event_id(ctx: &FoldContext<'_>, write: &Write<'_>) -> String {
+    format!(
+        "{}:{}:{}",
+        ctx.system,
+        write.record.identity.event_key(),
+        write.revision
+    )
+}
+
+/// The change event of a write.
+fn change_event<'a>(
+    ctx: &FoldContext<'a>,
+    write: &'a Write<'a>,
+    event: &'a PlannedEvent,
+    changed_at: &str,
+) -> ChangeEvent<'a> {
+    let product = write.record.product;
+    ChangeEvent {
+        op: event.op,
+        system: ctx.system,
+        product_code: product.content.product_code.as_deref(),
+        revision: write.revision,
+        request_id: ctx.request_id,
+        changes: &event.changes,
+        before: &event.before,
+        after: &event.after,
+        source_version: product.version,
+        changed_at: changed_at.to_owned(),
+    }
+}
+
+/// Inserts outbox rows (`published_at` starts empty), in chunks (SQLite; PostgreSQL: [`pg`]).
 async fn write_outbox(txn: &DatabaseTransaction, rows: &[OutboxRow<'_>]) -> Result<(), StoreError> {
     for chunk in rows.chunks(CHUNK) {
-        match txn.get_database_backend() {
-            DatabaseBackend::Postgres => {
-                let names: Vec<&str> = OUTBOX_COLUMNS.iter().map(|(n, _)| *n).collect();
-                let typed: Vec<String> = OUTBOX_COLUMNS
-                    .iter()
-                    .map(|(n, t)| format!("{n} {t}"))
-                    .collect();
-                let sql = format!(
-                    "INSERT INTO product_changes ({cols}) SELECT {cols} FROM json_to_recordset($1::json) AS r({typed})",
-                    cols = names.join(", "),
-                    typed = typed.join(", "),
-                );
-                txn.execute_raw(Statement::from_sql_and_values(
-                    DatabaseBackend::Postgres,
-                    sql,
-                    [to_json_text(chunk)?.into()],
-                ))
-                .await?;
-            }
-            _ => {
-                let mut insert = Query::insert();
-                insert
-                    .into_table(product_changes::Entity)
-                    .columns(OUTBOX_COLUMNS.iter().map(|(name, _)| Alias::new(*name)));
-                for r in chunk {
-                    let values: Vec<Expr> = vec![
-                        r.product_id.into(),
-                        r.system.into(),
-                        r.identity.into(),
-                        r.product_code.map(str::to_owned).into(),
-                        r.revision.into(),
-                        r.event_id.clone().into(),
-                        r.op.into(),
-                        r.request_id.map(str::to_owned).into(),
-                        r.traceparent.map(str::to_owned).into(),
-                        to_json_text(&r.payload)?.into(),
-                        r.created_at.into(),
-                    ];
-                    insert
-                        .values(values)
-                        .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
-                }
-                txn.execute(&insert).await?;
-            }
+        let mut insert = Query::insert();
+        insert
+            .into_table(product_changes::Entity)
+            .columns(OUTBOX_COLUMNS.iter().map(|name| Alias::new(*name)));
+        for r in chunk {
+            let values: Vec<Expr> = vec![
+                r.product_id.into(),
+                r.system.into(),
+                r.identity.into(),
+                r.product_code.map(str::to_owned).into(),
+                r.revision.into(),
+                r.event_id.clone().into(),
+                r.op.into(),
+                r.request_id.map(str::to_owned).into(),
+                r.traceparent.map(str::to_owned).into(),
+                to_json_text(&r.payload)?.into(),
+                r.created_at.into(),
+            ];
+            insert
+                .values(values)
+                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
         }
+        txn.execute(&insert).await?;
     }
     Ok(())
 }
