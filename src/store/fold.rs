@@ -36,8 +36,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sea_orm::sea_query::{Alias, Expr, Func, OnConflict, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseConnectionType,
-    DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QuerySelect, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseConnectionType, DatabaseTransaction,
+    EntityTrait, FromQueryResult, QueryFilter, QuerySelect, TransactionTrait,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -334,44 +334,27 @@ async fn read_heads(
     let mut heads = HashMap::with_capacity(page.len());
     for chunk in page.chunks(CHUNK) {
         let keys: Vec<&str> = chunk.iter().map(|p| p.key.as_str()).collect();
-        let rows = products::Entity::find()
-            .select_only()
-            .columns([
-                products::Column::Id,
-                products::Column::Identity,
-                products::Column::SourceVersion,
-                products::Column::Revision,
-                products::Column::ContentHash,
-            ])
-            .filter(products::Column::System.eq(system))
-            .filter(identity_in(db.get_database_backend(), &keys))
-            .into_model::<StoredHead>()
-            .all(db)
-            .await?;
+        let rows = if let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &db.inner {
+            pg::read_heads(db.get_postgres_connection_pool(), system, keys).await?
+        } else {
+            products::Entity::find()
+                .select_only()
+                .columns([
+                    products::Column::Id,
+                    products::Column::Identity,
+                    products::Column::SourceVersion,
+                    products::Column::Revision,
+                    products::Column::ContentHash,
+                ])
+                .filter(products::Column::System.eq(system))
+                .filter(products::Column::Identity.is_in(keys))
+                .into_model::<StoredHead>()
+                .all(db)
+                .await?
+        };
         heads.extend(rows.into_iter().map(|h| (h.identity.clone(), h)));
     }
     Ok(heads)
-}
-
-/// `identity IN (…)`; on PostgreSQL `identity = ANY($1)` with one array parameter, which is
-/// cheaper to bind and plan than hundreds of scalars.
-fn identity_in(backend: DatabaseBackend, keys: &[&str]) -> sea_orm::sea_query::SimpleExpr {
-    match backend {
-        DatabaseBackend::Postgres => {
-            let array: Vec<sea_orm::Value> = keys
-                .iter()
-                .map(|k| sea_orm::Value::String(Some((*k).to_owned())))
-                .collect();
-            Expr::cust_with_values(
-                r#""products"."identity" = ANY($1)"#,
-                [sea_orm::Value::Array(
-                    sea_orm::sea_query::ArrayType::String,
-                    Some(Box::new(array)),
-                )],
-            )
-        }
-        _ => products::Column::Identity.is_in(keys.iter().copied()),
-    }
 }
 
 /// Reads full stored products by id (decimals as text, see the entity module).
