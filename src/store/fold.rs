@@ -50,6 +50,10 @@ use crate::retry::{RetryPolicy, retry};
 
 mod pg;
 
+/// The statement that reads a page's stored heads on PostgreSQL (`$1` the system, `$2` the
+/// identity keys): public so a test can check its plan.
+pub use pg::HEADS_SQL;
+
 /// Rows per multi-row statement: well under both databases' bind-parameter limits.
 const CHUNK: usize = 1000;
 

@@ -7,7 +7,7 @@
 
 #![allow(dead_code)] // each fuzz target uses one of the checks
 
-use product_sync::command::{valid_traceparent, Command};
+use product_sync::command::{Command, valid_traceparent};
 use product_sync::diff;
 use product_sync::upstream::products::parse_page;
 
@@ -32,7 +32,11 @@ pub fn command(data: &[u8]) {
     if let Some(tp) = valid_traceparent(data) {
         assert_eq!(tp.len(), 55, "traceparent {tp:?}");
         let text = std::str::from_utf8(data).expect("an accepted traceparent is UTF-8");
-        assert_eq!(tp, text.trim(), "a traceparent is passed on as sent, trimmed");
+        assert_eq!(
+            tp,
+            text.trim(),
+            "a traceparent is passed on as sent, trimmed"
+        );
     }
 }
 

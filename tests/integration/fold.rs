@@ -9,10 +9,13 @@ use product_sync::config::DatabaseSettings;
 use product_sync::product::{Identity, Product};
 use product_sync::retry::RetryPolicy;
 use product_sync::store::entity::product_changes;
-use product_sync::store::fold::{FoldContext, FoldOutcome, fold_page, load_all};
+use product_sync::store::fold::{FoldContext, FoldOutcome, HEADS_SQL, fold_page, load_all};
 use product_sync::store::{self, StoreError};
 use proptest::prelude::*;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, Statement,
+};
 use serde_json::{Value, json};
 
 use crate::helpers::{connect, fresh_pg_database, fresh_sqlite_database, unique};
@@ -488,5 +491,60 @@ async fn postgres_concurrent_overlapping_folds_keep_every_invariant() {
             versions.windows(2).all(|w| w[0] < w[1]),
             "{code}: versions by revision {versions:?}"
         );
+    }
+}
+
+/// The plan PostgreSQL chooses for the heads read of a page of `keys`.
+async fn heads_plan(db: &DatabaseConnection, system: &str, keys: &[String]) -> String {
+    let array = sea_orm::Value::Array(
+        sea_orm::sea_query::ArrayType::String,
+        Some(Box::new(
+            keys.iter()
+                .map(|k| sea_orm::Value::String(Some(k.clone())))
+                .collect(),
+        )),
+    );
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            format!("EXPLAIN {HEADS_SQL}"),
+            [system.into(), array],
+        ))
+        .await
+        .expect("explain");
+    rows.iter()
+        .map(|r| r.try_get_by_index::<String>(0).expect("plan line"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Performance regression found by profiling: with statistics not yet gathered after a bulk
+/// load, the heads read scanned every row of the system for each page. It must probe the
+/// unique index once per key, before and after ANALYZE, whatever the table's size.
+#[tokio::test]
+async fn postgres_heads_read_probes_the_index_per_key_with_or_without_statistics() {
+    let db = pg().await;
+    let system = "plan";
+    let page: Vec<Product> = (0..3000)
+        .map(|i| product(Some(&format!("P{i:05}")), &format!("p{i}"), 1, i))
+        .collect();
+    for chunk in page.chunks(500) {
+        fold(&db, system, chunk).await;
+    }
+    let keys: Vec<String> = page[1000..1500]
+        .iter()
+        .map(|p| p.identity().key())
+        .collect();
+    for moment in ["before ANALYZE", "after ANALYZE"] {
+        let plan = heads_plan(&db, system, &keys).await;
+        assert!(
+            plan.contains("Index Scan using ux_products_system_identity")
+                && !plan.contains("Seq Scan on products")
+                && !plan.contains("Bitmap Heap Scan"),
+            "{moment}: the heads read does not probe the index per key:\n{plan}"
+        );
+        db.execute_unprepared("ANALYZE products")
+            .await
+            .expect("analyze");
     }
 }

@@ -33,7 +33,11 @@ fn replay(target: &str, check: fn(&[u8])) {
     for path in files {
         let data = std::fs::read(&path).expect("read fuzz input");
         let outcome = std::panic::catch_unwind(|| check(&data));
-        assert!(outcome.is_ok(), "fuzz input {} fails its check", path.display());
+        assert!(
+            outcome.is_ok(),
+            "fuzz input {} fails its check",
+            path.display()
+        );
     }
 }
 

@@ -5,9 +5,9 @@
 mod cli;
 mod deploy;
 mod fold;
-mod fuzz_corpus;
 #[path = "../fuzz/checks.rs"]
 mod fuzz_checks;
+mod fuzz_corpus;
 mod helpers;
 mod kafka_smoke;
 mod pipeline;

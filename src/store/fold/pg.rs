@@ -17,7 +17,8 @@ use sea_orm::sqlx::{self, PgConnection, PgPool, Row};
 use sea_orm::{DbErr, RuntimeErr};
 
 use super::{
-    CHUNK, FoldContext, StoredHead, UPSERT_GUARD, Write, change_event, event_id, to_json_text,
+    CHUNK, FoldContext, PlannedEvent, StoredHead, UPSERT_GUARD, Write, change_event, event_id,
+    to_json_text,
 };
 use crate::store::StoreError;
 
@@ -82,7 +83,7 @@ const OUTBOX_SQL: &str = "INSERT INTO product_changes (product_id, system, ident
 /// the whole system's rows (it did, with statistics not yet gathered after a bulk load or
 /// with the default `random_page_cost`: 3× slower at 20,000 rows and growing with the table).
 /// `(system, identity)` is unique, so the `LIMIT` changes no result.
-const HEADS_SQL: &str = "SELECT p.id, p.identity, p.source_version, p.revision, p.content_hash \
+pub const HEADS_SQL: &str = "SELECT p.id, p.identity, p.source_version, p.revision, p.content_hash \
      FROM unnest($2::text[]) AS k(identity) \
      CROSS JOIN LATERAL (SELECT id, identity, source_version, revision, content_hash \
      FROM products WHERE system = $1 AND identity = k.identity LIMIT 1) AS p";
@@ -122,10 +123,10 @@ pub(super) async fn write(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(db_err)?;
-    let evented: Vec<&Write<'_>> = inserts
+    let evented: Vec<(&Write<'_>, &PlannedEvent)> = inserts
         .iter()
         .chain(updates)
-        .filter(|w| w.event.is_some())
+        .filter_map(|w| w.event.as_ref().map(|e| (w, e)))
         .collect();
     let changed_at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     // The server writes the products while this task renders the payloads (they need no id).
@@ -138,53 +139,52 @@ pub(super) async fn write(
         async {
             evented
                 .iter()
-                .filter_map(|w| w.event.as_ref().map(|e| (w, e)))
                 .map(|(w, e)| to_json_text(&change_event(ctx, w, e, &changed_at)))
                 .collect::<Result<Vec<String>, StoreError>>()
         }
     );
     let (ids, payloads) = (ids?, payloads?);
 
-    let mut product_id = Vec::with_capacity(evented.len());
-    for w in &evented {
-        let id = match w.event.as_ref().and_then(|e| e.product_id) {
+    let mut product_ids = Vec::with_capacity(evented.len());
+    for (w, e) in &evented {
+        let id = match e.product_id {
             Some(id) => id,
             None => *ids.get(&w.record.key).ok_or(StoreError::Conflict)?,
         };
-        product_id.push(id);
+        product_ids.push(id);
     }
-    for (from, chunk) in (0..evented.len())
-        .step_by(CHUNK)
-        .map(|i| (i, &evented[i..(i + CHUNK).min(evented.len())]))
+    for ((chunk, ids), payloads) in evented
+        .chunks(CHUNK)
+        .zip(product_ids.chunks(CHUNK))
+        .zip(payloads.chunks(CHUNK))
     {
-        let to = from + chunk.len();
         sqlx::query(OUTBOX_SQL)
             .bind(ctx.system)
             .bind(ctx.request_id)
             .bind(ctx.traceparent)
             .bind(now)
-            .bind(&product_id[from..to])
+            .bind(ids)
             .bind(
                 chunk
                     .iter()
-                    .map(|w| w.record.key.as_str())
+                    .map(|(w, _)| w.record.key.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(
                 chunk
                     .iter()
-                    .map(|w| w.record.product.content.product_code.as_deref())
+                    .map(|(w, _)| w.record.product.content.product_code.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(chunk.iter().map(|w| w.revision).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|w| event_id(ctx, w)).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|(w, _)| w.revision).collect::<Vec<_>>())
             .bind(
                 chunk
                     .iter()
-                    .map(|w| w.event.as_ref().map_or("", |e| e.op))
+                    .map(|(w, _)| event_id(ctx, w))
                     .collect::<Vec<_>>(),
             )
-            .bind(&payloads[from..to])
+            .bind(chunk.iter().map(|(_, e)| e.op).collect::<Vec<_>>())
+            .bind(payloads)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
