@@ -200,13 +200,34 @@ struct Write<'a> {
     event: Option<PlannedEvent>,
 }
 
-struct PlannedEvent {
-    op: &'static str,
-    product_id: Option<i64>,
-    changes: Vec<FieldChange>,
-    before: Value,
-    /// Rendered only for products written with an event: unchanged ones never need it.
-    after: Value,
+enum PlannedEvent {
+    /// Everything the event holds comes from the record: derived when the payload is rendered
+    /// (on PostgreSQL while the server writes the product rows), not before.
+    Created,
+    /// The diff against the stored row, read before writing.
+    Updated {
+        product_id: i64,
+        changes: Vec<FieldChange>,
+        before: Value,
+        after: Value,
+    },
+}
+
+impl PlannedEvent {
+    fn op(&self) -> &'static str {
+        match self {
+            PlannedEvent::Created => "created",
+            PlannedEvent::Updated { .. } => "updated",
+        }
+    }
+
+    /// The product's id when known before writing (updates); inserts learn it from the write.
+    fn product_id(&self) -> Option<i64> {
+        match self {
+            PlannedEvent::Created => None,
+            PlannedEvent::Updated { product_id, .. } => Some(*product_id),
+        }
+    }
 }
 
 async fn fold_once(
@@ -238,13 +259,7 @@ async fn fold_once(
             None => inserts.push(Write {
                 record,
                 revision: 1,
-                event: Some(PlannedEvent {
-                    op: "created",
-                    product_id: None,
-                    changes: diff::created(&record.product.content),
-                    before: Value::Null,
-                    after: record.product.to_json(),
-                }),
+                event: Some(PlannedEvent::Created),
             }),
             Some(head) if record.product.version < head.source_version => outcome.stale += 1,
             Some(head) if record.hash() == head.content_hash => {
@@ -280,9 +295,8 @@ async fn fold_once(
                 Write {
                     record,
                     revision: head.revision + 1,
-                    event: Some(PlannedEvent {
-                        op: "updated",
-                        product_id: Some(head.id),
+                    event: Some(PlannedEvent::Updated {
+                        product_id: head.id,
                         changes,
                         before: before.to_json(),
                         after: record.product.to_json(),
@@ -317,13 +331,13 @@ async fn fold_once(
     let mut outbox = Vec::with_capacity(inserts.len() + update_writes.len());
     for write in inserts.iter().chain(update_writes.iter()) {
         let Some(event) = &write.event else { continue };
-        let product_id = match event.product_id {
+        let product_id = match event.product_id() {
             Some(id) => id,
             None => *inserted_ids
                 .get(&write.record.key)
                 .ok_or(StoreError::Conflict)?,
         };
-        outbox.push(outbox_row(ctx, write, event, product_id, now));
+        outbox.push(outbox_row(ctx, write, event, product_id, now)?);
     }
     write_outbox(&txn, &outbox).await?;
     txn.commit().await?;
@@ -710,7 +724,7 @@ struct OutboxRow<'a> {
     op: &'a str,
     request_id: Option<&'a str>,
     traceparent: Option<&'a str>,
-    payload: ChangeEvent<'a>,
+    payload: String,
     created_at: DateTime<Utc>,
 }
 
@@ -735,26 +749,26 @@ fn outbox_row<'a>(
     event: &'a PlannedEvent,
     product_id: i64,
     now: DateTime<Utc>,
-) -> OutboxRow<'a> {
+) -> Result<OutboxRow<'a>, StoreError> {
     let product = write.record.product;
-    OutboxRow {
+    Ok(OutboxRow {
         product_id,
         system: ctx.system,
         identity: &write.record.key,
         product_code: product.content.product_code.as_deref(),
         revision: write.revision,
         event_id: event_id(ctx, write),
-        op: event.op,
+        op: event.op(),
         request_id: ctx.request_id,
         traceparent: ctx.traceparent,
-        payload: change_event(
+        payload: render_event(
             ctx,
             write,
             event,
             &now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        ),
+        )?,
         created_at: now,
-    }
+    })
 }
 
 /// The CloudEvents id of a write: `system:code:revision` (or `system:name:…:revision`).
@@ -767,26 +781,39 @@ fn event_id(ctx: &FoldContext<'_>, write: &Write<'_>) -> String {
     )
 }
 
-/// The change event of a write.
-fn change_event<'a>(
-    ctx: &FoldContext<'a>,
-    write: &'a Write<'a>,
-    event: &'a PlannedEvent,
+/// The change event of a write, as JSON text.
+fn render_event(
+    ctx: &FoldContext<'_>,
+    write: &Write<'_>,
+    event: &PlannedEvent,
     changed_at: &str,
-) -> ChangeEvent<'a> {
+) -> Result<String, StoreError> {
     let product = write.record.product;
-    ChangeEvent {
-        op: event.op,
+    let derived;
+    let (changes, before, after) = match event {
+        PlannedEvent::Created => {
+            derived = (diff::created(&product.content), product.to_json());
+            (&derived.0, &Value::Null, &derived.1)
+        }
+        PlannedEvent::Updated {
+            changes,
+            before,
+            after,
+            ..
+        } => (changes, before, after),
+    };
+    to_json_text(&ChangeEvent {
+        op: event.op(),
         system: ctx.system,
         product_code: product.content.product_code.as_deref(),
         revision: write.revision,
         request_id: ctx.request_id,
-        changes: &event.changes,
-        before: &event.before,
-        after: &event.after,
+        changes,
+        before,
+        after,
         source_version: product.version,
         changed_at: changed_at.to_owned(),
-    }
+    })
 }
 
 /// Inserts outbox rows (`published_at` starts empty), in chunks (SQLite; PostgreSQL: [`pg`]).
@@ -807,7 +834,7 @@ async fn write_outbox(txn: &DatabaseTransaction, rows: &[OutboxRow<'_>]) -> Resu
                 r.op.into(),
                 r.request_id.map(str::to_owned).into(),
                 r.traceparent.map(str::to_owned).into(),
-                to_json_text(&r.payload)?.into(),
+                r.payload.clone().into(),
                 r.created_at.into(),
             ];
             insert

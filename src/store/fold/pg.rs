@@ -17,7 +17,7 @@ use sea_orm::sqlx::{self, PgConnection, PgPool, Row};
 use sea_orm::{DbErr, RuntimeErr};
 
 use super::{
-    CHUNK, FoldContext, PlannedEvent, StoredHead, UPSERT_GUARD, Write, change_event, event_id,
+    CHUNK, FoldContext, PlannedEvent, StoredHead, UPSERT_GUARD, Write, event_id, render_event,
     to_json_text,
 };
 use crate::store::StoreError;
@@ -139,7 +139,7 @@ pub(super) async fn write(
         async {
             evented
                 .iter()
-                .map(|(w, e)| to_json_text(&change_event(ctx, w, e, &changed_at)))
+                .map(|(w, e)| render_event(ctx, w, e, &changed_at))
                 .collect::<Result<Vec<String>, StoreError>>()
         }
     );
@@ -147,7 +147,7 @@ pub(super) async fn write(
 
     let mut product_ids = Vec::with_capacity(evented.len());
     for (w, e) in &evented {
-        let id = match e.product_id {
+        let id = match e.product_id() {
             Some(id) => id,
             None => *ids.get(&w.record.key).ok_or(StoreError::Conflict)?,
         };
@@ -183,7 +183,7 @@ pub(super) async fn write(
                     .map(|(w, _)| event_id(ctx, w))
                     .collect::<Vec<_>>(),
             )
-            .bind(chunk.iter().map(|(_, e)| e.op).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|(_, e)| e.op()).collect::<Vec<_>>())
             .bind(payloads)
             .execute(&mut *tx)
             .await
