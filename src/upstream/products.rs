@@ -93,10 +93,15 @@ impl ProductClient {
         number: usize,
     ) -> Result<Page, UpstreamError> {
         let what = format!("products page {number}");
-        retry(&self.policy, &what, || {
+        let started = std::time::Instant::now();
+        let page = retry(&self.policy, &what, || {
             self.fetch_once(selector, cursor, number, &what)
         })
-        .await
+        .await;
+        crate::metrics::metrics()
+            .fetch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        page
     }
 
     async fn fetch_once(
