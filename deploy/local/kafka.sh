@@ -148,6 +148,13 @@ up() {
     fi
     say "pid $pid exists but does not answer; waiting for it"
   else
+    # A port held by another process (another broker, or one started with another
+    # PRODUCT_SYNC_CACHE) would answer the readiness probe while ours fails to bind.
+    for p in "$port" "$ctl_port"; do
+      if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        die "127.0.0.1:$p is already taken by a process this script did not start (pid file: $pidfile); stop it, or choose another port with KAFKA_PORT"
+      fi
+    done
     [ -f "$state/cluster-id" ] || java -cp "$(java_cp)" -Dlog4j2.configurationFile="$log4j" \
       kafka.tools.StorageTool random-uuid >"$state/cluster-id" 2>/dev/null
     java -cp "$(java_cp)" -Dlog4j2.configurationFile="$log4j" kafka.tools.StorageTool format \

@@ -557,6 +557,13 @@ const PRODUCT_COLUMNS: [&str; 23] = [
     "updated_at",
 ];
 
+/// The columns an update writes: all but the key and the creation time.
+fn updated_columns() -> impl Iterator<Item = &'static str> {
+    PRODUCT_COLUMNS
+        .into_iter()
+        .filter(|name| !matches!(*name, "system" | "identity" | "created_at"))
+}
+
 /// The condition of a conditional upsert. A change: the row is still at the revision read and
 /// holds other content. A version advance: the row still holds the same content, at the
 /// same revision and an older version.
@@ -665,12 +672,7 @@ fn products_statement_values(
     let mut on_conflict = OnConflict::columns([Alias::new("system"), Alias::new("identity")]);
     if existing {
         on_conflict
-            .update_columns(
-                PRODUCT_COLUMNS
-                    .iter()
-                    .filter(|name| !matches!(**name, "system" | "identity" | "created_at"))
-                    .map(|name| Alias::new(*name)),
-            )
+            .update_columns(updated_columns().map(Alias::new))
             .action_and_where(Expr::cust(UPSERT_GUARD));
     } else {
         on_conflict.do_nothing();

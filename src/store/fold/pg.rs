@@ -18,7 +18,7 @@ use sea_orm::{DbErr, RuntimeErr};
 
 use super::{
     CHUNK, FoldContext, PlannedEvent, StoredHead, UPSERT_GUARD, Write, event_id, render_event,
-    to_json_text,
+    to_json_text, updated_columns,
 };
 use crate::store::StoreError;
 
@@ -44,30 +44,10 @@ static INSERT_SQL: LazyLock<String> =
     LazyLock::new(|| format!("{PRODUCT_INSERT} DO NOTHING RETURNING id, identity"));
 
 static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
-    let set = [
-        "product_code",
-        "product_name",
-        "category",
-        "risk_level",
-        "currency",
-        "issuer",
-        "status",
-        "nav",
-        "expected_yield",
-        "min_investment",
-        "term_days",
-        "sale_start",
-        "sale_end",
-        "keywords",
-        "attributes",
-        "source_version",
-        "source_updated_at",
-        "content_hash",
-        "revision",
-        "updated_at",
-    ]
-    .map(|c| format!("{c} = excluded.{c}"))
-    .join(", ");
+    let set = updated_columns()
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!("{PRODUCT_INSERT} DO UPDATE SET {set} WHERE {UPSERT_GUARD} RETURNING id, identity")
 });
 
