@@ -3,8 +3,10 @@
 //! broker and PostgreSQL that `deploy/local/*.sh` run), publishes a stream of overlapping and
 //! malformed commands while upstream products keep changing, and injects faults on a schedule
 //! drawn from a seed: kill -9, SIGTERM, 3 → 1 → 3 scaling, broker and database restarts, and
-//! simulator fault bursts. When the faults stop and the system drains, it checks that nothing
-//! was lost, doubled, left with a gap, stalled, or leaked, and prints one line:
+//! simulator fault bursts; once the scheduled time is up, any kind the dice left out is forced
+//! once, so even the short run exercises every recovery path. When the faults stop and the
+//! system drains, it checks that nothing was lost, doubled, left with a gap, stalled, or
+//! leaked, and prints one line:
 //!
 //! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n>`
 //!
@@ -542,10 +544,30 @@ async fn main() -> anyhow::Result<()> {
     // The fault schedule.
     let (mut kills, mut sigterms, mut broker_restarts, mut db_restarts, mut scale_changes) =
         (0u32, 0u32, 0u32, 0u32, 0u32);
+    let mut sim_faults = 0u32;
     let started = Instant::now();
-    while started.elapsed() < run_for || kills < min_kills {
+    loop {
+        // After the scheduled time, every kind of fault the dice left out is forced once (and
+        // kills up to the minimum), so even a short run exercises each recovery path.
+        let overtime = started.elapsed() >= run_for;
+        let missing = [
+            (kills < min_kills || kills == 0, 0),
+            (sigterms == 0, 45),
+            (scale_changes == 0, 55),
+            (broker_restarts == 0, 62),
+            (db_restarts == 0, 70),
+            (sim_faults == 0, 78),
+        ]
+        .into_iter()
+        .find_map(|(missing, roll)| missing.then_some(roll));
+        if overtime && missing.is_none() {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(2_000..6_000))).await;
-        let roll = rng.gen_range(0..100);
+        let roll = match missing {
+            Some(roll) if overtime => roll,
+            _ => rng.gen_range(0..100),
+        };
         let alive = instances.alive();
         match roll {
             0..=44 if !alive.is_empty() => {
@@ -614,6 +636,7 @@ async fn main() -> anyhow::Result<()> {
                 sim.set_faults(faults);
                 tokio::time::sleep(Duration::from_secs(rng.gen_range(2..8))).await;
                 sim.set_faults(Faults::default());
+                sim_faults += 1;
             }
         }
         for slot in 0..3 {
