@@ -312,7 +312,9 @@ async fn fold_once(
         return Ok(outcome);
     }
     let now = Utc::now();
-    let update_writes: Vec<Write<'_>> = updates.into_iter().map(|(w, _)| w).collect();
+    let mut update_writes: Vec<Write<'_>> = updates.into_iter().map(|(w, _)| w).collect();
+    // Version advances were planned before the changes: restore identity order (lock order).
+    update_writes.sort_by(|a, b| a.record.key.cmp(&b.record.key));
     if let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &db.inner {
         pg::write(
             db.get_postgres_connection_pool(),
