@@ -330,6 +330,7 @@ async fn fold_once(
     let inserted_ids = write_products(&txn, ctx.system, &inserts, now, false).await?;
     write_products(&txn, ctx.system, &update_writes, now, true).await?;
 
+    let changed_at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let mut outbox = Vec::with_capacity(inserts.len() + update_writes.len());
     for write in inserts.iter().chain(update_writes.iter()) {
         let Some(event) = &write.event else { continue };
@@ -339,7 +340,7 @@ async fn fold_once(
                 .get(&write.record.key)
                 .ok_or(StoreError::Conflict)?,
         };
-        outbox.push(outbox_row(ctx, write, event, product_id, now)?);
+        outbox.push(outbox_row(ctx, write, event, product_id, now, &changed_at)?);
     }
     write_outbox(&txn, &outbox).await?;
     txn.commit().await?;
@@ -714,7 +715,7 @@ pub struct ChangeEvent<'a> {
     /// The management system's `version` of `after`.
     pub source_version: i64,
     /// When the store changed (RFC 3339).
-    pub changed_at: String,
+    pub changed_at: &'a str,
 }
 
 /// One outbox row (SQLite path).
@@ -753,6 +754,7 @@ fn outbox_row<'a>(
     event: &'a PlannedEvent,
     product_id: i64,
     now: DateTime<Utc>,
+    changed_at: &str,
 ) -> Result<OutboxRow<'a>, StoreError> {
     let product = write.record.product;
     Ok(OutboxRow {
@@ -765,12 +767,7 @@ fn outbox_row<'a>(
         op: event.op(),
         request_id: ctx.request_id,
         traceparent: ctx.traceparent,
-        payload: render_event(
-            ctx,
-            write,
-            event,
-            &now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        )?,
+        payload: render_event(ctx, write, event, changed_at)?,
         created_at: now,
     })
 }
@@ -816,7 +813,7 @@ fn render_event(
         before,
         after,
         source_version: product.version,
-        changed_at: changed_at.to_owned(),
+        changed_at,
     })
 }
 
