@@ -355,6 +355,14 @@ fn selector(v: Value) -> Selector {
     serde_json::from_value(v).unwrap()
 }
 
+/// The stored products without their revisions, to compare with the simulator's truth.
+fn products_of(stored: &BTreeMap<Identity, (Product, i64)>) -> BTreeMap<Identity, Product> {
+    stored
+        .iter()
+        .map(|(i, (p, _))| (i.clone(), p.clone()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_keyword_command_syncs_the_matching_products_and_emits_their_events() {
     let w = world(600, 3).await;
@@ -377,10 +385,7 @@ async fn a_keyword_command_syncs_the_matching_products_and_emits_their_events() 
 
     // The store equals the simulator's matching products, every field.
     let stored = w.stored().await;
-    let stored_products: BTreeMap<Identity, Product> = stored
-        .iter()
-        .map(|(i, (p, _))| (i.clone(), p.clone()))
-        .collect();
+    let stored_products = products_of(&stored);
     assert_eq!(stored_products, truth);
 
     // One `created` event per product, CloudEvents headers, the command's traceparent.
@@ -905,10 +910,7 @@ async fn two_processes_in_one_group_with_overlapping_selectors_agree_with_the_tr
         truth.extend(w.truth(&selector(s.clone())));
     }
     let stored = w.stored().await;
-    let stored_products: BTreeMap<Identity, Product> = stored
-        .iter()
-        .map(|(i, (p, _))| (i.clone(), p.clone()))
-        .collect();
+    let stored_products = products_of(&stored);
     assert_eq!(stored_products.len(), truth.len());
     assert_eq!(stored_products, truth);
     let events = w.read_all(&w.settings.topics.changes).await;
@@ -955,10 +957,7 @@ async fn kill_9_in_the_middle_of_a_large_command_then_restart_loses_nothing() {
     );
     w.wait_outbox_empty(Duration::from_secs(60)).await;
     let stored = w.stored().await;
-    let stored_products: BTreeMap<Identity, Product> = stored
-        .iter()
-        .map(|(i, (p, _))| (i.clone(), p.clone()))
-        .collect();
+    let stored_products = products_of(&stored);
     assert_eq!(stored_products, truth, "nothing missing from the store");
     let events = w.read_all(&w.settings.topics.changes).await;
     assert_gapless(&events, &stored);
@@ -1001,10 +1000,7 @@ async fn sigterm_during_a_command_exits_cleanly_and_the_command_completes_after_
     );
     w.wait_outbox_empty(Duration::from_secs(60)).await;
     let stored = w.stored().await;
-    let stored_products: BTreeMap<Identity, Product> = stored
-        .iter()
-        .map(|(i, (p, _))| (i.clone(), p.clone()))
-        .collect();
+    let stored_products = products_of(&stored);
     assert_eq!(
         stored_products,
         w.truth(&selector(json!({"category": "cash"})))
