@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::util::Timeout;
-use sea_orm::DatabaseConnection;
+use rdkafka::producer::FutureProducer;
+use sea_orm::{DatabaseBackend, DatabaseConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::kafka::{self, KafkaError, TopicSpec, client_config};
+use crate::kafka::{self, KafkaError, TopicSpec};
 use crate::ops::{self, Membership, OpsState};
-use crate::outbox::Relay;
+use crate::outbox::shards::Leases;
+use crate::outbox::{Relay, RelaySettings};
 use crate::pipeline::{Pipeline, PipelineError, Processor};
 use crate::retry::RetryPolicy;
 use crate::store::{self, StoreError};
@@ -118,13 +118,10 @@ impl Application {
             u.page_size,
             policy,
         )?);
-        let producer: FutureProducer = client_config(&settings.kafka)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .create()
-            .map_err(KafkaError::Client)?;
+        let producer: FutureProducer =
+            kafka::producer_config(&settings.kafka, settings.pipeline.max_event_bytes)
+                .create()
+                .map_err(KafkaError::Client)?;
         let membership = Arc::new(Membership::default());
         let ops_stop = CancellationToken::new();
         let ops_addr = ops::serve(
@@ -196,18 +193,29 @@ impl Application {
         let wake = Arc::new(Notify::new());
         let relay_stop = CancellationToken::new();
         let relay = s.pipeline.relay_enabled.then(|| {
+            let leases = match self.db.get_database_backend() {
+                DatabaseBackend::Postgres => Leases::postgres(
+                    s.database.url.clone(),
+                    self.instance_id.clone(),
+                    s.pipeline.relay_shards,
+                ),
+                _ => Leases::embedded(s.pipeline.relay_shards),
+            };
             let relay = Relay::new(
                 self.db.clone(),
-                s.database.url.clone(),
                 self.producer.clone(),
-                s.topics.changes.clone(),
-                s.topics.results.clone(),
-                s.pipeline.relay_batch_size,
-                Duration::from_millis(s.pipeline.relay_interval_ms),
+                RelaySettings {
+                    changes_topic: s.topics.changes.clone(),
+                    results_topic: s.topics.results.clone(),
+                    batch: s.pipeline.relay_batch_size,
+                    interval: Duration::from_millis(s.pipeline.relay_interval_ms),
+                    max_event_bytes: s.pipeline.max_event_bytes,
+                },
+                leases,
                 wake.clone(),
             );
             let stop = relay_stop.clone();
-            tokio::spawn(async move { relay.run(stop).await })
+            tokio::spawn(relay.run(stop))
         });
 
         let processor = Arc::new(Processor {
@@ -243,9 +251,7 @@ impl Application {
         {
             tracing::warn!("the relay did not finish its last round before the shutdown deadline");
         }
-        let producer = self.producer.clone();
-        let wait = left();
-        let _ = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(wait))).await;
+        crate::outbox::flush(self.producer.clone(), left()).await;
         governance_stop.cancel();
         if let Some(task) = governance
             && tokio::time::timeout(left(), task).await.is_err()

@@ -91,8 +91,14 @@ pub struct PipelineSettings {
     pub relay_enabled: bool,
     /// How often the relay looks for unpublished rows when idle.
     pub relay_interval_ms: u64,
-    /// Rows published per relay round.
+    /// Rows read and produced per relay batch (two batches are in flight at a time).
     pub relay_batch_size: u64,
+    /// Shards of the outbox queue: each has one publisher at a time, and the shards are
+    /// spread over the live instances. The same on every instance of a deployment.
+    pub relay_shards: u32,
+    /// Events (change and result) larger than this are published in the reduced form. Keep
+    /// it below the topics' `max.message.bytes` and the producer's `message.max.bytes`.
+    pub max_event_bytes: usize,
     /// How long start-up waits for the broker before giving up.
     pub broker_wait_ms: u64,
 }
@@ -559,6 +565,18 @@ impl Settings {
                 "must be at least 1".to_owned(),
             ));
         }
+        if !(1..=1024).contains(&self.pipeline.relay_shards) {
+            return Err(invalid(
+                "pipeline.relay_shards",
+                "must be between 1 and 1024".to_owned(),
+            ));
+        }
+        if !(4_096..=100_000_000).contains(&self.pipeline.max_event_bytes) {
+            return Err(invalid(
+                "pipeline.max_event_bytes",
+                "must be between 4096 and 100000000".to_owned(),
+            ));
+        }
         if self.topics.partitions < 1 {
             return Err(invalid(
                 "topics.partitions",
@@ -663,6 +681,8 @@ impl fmt::Display for Settings {
         writeln!(f, "pipeline.relay_enabled = {}", p.relay_enabled)?;
         writeln!(f, "pipeline.relay_interval_ms = {}", p.relay_interval_ms)?;
         writeln!(f, "pipeline.relay_batch_size = {}", p.relay_batch_size)?;
+        writeln!(f, "pipeline.relay_shards = {}", p.relay_shards)?;
+        writeln!(f, "pipeline.max_event_bytes = {}", p.max_event_bytes)?;
         writeln!(f, "pipeline.broker_wait_ms = {}", p.broker_wait_ms)?;
         writeln!(f, "log.level = {:?}", self.log.level)?;
         write!(f, "log.format = {:?}", self.log.format)

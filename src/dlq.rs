@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
 use crate::config::Settings;
+use crate::wire::{self, dlq};
 use crate::kafka::{KafkaError, client_config, header_text as header};
 
 /// One DLQ record, for people.
@@ -112,13 +113,13 @@ pub async fn list(settings: &Settings) -> Result<Vec<DlqEntry>, KafkaError> {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                reason: header(m, "dlq.reason"),
-                error_class: header(m, "dlq.error_class"),
-                error_kind: header(m, "dlq.error_kind"),
+                reason: header(m, dlq::REASON),
+                error_class: header(m, dlq::ERROR_CLASS),
+                error_kind: header(m, dlq::ERROR_KIND),
                 original: match (
-                    header(m, "dlq.original_topic"),
-                    header(m, "dlq.original_partition"),
-                    header(m, "dlq.original_offset"),
+                    header(m, dlq::ORIGINAL_TOPIC),
+                    header(m, dlq::ORIGINAL_PARTITION),
+                    header(m, dlq::ORIGINAL_OFFSET),
                 ) {
                     (Some(t), Some(p), Some(o)) => Some(format!("{t}[{p}]@{o}")),
                     _ => None,
@@ -160,17 +161,9 @@ pub async fn replay(settings: &Settings, only_class: Option<&str>) -> Result<usi
     let mut replayed = 0;
     let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for m in &records {
-        let class = header(m, "dlq.error_class");
+        let class = header(m, dlq::ERROR_CLASS);
         if only_class.is_none() || class.as_deref() == only_class {
-            let mut headers = OwnedHeaders::new();
-            if let Some(h) = m.headers() {
-                for h in h.iter().filter(|h| !h.key.starts_with("dlq.")) {
-                    headers = headers.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
+            let headers = wire::without_dlq(m.headers());
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&settings.topics.requests).headers(headers);
             if let Some(k) = m.key() {

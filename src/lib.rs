@@ -27,6 +27,7 @@
 //! | [`pipeline`] | the consumer loop (at-least-once offsets, per-partition workers) and command processing |
 //! | [`outbox`] | the relay publishing change and result rows (idempotent producer, one leader) |
 //! | [`dlq`] | listing and replaying the dead-letter topic |
+//! | [`wire`] | every shape sent to Kafka: events, keys, CloudEvents and DLQ headers, the reduced form |
 //! | [`metrics`], [`ops`] | Prometheus metrics; the `/healthz`, `/readyz`, `/metrics` endpoint |
 //! | [`tools`] | `request`, `tail`, `schema` |
 //! | [`demo`] | `demo`: the same pipeline on a mock broker, SQLite and the in-process simulator |
@@ -53,3 +54,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tools;
 pub mod upstream;
+pub mod wire;

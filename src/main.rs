@@ -85,6 +85,9 @@ enum Command {
     /// Inspect or replay the dead-letter topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Inspect the outbox: rows the broker refused for good (parked), and release them.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Run the contract simulator: a management system and governance platform on HTTP.
     Simulate(Box<SimulateArgs>),
 }
@@ -98,6 +101,18 @@ enum DlqCommand {
         /// Only records whose failure was `transient` or `permanent`.
         #[arg(long, value_parser = ["transient", "permanent"])]
         only: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// Print every parked row (one JSON object a line) with the broker's refusal.
+    Parked,
+    /// Put parked rows back in the relay's queue (all of them, or those named), once the
+    /// cause is fixed (e.g. the topic's max.message.bytes raised).
+    Unpark {
+        /// Queue ids (`pending_id` in `outbox parked`); none means every parked row.
+        ids: Vec<i64>,
     },
 }
 
@@ -272,6 +287,10 @@ async fn main() -> ExitCode {
             Ok(settings) => exit(dlq(settings, command).await),
             Err(code) => code,
         },
+        Command::Outbox(command) => match settings(cli.config) {
+            Ok(settings) => exit(outbox(settings, command).await),
+            Err(code) => code,
+        },
     }
 }
 
@@ -348,6 +367,28 @@ async fn dlq(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
                 "replayed {n} record(s) from {} to {}",
                 settings.topics.dlq, settings.topics.requests
             );
+        }
+    }
+    Ok(())
+}
+
+async fn outbox(settings: Settings, command: OutboxCommand) -> anyhow::Result<()> {
+    let db = store::connect(&settings.database).await?;
+    match command {
+        OutboxCommand::Parked => {
+            let rows = product_sync::outbox::queue::parked(&db)
+                .await
+                .context("reading parked rows")?;
+            for r in &rows {
+                println!("{}", serde_json::to_string(r)?);
+            }
+            eprintln!("{} parked row(s)", rows.len());
+        }
+        OutboxCommand::Unpark { ids } => {
+            let n = product_sync::outbox::queue::unpark(&db, &ids)
+                .await
+                .context("releasing parked rows")?;
+            println!("{n} row(s) back in the relay's queue");
         }
     }
     Ok(())

@@ -30,6 +30,12 @@ pub struct Metrics {
     pub outbox_backlog: IntGauge,
     /// Age in seconds of the oldest unpublished change row at the last scrape.
     pub outbox_oldest_age_seconds: IntGauge,
+    /// Outbox rows parked after a permanent refusal by the broker (cluster-wide).
+    pub outbox_parked: IntGauge,
+    /// Events published in the reduced form, by kind.
+    pub reduced: IntCounterVec,
+    /// Relay shards this instance publishes.
+    pub relay_shards_held: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -115,12 +121,28 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         outbox_backlog: gauge(
             &registry,
             "product_sync_outbox_backlog",
-            "Unpublished change rows",
+            "Events (change and result) queued for the relay",
         ),
         outbox_oldest_age_seconds: gauge(
             &registry,
             "product_sync_outbox_oldest_age_seconds",
-            "Age of the oldest unpublished change row",
+            "Age of the oldest event queued for the relay",
+        ),
+        outbox_parked: gauge(
+            &registry,
+            "product_sync_outbox_parked",
+            "Outbox rows parked after a permanent refusal by the broker",
+        ),
+        reduced: counter(
+            &registry,
+            "product_sync_relay_reduced_total",
+            "Events published in the reduced form (larger than pipeline.max_event_bytes)",
+            &["kind"],
+        ),
+        relay_shards_held: gauge(
+            &registry,
+            "product_sync_relay_shards_held",
+            "Relay shards this instance publishes",
         ),
         registry,
     }

@@ -13,16 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::Utc;
 use rdkafka::producer::{FutureProducer, Producer};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{metrics, render};
-use crate::store::entity::product_changes;
 
 /// What the consumer loop reports about its group membership.
 #[derive(Debug, Default)]
@@ -107,18 +103,14 @@ async fn readyz(State(s): State<OpsState>) -> Response {
 }
 
 async fn metrics_page(State(s): State<OpsState>) -> Response {
-    use product_changes::Column as C;
-    let unpublished = product_changes::Entity::find().filter(C::PublishedAt.is_null());
-    if let Ok(n) = unpublished.clone().count(&s.db).await {
-        metrics()
-            .outbox_backlog
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-    if let Ok(oldest) = unpublished.order_by_asc(C::Id).one(&s.db).await {
+    if let Ok((queued, parked, oldest)) = crate::outbox::queue::backlog(&s.db).await {
+        let m = metrics();
+        m.outbox_backlog.set(i64::try_from(queued).unwrap_or(i64::MAX));
+        m.outbox_parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
         let age = oldest
-            .map(|r| (Utc::now() - r.created_at).num_seconds().max(0))
+            .map(|t| (Utc::now() - t).num_seconds().max(0))
             .unwrap_or(0);
-        metrics().outbox_oldest_age_seconds.set(age);
+        m.outbox_oldest_age_seconds.set(age);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -162,7 +162,7 @@ fn summarize(v: &Value) -> String {
 pub fn schemas() -> Value {
     json!({
         "command": schemars::schema_for!(CommandWire),
-        "change_event": schemars::schema_for!(crate::store::fold::ChangeEvent<'static>),
-        "result_event": schemars::schema_for!(crate::store::requests::ResultEvent),
+        "change_event": schemars::schema_for!(crate::wire::ChangeEvent<'static>),
+        "result_event": schemars::schema_for!(crate::wire::ResultEvent),
     })
 }

@@ -746,7 +746,7 @@ async fn main() -> anyhow::Result<()> {
     let unpublished = db
         .query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DatabaseBackend::Postgres,
-            "SELECT COUNT(*) AS n FROM product_changes WHERE published_at IS NULL",
+            "SELECT COUNT(*) AS n FROM outbox_pending",
         ))
         .await?
         .and_then(|r| r.try_get::<i64>("", "n").ok())

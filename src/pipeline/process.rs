@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::StreamExt;
 use rdkafka::Message;
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use sea_orm::DatabaseConnection;
@@ -18,22 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::command::{Command, CommandError, valid_traceparent};
 use crate::metrics::metrics;
-use crate::outbox::cloudevent_headers;
 use crate::retry::RetryPolicy;
 use crate::store::fold::{FoldContext, FoldOutcome, fold_page};
 use crate::store::{StoreError, requests};
 use crate::upstream::ProductClient;
+use crate::wire::{self, CloudEvent, ResultEvent};
 
-/// Header names of DLQ records.
-pub mod dlq_headers {
-    pub const REASON: &str = "dlq.reason";
-    pub const ERROR_CLASS: &str = "dlq.error_class";
-    pub const ERROR_KIND: &str = "dlq.error_kind";
-    pub const ORIGINAL_TOPIC: &str = "dlq.original_topic";
-    pub const ORIGINAL_PARTITION: &str = "dlq.original_partition";
-    pub const ORIGINAL_OFFSET: &str = "dlq.original_offset";
-    pub const FAILED_AT: &str = "dlq.failed_at";
-}
+/// Header names of DLQ records (defined in [`crate::wire::dlq`]).
+pub use crate::wire::dlq as dlq_headers;
 
 /// The command was left unfinished (shutdown or revoke): its offset must not be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +69,7 @@ impl Processor {
         msg: &OwnedMessage,
         abandon: &CancellationToken,
     ) -> Result<(), Abandoned> {
-        let traceparent = header(msg, "traceparent").and_then(valid_traceparent);
+        let traceparent = header(msg, wire::headers::TRACEPARENT).and_then(valid_traceparent);
         let command = match Command::parse(msg.payload(), &self.system) {
             Ok(c) => c,
             Err(e) => {
@@ -268,27 +260,19 @@ impl Processor {
             .await?;
         let request_id = best_effort_request_id(msg);
         let now = Utc::now();
-        let payload = requests::rejected_event(&request_id, &error.to_string(), now).to_string();
-        let ce_id = format!(
-            "{request_id}:rejected:{}:{}:{}",
-            msg.topic(),
-            msg.partition(),
-            msg.offset()
-        );
+        let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let payload = ResultEvent::rejected(&request_id, &error.to_string(), &at).to_json();
+        let ce_id = wire::rejected_ce_id(&request_id, msg.topic(), msg.partition(), msg.offset());
         let time = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let mut headers = cloudevent_headers(
-            &ce_id,
-            "com.product-sync.request.rejected",
-            &format!("product-sync/{}", self.system),
-            &request_id,
-            &time,
-        );
-        if let Some(tp) = traceparent {
-            headers = headers.insert(Header {
-                key: "traceparent",
-                value: Some(tp),
-            });
+        let headers = CloudEvent {
+            id: &ce_id,
+            ce_type: &wire::result_ce_type("rejected"),
+            source: &wire::ce_source(&self.system),
+            subject: &request_id,
+            time: &time,
+            traceparent,
         }
+        .headers();
         let record = FutureRecord::to(&self.results_topic)
             .key(&request_id)
             .payload(&payload)
@@ -308,48 +292,17 @@ impl Processor {
         class: &str,
         kind: &str,
     ) -> Result<(), AttemptError> {
-        let partition = msg.partition().to_string();
-        let offset = msg.offset().to_string();
         let failed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let reason: String = reason.chars().take(2000).collect();
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = msg.headers() {
-            for h in original.iter().filter(|h| !h.key.starts_with("dlq.")) {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
+        let headers = wire::DeadLetter {
+            reason,
+            class,
+            kind,
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            failed_at: &failed_at,
         }
-        headers = headers
-            .insert(Header {
-                key: dlq_headers::REASON,
-                value: Some(reason.as_str()),
-            })
-            .insert(Header {
-                key: dlq_headers::ERROR_CLASS,
-                value: Some(class),
-            })
-            .insert(Header {
-                key: dlq_headers::ERROR_KIND,
-                value: Some(kind),
-            })
-            .insert(Header {
-                key: dlq_headers::ORIGINAL_TOPIC,
-                value: Some(msg.topic()),
-            })
-            .insert(Header {
-                key: dlq_headers::ORIGINAL_PARTITION,
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: dlq_headers::ORIGINAL_OFFSET,
-                value: Some(offset.as_str()),
-            })
-            .insert(Header {
-                key: dlq_headers::FAILED_AT,
-                value: Some(failed_at.as_str()),
-            });
+        .headers(msg.headers());
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.dlq_topic).headers(headers);
         if let Some(key) = msg.key() {

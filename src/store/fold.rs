@@ -47,6 +47,7 @@ use super::entity::{product_changes, products};
 use crate::diff::{self, FieldChange};
 use crate::product::{Content, Identity, Product, parse_decimal};
 use crate::retry::{RetryPolicy, retry};
+use crate::wire::ChangeEvent;
 
 mod pg;
 
@@ -690,34 +691,6 @@ fn to_json_text<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> 
     serde_json::to_string(value).map_err(|e| StoreError::Db(sea_orm::DbErr::Json(e.to_string())))
 }
 
-/// The change event as stored in the outbox and published on `topics.changes` (DESIGN.md
-/// "Topics and messages"), serialized straight from references: no copy of the product's
-/// JSON tree is made. `product-sync schema` prints its JSON Schema.
-#[derive(Serialize, schemars::JsonSchema)]
-pub struct ChangeEvent<'a> {
-    /// `created` or `updated`.
-    pub op: &'a str,
-    /// The management system.
-    pub system: &'a str,
-    /// Absent for products known by name only.
-    pub product_code: Option<&'a str>,
-    /// Grows by one with each change of this product; with `system` and the code it forms the
-    /// CloudEvents id.
-    pub revision: i64,
-    /// The command that caused the change.
-    pub request_id: Option<&'a str>,
-    /// The changed fields (every field with a value, for `created`).
-    pub changes: &'a [FieldChange],
-    /// The product before (`null` for `created`), in the contract's JSON form.
-    pub before: &'a Value,
-    /// The product after, in the contract's JSON form.
-    pub after: &'a Value,
-    /// The management system's `version` of `after`.
-    pub source_version: i64,
-    /// When the store changed (RFC 3339).
-    pub changed_at: &'a str,
-}
-
 /// One outbox row (SQLite path).
 struct OutboxRow<'a> {
     product_id: i64,
@@ -814,11 +787,22 @@ fn render_event(
         after,
         source_version: product.version,
         changed_at,
+        reduced: false,
     })
 }
 
-/// Inserts outbox rows (`published_at` starts empty), in chunks (SQLite; PostgreSQL: [`pg`]).
+/// Inserts outbox rows in chunks, then queues them for the relay (`outbox_pending`, sharded by
+/// product row id) in change-id order (SQLite; PostgreSQL: [`pg`]). SQLite has one writer at
+/// a time, so the rows above the highest id seen first are exactly this transaction's.
 async fn write_outbox(txn: &DatabaseTransaction, rows: &[OutboxRow<'_>]) -> Result<(), StoreError> {
+    let before = txn
+        .query_one_raw(sea_orm::Statement::from_string(
+            txn.get_database_backend(),
+            "SELECT MAX(id) AS m FROM product_changes",
+        ))
+        .await?
+        .and_then(|row| row.try_get_by_index::<Option<i64>>(0).ok().flatten())
+        .unwrap_or(0);
     for chunk in rows.chunks(CHUNK) {
         let mut insert = Query::insert();
         insert
@@ -844,5 +828,12 @@ async fn write_outbox(txn: &DatabaseTransaction, rows: &[OutboxRow<'_>]) -> Resu
         }
         txn.execute(&insert).await?;
     }
+    txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
+         SELECT product_id, id, product_id, created_at FROM product_changes WHERE id > ? ORDER BY id",
+        [before.into()],
+    ))
+    .await?;
     Ok(())
 }

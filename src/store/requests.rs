@@ -1,17 +1,21 @@
 //! `requests` rows: one per product-request command — running, then completed or failed with
-//! its counts. A finished row whose result is unpublished is picked up by the relay, which
-//! publishes the result event and marks it.
+//! its counts. Finishing a request queues its result for the relay (`outbox_pending`), in the
+//! same transaction; the relay publishes the result event and marks the row.
 
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryFilter, Statement,
+    TransactionTrait,
+};
 use serde_json::Value;
 
 use super::StoreError;
 use super::entity::requests;
 use super::fold::FoldOutcome;
 use crate::command::Command;
+use crate::wire::{Counts, ResultEvent};
 
 /// Final states of a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +98,7 @@ pub async fn begin(
 
 /// Records how a command ended; its result event becomes due for publication.
 pub async fn finish(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     request_id: &str,
     status: Status,
     outcome: &FoldOutcome,
@@ -103,7 +107,7 @@ pub async fn finish(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     use requests::Column as C;
-    requests::Entity::update_many()
+    let update = requests::Entity::update_many()
         .col_expr(C::Status, Expr::value(status.as_str()))
         .col_expr(C::Fetched, Expr::value(outcome.fetched as i64))
         .col_expr(C::Created, Expr::value(outcome.created as i64))
@@ -117,39 +121,67 @@ pub async fn finish(
             C::ResultPublishedAt,
             Expr::value(Option::<DateTime<Utc>>::None),
         )
-        .filter(C::RequestId.eq(request_id))
-        .exec(db)
-        .await?;
+        .filter(C::RequestId.eq(request_id));
+    let txn = db.begin().await?;
+    update.exec(&txn).await?;
+    queue_result(&txn, request_id, now).await?;
+    txn.commit().await?;
     Ok(())
 }
 
 /// Makes a finished request's result due again (a command seen again after completion).
-pub async fn reemit(db: &impl ConnectionTrait, request_id: &str) -> Result<(), StoreError> {
+pub async fn reemit(
+    db: &DatabaseConnection,
+    request_id: &str,
+) -> Result<(), StoreError> {
     use requests::Column as C;
+    let txn = db.begin().await?;
     requests::Entity::update_many()
         .col_expr(
             C::ResultPublishedAt,
             Expr::value(Option::<DateTime<Utc>>::None),
         )
         .filter(C::RequestId.eq(request_id))
-        .exec(db)
+        .exec(&txn)
         .await?;
+    queue_result(&txn, request_id, Utc::now()).await?;
+    txn.commit().await?;
     Ok(())
 }
 
-/// Finished requests whose result is not yet published, oldest first.
-pub async fn unpublished(
-    db: &impl ConnectionTrait,
-    limit: u64,
-) -> Result<Vec<requests::Model>, StoreError> {
-    use requests::Column as C;
-    Ok(requests::Entity::find()
-        .filter(C::ResultPublishedAt.is_null())
-        .filter(C::Status.is_in([Status::Completed.as_str(), Status::Failed.as_str()]))
-        .order_by_asc(C::FinishedAt)
-        .limit(limit)
-        .all(db)
-        .await?)
+/// Puts a request's result in the relay's queue, in the shard of its request id.
+async fn queue_result(
+    txn: &impl ConnectionTrait,
+    request_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    txn.execute_raw(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        match txn.get_database_backend() {
+            DatabaseBackend::Postgres => {
+                "INSERT INTO outbox_pending (shard_key, request_id, created_at) VALUES ($1, $2, $3)"
+            }
+            _ => "INSERT INTO outbox_pending (shard_key, request_id, created_at) VALUES (?, ?, ?)",
+        },
+        [
+            request_shard_key(request_id).into(),
+            request_id.into(),
+            now.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The shard key of a request's result: FNV-1a of its id, stable across builds and
+/// platforms (unlike std's hasher), kept non-negative for the database.
+pub fn request_shard_key(request_id: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in request_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 1) as i64
 }
 
 /// Marks results published.
@@ -170,39 +202,10 @@ pub async fn mark_published(
     Ok(())
 }
 
-/// Product counts of a command.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, schemars::JsonSchema)]
-pub struct Counts {
-    pub fetched: i64,
-    pub created: i64,
-    pub updated: i64,
-    pub unchanged: i64,
-    pub stale: i64,
-}
-
-/// The result event on `topics.results`, one per command. `product-sync schema` prints its
-/// JSON Schema.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
-pub struct ResultEvent {
-    pub request_id: String,
-    /// `completed`, `failed` or `rejected`.
-    pub status: String,
-    pub counts: Counts,
-    /// Pages fetched from the management system.
-    pub pages: i32,
-    /// RFC 3339.
-    pub started_at: String,
-    /// RFC 3339.
-    pub finished_at: Option<String>,
-    /// Why it failed or was rejected.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
 /// The result event of a finished request (DESIGN.md "Topics and messages").
-pub fn result_event(row: &requests::Model) -> Value {
+pub fn result_event(row: &requests::Model) -> ResultEvent {
     let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    serde_json::to_value(ResultEvent {
+    ResultEvent {
         request_id: row.request_id.clone(),
         status: row.status.clone(),
         counts: Counts {
@@ -216,21 +219,6 @@ pub fn result_event(row: &requests::Model) -> Value {
         started_at: at(row.started_at),
         finished_at: row.finished_at.map(at),
         error: row.error.clone(),
-    })
-    .unwrap_or(Value::Null)
-}
-
-/// A `rejected` result for a command that never became a request row.
-pub fn rejected_event(request_id: &str, error: &str, now: DateTime<Utc>) -> Value {
-    let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    serde_json::to_value(ResultEvent {
-        request_id: request_id.to_owned(),
-        status: "rejected".to_owned(),
-        counts: Counts::default(),
-        pages: 0,
-        started_at: at.clone(),
-        finished_at: Some(at),
-        error: Some(error.to_owned()),
-    })
-    .unwrap_or(Value::Null)
+        reduced: false,
+    }
 }

@@ -23,7 +23,8 @@ pub struct Model {
     /// The complete change event (DESIGN.md "Topics and messages").
     pub payload: Json,
     pub created_at: DateTimeUtc,
-    /// Set by the relay after the broker acknowledged the event.
+    /// Set by the relay of versions before the relay's queue (`outbox_pending`); history rows
+    /// are no longer rewritten, so this stays empty for newer rows.
     pub published_at: Option<DateTimeUtc>,
 }
 

@@ -51,12 +51,17 @@ static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!("{PRODUCT_INSERT} DO UPDATE SET {set} WHERE {UPSERT_GUARD} RETURNING id, identity")
 });
 
-const OUTBOX_SQL: &str = "INSERT INTO product_changes (product_id, system, identity, product_code, \
-     revision, event_id, op, request_id, traceparent, payload, created_at) \
+/// The change rows (history, never rewritten) and, in the same statement, their entries in the
+/// relay's queue (`outbox_pending`, sharded by product row id), queued in change-id order.
+const OUTBOX_SQL: &str = "WITH c AS (INSERT INTO product_changes (product_id, system, identity, \
+     product_code, revision, event_id, op, request_id, traceparent, payload, created_at) \
      SELECT r.product_id, $1, r.identity, r.product_code, r.revision, r.event_id, r.op, $2, $3, \
      r.payload::json, $4 \
      FROM unnest($5::int8[], $6::text[], $7::text[], $8::int8[], $9::text[], $10::text[], \
-     $11::text[]) AS r(product_id, identity, product_code, revision, event_id, op, payload)";
+     $11::text[]) AS r(product_id, identity, product_code, revision, event_id, op, payload) \
+     RETURNING id, product_id) \
+     INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
+     SELECT c.product_id, c.id, c.product_id, $4 FROM c ORDER BY c.id";
 
 /// One index lookup per key, whatever the planner believes about the table: a `LIMIT` keeps
 /// the lateral subquery from being flattened into a join the planner may turn into a scan of

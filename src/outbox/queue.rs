@@ -1,0 +1,306 @@
+//! The relay's queue in the store (`outbox_pending`): reading the next rows of the held shards
+//! with what their events need, deleting rows the broker acknowledged, parking rows it
+//! refused for good, and the operator's view and release of parked rows.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QueryResult, Statement,
+};
+
+use crate::store::entity::{outbox_pending, requests as request_rows};
+use crate::store::{StoreError, requests};
+use crate::wire;
+
+/// Which shards a read covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shards {
+    /// Every shard (SQLite: one process holds them all).
+    All,
+    /// These of `of` shards.
+    Some { held: BTreeSet<u32>, of: u32 },
+}
+
+/// One queued event, ready to produce.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The `outbox_pending` row.
+    pub pending_id: i64,
+    /// The product, for change events (a parked row holds its product's later rows).
+    pub product_id: Option<i64>,
+    pub kind: Kind,
+    pub key: String,
+    pub payload: String,
+    pub ce_id: String,
+    pub ce_type: String,
+    pub source: String,
+    pub subject: String,
+    pub time: String,
+    pub traceparent: Option<String>,
+}
+
+/// What an outgoing event is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Change,
+    /// The result of this request (marked published on the request row after the ack).
+    Result(String),
+    /// Nothing left to publish (the request started over since): the row is only deleted.
+    Gone,
+}
+
+impl Kind {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Kind::Change => "change",
+            Kind::Result(_) | Kind::Gone => "result",
+        }
+    }
+}
+
+/// The next `limit` rows after `after` in queue order, in the given shards, skipping parked
+/// rows and every row of a product that has a parked row. Change rows come with their
+/// stored event (as text, never re-parsed); result rows with their request's current row.
+///
+/// Every value in the statement is an integer this process computed, so it is written
+/// inline: one statement text for both backends.
+pub async fn read(
+    db: &DatabaseConnection,
+    shards: &Shards,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<Outgoing>, StoreError> {
+    let filter = match shards {
+        Shards::All => String::new(),
+        Shards::Some { held, of } => {
+            let list = held
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("AND (o.shard_key % {of}) IN ({list})")
+        }
+    };
+    let sql = format!(
+        "SELECT o.id AS pending_id, o.product_id, o.change_id, o.request_id AS pending_request, \
+         c.system, c.identity, c.product_code, c.event_id, c.op, c.traceparent, \
+         CAST(c.payload AS TEXT) AS payload, c.created_at \
+         FROM outbox_pending o \
+         LEFT JOIN product_changes c ON c.id = o.change_id \
+         WHERE o.id > {after} AND o.parked_at IS NULL {filter} \
+         AND (o.product_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox_pending q \
+         WHERE q.product_id = o.product_id AND q.parked_at IS NOT NULL)) \
+         ORDER BY o.id LIMIT {limit}"
+    );
+    let rows = db
+        .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut results = Vec::new();
+    for row in &rows {
+        let pending_id: i64 = row.try_get("", "pending_id")?;
+        let product_id: Option<i64> = row.try_get("", "product_id")?;
+        let change_id: Option<i64> = row.try_get("", "change_id")?;
+        let request: Option<String> = row.try_get("", "pending_request")?;
+        match (change_id, request) {
+            (Some(_), _) => out.push(change(row, pending_id, product_id)?),
+            (None, Some(request_id)) => {
+                results.push((out.len(), request_id.clone()));
+                out.push(gone(pending_id, request_id));
+            }
+            (None, None) => out.push(gone(pending_id, String::new())),
+        }
+    }
+    if !results.is_empty() {
+        let ids: Vec<String> = results.iter().map(|(_, id)| id.clone()).collect();
+        let found: std::collections::HashMap<String, request_rows::Model> =
+            request_rows::Entity::find()
+                .filter(request_rows::Column::RequestId.is_in(ids))
+                .all(db)
+                .await?
+                .into_iter()
+                .map(|r| (r.request_id.clone(), r))
+                .collect();
+        for (index, request_id) in results {
+            if let Some(row) = found.get(&request_id)
+                && (row.status == requests::Status::Completed.as_str()
+                    || row.status == requests::Status::Failed.as_str())
+            {
+                out[index] = result(out[index].pending_id, row);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn change(
+    row: &QueryResult,
+    pending_id: i64,
+    product_id: Option<i64>,
+) -> Result<Outgoing, StoreError> {
+    let system: String = row.try_get("", "system")?;
+    let identity: String = row.try_get("", "identity")?;
+    let code: Option<String> = row.try_get("", "product_code")?;
+    let op: String = row.try_get("", "op")?;
+    let created_at: DateTime<Utc> = row.try_get("", "created_at")?;
+    let subject = code.unwrap_or(identity);
+    Ok(Outgoing {
+        pending_id,
+        product_id,
+        kind: Kind::Change,
+        key: wire::change_key(&system, &subject),
+        payload: row.try_get("", "payload")?,
+        ce_id: row.try_get("", "event_id")?,
+        ce_type: wire::change_ce_type(&op),
+        source: wire::ce_source(&system),
+        subject,
+        time: created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        traceparent: row.try_get("", "traceparent")?,
+    })
+}
+
+fn result(pending_id: i64, row: &request_rows::Model) -> Outgoing {
+    let finished_at = row.finished_at.unwrap_or(row.started_at);
+    Outgoing {
+        pending_id,
+        product_id: None,
+        kind: Kind::Result(row.request_id.clone()),
+        key: row.request_id.clone(),
+        payload: requests::result_event(row).to_json(),
+        ce_id: wire::result_ce_id(&row.request_id, finished_at.timestamp_micros()),
+        ce_type: wire::result_ce_type(&row.status),
+        source: wire::ce_source(&row.system),
+        subject: row.request_id.clone(),
+        time: finished_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        traceparent: row.traceparent.clone(),
+    }
+}
+
+fn gone(pending_id: i64, request_id: String) -> Outgoing {
+    Outgoing {
+        pending_id,
+        product_id: None,
+        kind: Kind::Gone,
+        key: request_id,
+        payload: String::new(),
+        ce_id: String::new(),
+        ce_type: String::new(),
+        source: String::new(),
+        subject: String::new(),
+        time: String::new(),
+        traceparent: None,
+    }
+}
+
+/// Removes acknowledged rows from the queue and marks their requests' results published.
+pub async fn done(
+    db: &DatabaseConnection,
+    rows: &[&Outgoing],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    for chunk in rows.chunks(5000) {
+        outbox_pending::Entity::delete_many()
+            .filter(outbox_pending::Column::Id.is_in(chunk.iter().map(|r| r.pending_id)))
+            .exec(db)
+            .await?;
+    }
+    let results: Vec<String> = rows
+        .iter()
+        .filter_map(|r| match &r.kind {
+            Kind::Result(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    requests::mark_published(db, &results, now).await
+}
+
+/// Parks a row the broker refused for good, with the refusal (cut short).
+pub async fn park(
+    db: &DatabaseConnection,
+    pending_id: i64,
+    error: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let error: String = error.chars().take(500).collect();
+    outbox_pending::Entity::update_many()
+        .col_expr(outbox_pending::Column::ParkedAt, Expr::value(Some(now)))
+        .col_expr(outbox_pending::Column::ParkError, Expr::value(Some(error)))
+        .filter(outbox_pending::Column::Id.eq(pending_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// A parked row, for the operator.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Parked {
+    pub pending_id: i64,
+    pub change_id: Option<i64>,
+    pub product_id: Option<i64>,
+    pub request_id: Option<String>,
+    pub parked_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+/// Every parked row, oldest first.
+pub async fn parked(db: &DatabaseConnection) -> Result<Vec<Parked>, StoreError> {
+    Ok(outbox_pending::Entity::find()
+        .filter(outbox_pending::Column::ParkedAt.is_not_null())
+        .order_by_asc(outbox_pending::Column::Id)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| Parked {
+            pending_id: r.id,
+            change_id: r.change_id,
+            product_id: r.product_id,
+            request_id: r.request_id,
+            parked_at: r.parked_at,
+            error: r.park_error,
+        })
+        .collect())
+}
+
+/// Puts parked rows back in the queue (all of them, or the given ones); returns how many.
+/// For after the cause was fixed (a topic's `max.message.bytes` raised, say).
+pub async fn unpark(db: &DatabaseConnection, ids: &[i64]) -> Result<u64, StoreError> {
+    let mut update = outbox_pending::Entity::update_many()
+        .col_expr(
+            outbox_pending::Column::ParkedAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            outbox_pending::Column::ParkError,
+            Expr::value(Option::<String>::None),
+        )
+        .filter(outbox_pending::Column::ParkedAt.is_not_null());
+    if !ids.is_empty() {
+        update = update.filter(outbox_pending::Column::Id.is_in(ids.iter().copied()));
+    }
+    Ok(update.exec(db).await?.rows_affected)
+}
+
+/// Rows queued (parked ones included), rows parked, and the oldest queued row's time.
+pub async fn backlog(
+    db: &DatabaseConnection,
+) -> Result<(u64, u64, Option<DateTime<Utc>>), StoreError> {
+    use outbox_pending::Column as C;
+    let queued = outbox_pending::Entity::find().count(db).await?;
+    let parked = outbox_pending::Entity::find()
+        .filter(C::ParkedAt.is_not_null())
+        .count(db)
+        .await?;
+    let oldest = outbox_pending::Entity::find()
+        .order_by_asc(C::Id)
+        .one(db)
+        .await?
+        .map(|r| r.created_at);
+    Ok((queued, parked, oldest))
+}

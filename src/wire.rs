@@ -1,0 +1,457 @@
+//! The wire contract: every shape product-sync sends to Kafka — change events (full and
+//! reduced), result and rejected events, CloudEvents headers, `traceparent`, DLQ header names
+//! and message keys — defined once, for the relay, the pipeline, the DLQ tools and the tests.
+//!
+//! A leaf module: it depends on nothing of product-sync but the pure diff type.
+
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::diff::FieldChange;
+
+/// Header names of every record product-sync produces.
+pub mod headers {
+    /// CloudEvents 1.0, Kafka protocol binding, binary mode.
+    pub const CE_SPECVERSION: &str = "ce_specversion";
+    pub const CE_ID: &str = "ce_id";
+    pub const CE_TYPE: &str = "ce_type";
+    pub const CE_SOURCE: &str = "ce_source";
+    pub const CE_SUBJECT: &str = "ce_subject";
+    pub const CE_TIME: &str = "ce_time";
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// W3C trace context, carried from a command onto every event it causes.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// Header names of DLQ records (the original record's headers are kept beside them).
+pub mod dlq {
+    /// Every DLQ header starts with this; replays strip them.
+    pub const PREFIX: &str = "dlq.";
+    pub const REASON: &str = "dlq.reason";
+    pub const ERROR_CLASS: &str = "dlq.error_class";
+    pub const ERROR_KIND: &str = "dlq.error_kind";
+    pub const ORIGINAL_TOPIC: &str = "dlq.original_topic";
+    pub const ORIGINAL_PARTITION: &str = "dlq.original_partition";
+    pub const ORIGINAL_OFFSET: &str = "dlq.original_offset";
+    pub const FAILED_AT: &str = "dlq.failed_at";
+}
+
+/// What the DLQ headers say about a dead-lettered record.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetter<'a> {
+    /// Why; cut to [`DLQ_REASON_CHARS`] characters.
+    pub reason: &'a str,
+    /// `transient` or `permanent`.
+    pub class: &'a str,
+    /// The error kind (`malformed_json`, `upstream`, …).
+    pub kind: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// RFC 3339.
+    pub failed_at: &'a str,
+}
+
+/// The longest reason a DLQ header carries.
+pub const DLQ_REASON_CHARS: usize = 2000;
+
+impl DeadLetter<'_> {
+    /// The original record's headers (earlier `dlq.*` ones dropped) followed by the DLQ's.
+    pub fn headers<H: Headers>(&self, original: Option<&H>) -> OwnedHeaders {
+        let mut h = without_dlq(original);
+        let reason: String = self.reason.chars().take(DLQ_REASON_CHARS).collect();
+        let (partition, offset) = (self.partition.to_string(), self.offset.to_string());
+        let pairs = [
+            (dlq::REASON, reason.as_str()),
+            (dlq::ERROR_CLASS, self.class),
+            (dlq::ERROR_KIND, self.kind),
+            (dlq::ORIGINAL_TOPIC, self.topic),
+            (dlq::ORIGINAL_PARTITION, partition.as_str()),
+            (dlq::ORIGINAL_OFFSET, offset.as_str()),
+            (dlq::FAILED_AT, self.failed_at),
+        ];
+        for (key, value) in pairs {
+            h = h.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        h
+    }
+}
+
+/// A record's headers without the DLQ's (what a replay puts back on the request topic).
+pub fn without_dlq<H: Headers>(original: Option<&H>) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new();
+    if let Some(original) = original {
+        for header in original.iter().filter(|h| !h.key.starts_with(dlq::PREFIX)) {
+            h = h.insert(Header {
+                key: header.key,
+                value: header.value,
+            });
+        }
+    }
+    h
+}
+
+/// `ce_source` of everything a deployment says about one management system.
+pub fn ce_source(system: &str) -> String {
+    format!("product-sync/{system}")
+}
+
+/// `ce_type` of a change event: `com.product-sync.product.<op>`.
+pub fn change_ce_type(op: &str) -> String {
+    format!("com.product-sync.product.{op}")
+}
+
+/// `ce_type` of a result event: `com.product-sync.request.<status>`.
+pub fn result_ce_type(status: &str) -> String {
+    format!("com.product-sync.request.{status}")
+}
+
+/// Key of a change event: `system/product_code` (or `system/name:<name>` without a code).
+/// All events of one product share it, hence a partition, hence their order.
+pub fn change_key(system: &str, product: &str) -> String {
+    format!("{system}/{product}")
+}
+
+/// The CloudEvents attributes of one record.
+#[derive(Debug, Clone, Copy)]
+pub struct CloudEvent<'a> {
+    pub id: &'a str,
+    pub ce_type: &'a str,
+    pub source: &'a str,
+    pub subject: &'a str,
+    /// RFC 3339.
+    pub time: &'a str,
+    pub traceparent: Option<&'a str>,
+}
+
+impl CloudEvent<'_> {
+    /// The binary-mode headers, with `traceparent` when the command carried one.
+    pub fn headers(&self) -> OwnedHeaders {
+        let pairs = [
+            (headers::CE_SPECVERSION, "1.0"),
+            (headers::CE_ID, self.id),
+            (headers::CE_TYPE, self.ce_type),
+            (headers::CE_SOURCE, self.source),
+            (headers::CE_SUBJECT, self.subject),
+            (headers::CE_TIME, self.time),
+            (headers::CONTENT_TYPE, "application/json"),
+        ];
+        let mut h = OwnedHeaders::new_with_capacity(pairs.len() + 1);
+        for (key, value) in pairs {
+            h = h.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        if let Some(tp) = self.traceparent {
+            h = h.insert(Header {
+                key: headers::TRACEPARENT,
+                value: Some(tp),
+            });
+        }
+        h
+    }
+}
+
+/// The change event published on `topics.changes` (DESIGN.md "Topics and messages"),
+/// serialized straight from references: no copy of the product's JSON tree is made.
+/// `product-sync schema` prints its JSON Schema.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ChangeEvent<'a> {
+    /// `created` or `updated`.
+    pub op: &'a str,
+    /// The management system.
+    pub system: &'a str,
+    /// Absent for products known by name only.
+    pub product_code: Option<&'a str>,
+    /// Grows by one with each change of this product; with `system` and the code it forms the
+    /// CloudEvents id.
+    pub revision: i64,
+    /// The command that caused the change.
+    pub request_id: Option<&'a str>,
+    /// The changed fields (every field with a value, for `created`).
+    pub changes: &'a [FieldChange],
+    /// The product before (`null` for `created`), in the contract's JSON form.
+    pub before: &'a Value,
+    /// The product after, in the contract's JSON form.
+    pub after: &'a Value,
+    /// The management system's `version` of `after`.
+    pub source_version: i64,
+    /// When the store changed (RFC 3339).
+    pub changed_at: &'a str,
+    /// Present and `true` only on an event published in the reduced form: values too large
+    /// for the broker were replaced by `{"omitted_bytes": n}` (see [`reduce`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(default)]
+    pub reduced: bool,
+}
+
+/// Product counts of a command.
+#[derive(Debug, Clone, Copy, Default, Serialize, schemars::JsonSchema)]
+pub struct Counts {
+    pub fetched: i64,
+    pub created: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub stale: i64,
+}
+
+/// The result event on `topics.results`, one per command. `product-sync schema` prints its
+/// JSON Schema.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct ResultEvent {
+    pub request_id: String,
+    /// `completed`, `failed` or `rejected`.
+    pub status: String,
+    pub counts: Counts,
+    /// Pages fetched from the management system.
+    pub pages: i32,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    /// Why it failed or was rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Present and `true` only when published in the reduced form (see [`reduce`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(default)]
+    pub reduced: bool,
+}
+
+impl ResultEvent {
+    /// The `rejected` result of a command that never became a request.
+    pub fn rejected(request_id: &str, error: &str, at: &str) -> Self {
+        ResultEvent {
+            request_id: request_id.to_owned(),
+            status: "rejected".to_owned(),
+            counts: Counts::default(),
+            pages: 0,
+            started_at: at.to_owned(),
+            finished_at: Some(at.to_owned()),
+            error: Some(error.to_owned()),
+            reduced: false,
+        }
+    }
+
+    /// The event as JSON text.
+    pub fn to_json(&self) -> String {
+        // Strings and integers only: serializing cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The CloudEvents id of a `rejected` result: unique per rejected record.
+pub fn rejected_ce_id(request_id: &str, topic: &str, partition: i32, offset: i64) -> String {
+    format!("{request_id}:rejected:{topic}:{partition}:{offset}")
+}
+
+/// The CloudEvents id of a request's result: one per finishing of the request.
+pub fn result_ce_id(request_id: &str, finished_at_micros: i64) -> String {
+    format!("{request_id}:{finished_at_micros}")
+}
+
+/// The top-level fields of an event that are never reduced: they identify it.
+const KEPT: [&str; 10] = [
+    "op",
+    "system",
+    "product_code",
+    "revision",
+    "request_id",
+    "source_version",
+    "changed_at",
+    "status",
+    "started_at",
+    "finished_at",
+];
+
+/// Value-size thresholds tried in turn, largest first.
+const THRESHOLDS: [usize; 5] = [16_384, 4_096, 1_024, 256, 64];
+
+/// The reduced form of an event larger than `max_bytes` (DESIGN.md "The outbox relay at
+/// scale"): field values larger than a threshold — inside `before`, `after`, each change's
+/// `old`/`new`, and any other non-identifying field — are replaced by
+/// `{"omitted_bytes": n}`, and `"reduced": true` is added. Thresholds go down from 16 KiB to
+/// 64 bytes until the event fits; identifying fields (op, system, code, revision, request,
+/// status, times) are never touched. `None` when `payload` already fits or is not a JSON
+/// object; `Some` may still exceed `max_bytes` when even the smallest threshold is not
+/// enough (the broker then refuses it and the relay parks it).
+pub fn reduce(payload: &str, max_bytes: usize) -> Option<String> {
+    if payload.len() <= max_bytes {
+        return None;
+    }
+    let original: Value = serde_json::from_str(payload).ok()?;
+    if !original.is_object() {
+        return None;
+    }
+    let mut best = None;
+    for threshold in THRESHOLDS {
+        let mut event = original.clone();
+        if let Value::Object(fields) = &mut event {
+            for (name, value) in fields.iter_mut() {
+                if !KEPT.contains(&name.as_str()) {
+                    shrink(value, threshold, 0);
+                }
+            }
+            fields.insert("reduced".to_owned(), Value::Bool(true));
+        }
+        let text = event.to_string();
+        let fits = text.len() <= max_bytes;
+        best = Some(text);
+        if fits {
+            break;
+        }
+    }
+    best
+}
+
+/// Replaces, below `value`, every value whose JSON text exceeds `threshold` bytes by a
+/// marker — descending into objects and arrays first, so small siblings survive. Containers
+/// below the top-level fields (`before.attributes`, a change's `new`) are replaced whole when
+/// they are still too large after their own children were shrunk.
+fn shrink(value: &mut Value, threshold: usize, depth: usize) {
+    let size = json_len(value);
+    if size <= threshold {
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            for child in map.values_mut() {
+                shrink(child, threshold, depth + 1);
+            }
+        }
+        Value::Array(items) => {
+            for child in items.iter_mut() {
+                shrink(child, threshold, depth + 1);
+            }
+        }
+        _ => {
+            *value = omitted(size);
+            return;
+        }
+    }
+    let after = json_len(value);
+    if depth >= 1 && after > threshold {
+        *value = omitted(after);
+    }
+}
+
+fn omitted(bytes: usize) -> Value {
+    serde_json::json!({ "omitted_bytes": bytes })
+}
+
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn big_event(attr_bytes: usize) -> String {
+        let big = "x".repeat(attr_bytes);
+        json!({
+            "op": "updated", "system": "wms", "product_code": "WM1", "revision": 7,
+            "request_id": "r1",
+            "changes": [{"field": "attributes.blob", "old": null, "new": big},
+                        {"field": "nav", "old": "1.0", "new": "1.1"}],
+            "before": {"product_code": "WM1", "nav": "1.0", "attributes": {}},
+            "after": {"product_code": "WM1", "nav": "1.1", "attributes": {"blob": big}},
+            "source_version": 3, "changed_at": "2026-11-28T00:00:00Z"
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn an_event_that_fits_is_not_reduced() {
+        assert_eq!(reduce(&big_event(10), 10_000), None);
+    }
+
+    #[test]
+    fn a_large_value_is_replaced_and_small_ones_kept() {
+        let event = big_event(200_000);
+        let reduced = reduce(&event, 20_000).expect("reduced");
+        assert!(reduced.len() <= 20_000, "{} bytes", reduced.len());
+        let v: Value = serde_json::from_str(&reduced).unwrap();
+        assert_eq!(v["reduced"], json!(true));
+        assert_eq!(v["revision"], json!(7));
+        assert_eq!(v["product_code"], json!("WM1"));
+        assert_eq!(v["after"]["nav"], json!("1.1"));
+        assert_eq!(v["changes"][1]["new"], json!("1.1"));
+        assert_eq!(
+            v["after"]["attributes"]["blob"]["omitted_bytes"],
+            json!(200_002)
+        );
+        assert_eq!(v["changes"][0]["new"]["omitted_bytes"], json!(200_002));
+    }
+
+    #[test]
+    fn many_small_values_are_replaced_by_their_container() {
+        let attrs: serde_json::Map<String, Value> = (0..5000)
+            .map(|i| (format!("k{i}"), json!("v")))
+            .collect();
+        let event = json!({"op": "created", "revision": 1, "changes": [],
+            "before": null, "after": {"product_code": "A", "attributes": attrs}})
+        .to_string();
+        let reduced = reduce(&event, 2_000).expect("reduced");
+        assert!(reduced.len() <= 2_000, "{} bytes", reduced.len());
+        let v: Value = serde_json::from_str(&reduced).unwrap();
+        assert_eq!(v["after"]["product_code"], json!("A"));
+        assert!(v["after"]["attributes"]["omitted_bytes"].as_u64().unwrap() > 2_000);
+    }
+
+    #[test]
+    fn identifying_fields_are_never_reduced() {
+        let event = json!({"op": "updated", "request_id": "r".repeat(5000), "revision": 2,
+            "after": {"x": "y".repeat(5000)}})
+        .to_string();
+        let reduced = reduce(&event, 6_000).expect("reduced");
+        let v: Value = serde_json::from_str(&reduced).unwrap();
+        assert_eq!(v["request_id"].as_str().unwrap().len(), 5000);
+        assert!(v["after"]["x"]["omitted_bytes"].is_number());
+    }
+
+    #[test]
+    fn headers_carry_every_cloudevents_attribute_and_the_trace() {
+        let h = CloudEvent {
+            id: "wms:A:1",
+            ce_type: &change_ce_type("created"),
+            source: &ce_source("wms"),
+            subject: "A",
+            time: "2026-11-28T00:00:00Z",
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        }
+        .headers();
+        let names: Vec<&str> = h.iter().map(|h| h.key).collect();
+        assert_eq!(
+            names,
+            [
+                headers::CE_SPECVERSION,
+                headers::CE_ID,
+                headers::CE_TYPE,
+                headers::CE_SOURCE,
+                headers::CE_SUBJECT,
+                headers::CE_TIME,
+                headers::CONTENT_TYPE,
+                headers::TRACEPARENT
+            ]
+        );
+    }
+}
