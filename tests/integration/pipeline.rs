@@ -307,14 +307,10 @@ impl World {
 
     /// Waits until every change row is published.
     pub async fn wait_outbox_empty(&self, deadline: Duration) {
-        use product_sync::store::entity::product_changes;
-        use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+        use product_sync::store::entity::outbox_pending;
+        use sea_orm::{EntityTrait, PaginatorTrait};
         wait_for("an empty outbox", deadline, || async {
-            let n = product_changes::Entity::find()
-                .filter(product_changes::Column::PublishedAt.is_null())
-                .count(&self.db)
-                .await
-                .ok()?;
+            let n = outbox_pending::Entity::find().count(&self.db).await.ok()?;
             (n == 0).then_some(())
         })
         .await
