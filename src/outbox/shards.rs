@@ -9,13 +9,27 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use std::str::FromStr;
+
+use sea_orm::sqlx::postgres::PgConnectOptions;
 use sea_orm::sqlx::{self, Connection, PgConnection};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::queue::Shards;
 
-/// Advisory-lock class of relay shards (`pg_try_advisory_lock(class, shard)`).
-const LOCK_CLASS: i32 = 726_264_617;
+/// Advisory-lock class of relay shards (`pg_try_advisory_lock(class, shard)`): in
+/// `pg_locks`, `classid` is this class and `objid` the shard.
+pub const LOCK_CLASS: i32 = 726_264_617;
+
+/// `application_name` of a lease connection: this prefix and the instance id.
+pub const APPLICATION_NAME_PREFIX: &str = "product-sync relay ";
+
+/// Which instance holds which shard, as PostgreSQL sees it (the ops view and the tests).
+pub const HOLDERS_SQL: &str = "SELECT a.application_name AS holder, l.objid::int4 AS shard \
+     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.classid = 726264617 AND l.granted \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     ORDER BY shard";
 
 /// A member that has not heartbeated for this long no longer counts in the split.
 pub const MEMBER_TTL: Duration = Duration::from_secs(5);
@@ -113,8 +127,12 @@ impl Leases {
         };
         if conn.is_none() {
             self.held.clear();
+            // Named, so `pg_stat_activity` and `pg_locks` show which instance holds which shard.
+            let options = PgConnectOptions::from_str(url.expose_secret())
+                .map_err(lease_err)?
+                .application_name(&format!("{APPLICATION_NAME_PREFIX}{instance_id}"));
             *conn = Some(
-                PgConnection::connect(url.expose_secret())
+                PgConnection::connect_with(&options)
                     .await
                     .map_err(lease_err)?,
             );

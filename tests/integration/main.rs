@@ -11,5 +11,6 @@ mod fuzz_corpus;
 mod helpers;
 mod kafka_smoke;
 mod pipeline;
+mod relay;
 mod store_smoke;
 mod upstream;

@@ -794,7 +794,7 @@ impl Drop for ChildGuard {
 }
 
 /// Waits for a child to exit, failing the test after `deadline`.
-async fn wait_exit(child: &mut ChildGuard, deadline: Duration) -> std::process::ExitStatus {
+pub async fn wait_exit(child: &mut ChildGuard, deadline: Duration) -> std::process::ExitStatus {
     wait_for("the process to exit", deadline, || {
         let status = child.0.try_wait().expect("try_wait");
         async move { status }
@@ -802,7 +802,7 @@ async fn wait_exit(child: &mut ChildGuard, deadline: Duration) -> std::process::
     .await
 }
 
-fn signal(child: &ChildGuard, sig: &str) {
+pub fn signal(child: &ChildGuard, sig: &str) {
     let child = &child.0;
     let status = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
@@ -1007,7 +1007,7 @@ async fn sigterm_during_a_command_exits_cleanly_and_the_command_completes_after_
 }
 
 /// The value of one sample of the Prometheus text page (0 when absent).
-fn sample(page: &str, name_and_labels: &str) -> f64 {
+pub fn sample(page: &str, name_and_labels: &str) -> f64 {
     page.lines()
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
