@@ -151,8 +151,14 @@ impl Relay {
         while !stop.is_cancelled() {
             if Instant::now() >= next_refresh {
                 next_refresh = Instant::now() + REFRESH;
+                // Nothing in flight, so the shards may move and the read restarts at the head
+                // (a row committed late behind the read position is picked up here, even
+                // under a load that never lets the queue look empty).
                 let refreshed = match self.land_all().await {
-                    Ok(_) => self.leases.refresh().await.map_err(RelayError::from),
+                    Ok(_) => {
+                        self.cursor = 0;
+                        self.leases.refresh().await.map_err(RelayError::from)
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = refreshed {
