@@ -546,16 +546,24 @@ async fn products(
         _ => {}
     }
 
+    // The cursor is the catalogue position to scan on from: a page costs its own size, not
+    // the pages before it (a million-product catalogue is paged in linear time).
     let (items, next_cursor) = {
         let catalogue = read(&sim.inner.catalogue);
-        let mut matching = catalogue.select(&selector).skip(offset);
-        let items: Vec<Value> = matching
-            .by_ref()
-            .take(page_size)
-            .map(Product::to_json)
-            .collect();
+        let mut matching = catalogue
+            .products()
+            .iter()
+            .enumerate()
+            .skip(offset)
+            .filter(|(_, p)| catalogue::matches(p, &selector));
+        let mut items: Vec<Value> = Vec::with_capacity(page_size);
+        let mut next = offset;
+        for (i, p) in matching.by_ref().take(page_size) {
+            items.push(p.to_json());
+            next = i + 1;
+        }
         let more = matching.next().is_some();
-        (items, more.then(|| encode_cursor(offset + page_size)))
+        (items, more.then(|| encode_cursor(next)))
     };
     let mut items = items;
     if fault == Some(Fault::BadRecord)

@@ -1,0 +1,501 @@
+//! End-to-end benchmark on the real services: a `product-sync run` process, the simulator
+//! process, the local Kafka broker and PostgreSQL. One command selects the whole catalogue;
+//! the clock runs from producing it until the broker acknowledged its last event (the relay's
+//! queue is empty) and its result (`result_published_at`). Prints parseable lines:
+//!
+//! ```text
+//! pipeline-bench: case=<initial|unchanged|changed10> products=N e2e_per_s=… result_s=… all_events_s=… events=… fetch_s=… fold_s=…
+//! pipeline-bench: case=relay rows=N relay_per_s=… broker_per_s=… ratio=…
+//! pipeline-bench: case=million products=1000000 result_s=… all_events_s=… command_s=… peak_rss_mb=…
+//! ```
+//!
+//! `fetch_s` and `fold_s` are the instance's own summed page timings (they overlap: the next
+//! page is fetched while one is folded). `relay` publishes a pre-filled queue of N rows with
+//! the relay alone, then a plain producer (same settings) sends the same N messages in the same
+//! run: the broker's rate on this machine. `million` runs one command of a million products
+//! in a fresh store (`peak_rss_mb` is the instance's own VmHWM), then the relay case again
+//! with a million history rows.
+//!
+//! Run: `deploy/local/kafka.sh up && deploy/local/postgres.sh up && cargo bench --bench pipeline`
+//! (options after `--`: `--products N` (default 100000), `--million N` (default 1000000; 0
+//! skips it)). `PRODUCT_SYNC_BENCH_DATABASE_URL` and `PRODUCT_SYNC_BENCH_KAFKA` name the
+//! services (default: the local ones); every run makes its own database and topics and
+//! deletes its topics at the end.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use product_sync::config::KafkaSettings;
+use product_sync::kafka::producer_config;
+use product_sync::outbox::shards::Leases;
+use product_sync::outbox::{Relay, RelaySettings};
+use product_sync::wire::CloudEvent;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sea_orm::sqlx::{self, PgPool, Row};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use secrecy::SecretString;
+
+type Error = Box<dyn std::error::Error>;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("PRODUCT_SYNC_BENCH_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://product_sync:product_sync@127.0.0.1:5432/product_sync".to_owned()
+    })
+}
+
+fn kafka() -> KafkaSettings {
+    KafkaSettings {
+        bootstrap_servers: std::env::var("PRODUCT_SYNC_BENCH_KAFKA")
+            .unwrap_or_else(|_| "127.0.0.1:9092".to_owned()),
+        group_id: "pipeline-bench".to_owned(),
+        librdkafka: Default::default(),
+    }
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Proc {
+    /// SIGTERM, then wait for the exit.
+    fn stop(mut self) -> Result<(), Error> {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status()?;
+        let status = self.0.wait()?;
+        if !status.success() {
+            return Err(format!("product-sync exited with {status}").into());
+        }
+        Ok(())
+    }
+
+    /// Peak resident memory (VmHWM) in MB.
+    fn peak_rss_mb(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_product-sync");
+const SECRET: &str = "bench-secret";
+
+/// The simulator with `n` products; returns it and its base URL.
+fn simulator(n: usize) -> Result<(Proc, String), Error> {
+    let mut child = Command::new(BIN)
+        .args(["simulate", "--listen", "127.0.0.1:0", "--seed", "42"])
+        .args(["--products", &n.to_string(), "--client-secret", SECRET])
+        .args(["--token-ttl-s", "3600"])
+        .env("PRODUCT_SYNC__LOG__LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("simulator stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .ok_or_else(|| format!("simulator said {line:?}"))?
+        .to_owned();
+    Ok((Proc(child), url))
+}
+
+/// One benchmark world: a fresh database and topic names.
+struct World {
+    db_url: String,
+    db: DatabaseConnection,
+    prefix: String,
+    sim_url: String,
+    ops_port: u16,
+}
+
+impl World {
+    async fn new(sim_url: String) -> Result<Self, Error> {
+        let admin = Database::connect(pg_admin_url()).await.map_err(|e| {
+            format!("PostgreSQL is not reachable ({e}): start it with `deploy/local/postgres.sh up`")
+        })?;
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        let name = format!("ps_bench_{suffix}");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let mut url = url::Url::parse(&pg_admin_url())?;
+        url.set_path(&format!("/{name}"));
+        let db_url = url.to_string();
+        let db = product_sync::store::connect(&product_sync::config::DatabaseSettings {
+            url: SecretString::from(db_url.clone()),
+            max_connections: 4,
+            migrate_on_start: true,
+            connect_timeout_ms: 10_000,
+        })
+        .await?;
+        product_sync::store::migrate(&db).await?;
+        let ops_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Ok(World {
+            db_url,
+            db,
+            prefix: format!("bench-{suffix}"),
+            sim_url,
+            ops_port,
+        })
+    }
+
+    fn topic(&self, t: &str) -> String {
+        format!("{}.{t}", self.prefix)
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.db.get_postgres_connection_pool()
+    }
+
+    /// `product-sync run` on this world, with the default settings otherwise.
+    fn instance(&self) -> Result<Proc, Error> {
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.log", self.prefix)))?;
+        let vars: HashMap<&str, String> = [
+            ("PRODUCT_SYNC_ENV", "local".to_owned()),
+            (
+                "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS",
+                kafka().bootstrap_servers,
+            ),
+            ("PRODUCT_SYNC__KAFKA__GROUP_ID", self.topic("group")),
+            ("PRODUCT_SYNC__TOPICS__REQUESTS", self.topic("requests")),
+            ("PRODUCT_SYNC__TOPICS__CHANGES", self.topic("changes")),
+            ("PRODUCT_SYNC__TOPICS__RESULTS", self.topic("results")),
+            ("PRODUCT_SYNC__TOPICS__DLQ", self.topic("dlq")),
+            ("PRODUCT_SYNC__DATABASE__URL", self.db_url.clone()),
+            ("PRODUCT_SYNC__UPSTREAM__BASE_URL", self.sim_url.clone()),
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", SECRET.to_owned()),
+            (
+                "PRODUCT_SYNC__HTTP__LISTEN",
+                format!("127.0.0.1:{}", self.ops_port),
+            ),
+            ("PRODUCT_SYNC__LOG__LEVEL", "warn".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        let child = Command::new(BIN)
+            .arg("run")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUST_LOG")
+            .envs(vars)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Proc(child))
+    }
+
+    /// Waits until the instance's consumer joined (its /readyz says so).
+    async fn wait_ready(&self) -> Result<(), Error> {
+        let until = Instant::now() + Duration::from_secs(120);
+        let url = format!("http://127.0.0.1:{}/readyz", self.ops_port);
+        while Instant::now() < until {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err("the instance did not become ready within 120 s".into())
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let Ok(r) = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port)).await
+        else {
+            return f64::NAN;
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// Produces a command selecting every product; returns when its result and all its events
+    /// were acknowledged: (result_s, all_events_s, events, command_s).
+    async fn run_command(
+        &self,
+        producer: &FutureProducer,
+        id: &str,
+    ) -> Result<(f64, f64, i64, f64), Error> {
+        let body = serde_json::json!({"request_id": id,
+            "selector": {"updated_since": "2000-01-01T00:00:00Z"}})
+        .to_string();
+        let before: i64 = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM product_changes")
+            .fetch_one(self.pool())
+            .await?
+            .try_get(0)?;
+        let started = Instant::now();
+        producer
+            .send(
+                FutureRecord::to(&self.topic("requests"))
+                    .key(id)
+                    .payload(&body),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        let mut result_s = None;
+        let deadline = started + Duration::from_secs(1800);
+        loop {
+            if Instant::now() > deadline {
+                return Err(format!("command {id} not done within 30 minutes").into());
+            }
+            let row = sqlx::query(
+                "SELECT result_published_at IS NOT NULL AS published, \
+                 EXTRACT(EPOCH FROM finished_at - started_at)::float8 AS took, \
+                 EXISTS (SELECT 1 FROM outbox_pending) AS queued \
+                 FROM requests WHERE request_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+            if let Some(row) = row {
+                let published: bool = row.try_get("published")?;
+                let queued: bool = row.try_get("queued")?;
+                if published && result_s.is_none() {
+                    result_s = Some(started.elapsed().as_secs_f64());
+                }
+                if published && !queued {
+                    let all = started.elapsed().as_secs_f64();
+                    let took: Option<f64> = row.try_get("took")?;
+                    let events: i64 = sqlx::query("SELECT COUNT(*) FROM product_changes WHERE id > $1")
+                        .bind(before)
+                        .fetch_one(self.pool())
+                        .await?
+                        .try_get(0)?;
+                    return Ok((result_s.unwrap_or(all), all, events, took.unwrap_or(f64::NAN)));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn delete_topics(&self) {
+        let Ok(admin) = product_sync::kafka::client_config(&kafka()).create::<AdminClient<DefaultClientContext>>() else {
+            return;
+        };
+        let names: Vec<String> = ["requests", "changes", "results", "dlq"]
+            .iter()
+            .map(|t| self.topic(t))
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+    }
+}
+
+fn plain_producer() -> Result<FutureProducer, Error> {
+    Ok(producer_config(&kafka(), 900_000).create()?)
+}
+
+/// One case of the three: prints its line.
+async fn case(w: &World, producer: &FutureProducer, name: &str, n: usize) -> Result<(), Error> {
+    let (fetch0, fold0) = (
+        w.metric("product_sync_fetch_page_seconds_sum").await,
+        w.metric("product_sync_fold_page_seconds_sum").await,
+    );
+    let (result_s, all_s, events, _) = w.run_command(producer, &format!("bench-{name}")).await?;
+    let (fetch1, fold1) = (
+        w.metric("product_sync_fetch_page_seconds_sum").await,
+        w.metric("product_sync_fold_page_seconds_sum").await,
+    );
+    println!(
+        "pipeline-bench: case={name} products={n} e2e_per_s={:.0} result_s={result_s:.2} \
+         all_events_s={all_s:.2} events={events} fetch_s={:.2} fold_s={:.2}",
+        n as f64 / all_s,
+        fetch1 - fetch0,
+        fold1 - fold0,
+    );
+    Ok(())
+}
+
+/// Re-queues the first `rows` change rows, publishes them with the relay alone, then sends
+/// the same messages with a plain producer. Prints the relay line.
+async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
+         SELECT product_id, id, product_id, now() FROM product_changes ORDER BY id LIMIT $1",
+    )
+    .bind(rows as i64)
+    .execute(w.pool())
+    .await?;
+    sqlx::query("ANALYZE outbox_pending")
+        .execute(w.pool())
+        .await?;
+    let mut relay = Relay::new(
+        w.db.clone(),
+        plain_producer()?,
+        RelaySettings {
+            changes_topic: w.topic("changes"),
+            results_topic: w.topic("results"),
+            batch: 5000,
+            interval: Duration::from_millis(200),
+            max_event_bytes: 900_000,
+        },
+        Leases::postgres(SecretString::from(w.db_url.clone()), "bench".to_owned(), 16),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    relay.refresh_shards().await?;
+    let started = Instant::now();
+    let published = relay.drain().await?;
+    let relay_s = started.elapsed().as_secs_f64();
+    if published.changes != rows {
+        return Err(format!("the relay published {} of {rows} rows", published.changes).into());
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    relay.run(stop).await;
+
+    // The same messages, straight from memory through a plain producer.
+    let messages: Vec<(String, String, String, String, String)> = sqlx::query(
+        "SELECT system || '/' || COALESCE(product_code, identity) AS key, payload::text AS payload, \
+         event_id, op, to_char(created_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS time \
+         FROM product_changes ORDER BY id LIMIT $1",
+    )
+    .bind(rows as i64)
+    .fetch_all(w.pool())
+    .await?
+    .iter()
+    .map(|r| {
+        Ok((
+            r.try_get("key")?,
+            r.try_get("payload")?,
+            r.try_get("event_id")?,
+            r.try_get("op")?,
+            r.try_get("time")?,
+        ))
+    })
+    .collect::<Result<_, sqlx::Error>>()?;
+    let producer = plain_producer()?;
+    let topic = w.topic("changes");
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(messages.len());
+    for (key, payload, id, op, time) in &messages {
+        let ce_type = format!("com.product-sync.product.{op}");
+        let headers = CloudEvent {
+            id,
+            ce_type: &ce_type,
+            source: "product-sync/wms",
+            subject: key,
+            time,
+            traceparent: None,
+        }
+        .headers();
+        let mut record = FutureRecord::to(&topic).key(key).payload(payload).headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(d) => {
+                    deliveries.push(d);
+                    break;
+                }
+                Err((_, r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for d in deliveries {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    let broker_s = started.elapsed().as_secs_f64();
+    let (relay_rate, broker_rate) = (rows as f64 / relay_s, rows as f64 / broker_s);
+    println!(
+        "pipeline-bench: case=relay rows={rows} relay_per_s={relay_rate:.0} broker_per_s={broker_rate:.0} ratio={:.2}",
+        relay_rate / broker_rate
+    );
+    Ok(())
+}
+
+async fn mutate(sim_url: &str, count: usize) -> Result<(), Error> {
+    let r = reqwest::Client::new()
+        .post(format!("{sim_url}/admin/mutate"))
+        .json(&serde_json::json!({"count": count, "seed": 1}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        return Err(format!("mutate: {}", r.status()).into());
+    }
+    Ok(())
+}
+
+async fn three_cases(n: usize) -> Result<(), Error> {
+    let (_sim, sim_url) = simulator(n)?;
+    let w = World::new(sim_url.clone()).await?;
+    let instance = w.instance()?;
+    w.wait_ready().await?;
+    let producer = plain_producer()?;
+    case(&w, &producer, "initial", n).await?;
+    case(&w, &producer, "unchanged", n).await?;
+    mutate(&sim_url, n / 10).await?;
+    case(&w, &producer, "changed10", n).await?;
+    instance.stop()?;
+    relay_case(&w, n).await?;
+    w.delete_topics().await;
+    Ok(())
+}
+
+async fn million(n: usize) -> Result<(), Error> {
+    let (_sim, sim_url) = simulator(n)?;
+    let w = World::new(sim_url).await?;
+    let instance = w.instance()?;
+    w.wait_ready().await?;
+    let producer = plain_producer()?;
+    let (result_s, all_s, events, command_s) = w.run_command(&producer, "bench-million").await?;
+    let peak = instance.peak_rss_mb();
+    println!(
+        "pipeline-bench: case=million products={n} result_s={result_s:.1} all_events_s={all_s:.1} \
+         command_s={command_s:.1} events={events} peak_rss_mb={peak:.0}"
+    );
+    instance.stop()?;
+    relay_case(&w, n).await?;
+    w.delete_topics().await;
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Error> {
+    // `cargo bench` passes --bench; `cargo test --benches` would run it as a test: skip then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return Ok(());
+    }
+    let n = arg("--products", 100_000);
+    let m = arg("--million", 1_000_000);
+    three_cases(n).await?;
+    if m > 0 {
+        million(m).await?;
+    }
+    Ok(())
+}
