@@ -101,6 +101,7 @@ impl Application {
                 .collect();
             kafka::ensure_topics(&settings.kafka, &specs).await?;
         }
+        warn_if_topics_refuse_large_events(&settings).await;
         let u = &settings.upstream;
         let http = upstream::http_client(Duration::from_millis(u.timeout_ms))?;
         let policy = RetryPolicy::with_budget(Duration::from_millis(u.retry_max_elapsed_ms));
@@ -264,6 +265,28 @@ impl Application {
         }
         tracing::info!("product-sync stopped");
         result.map_err(AppError::from)
+    }
+}
+
+/// Says at start-up when a topic's `max.message.bytes` is below `pipeline.max_event_bytes`:
+/// events between the two would be refused by the broker and parked instead of reduced.
+async fn warn_if_topics_refuse_large_events(settings: &Settings) {
+    let t = &settings.topics;
+    let limit = settings.pipeline.max_event_bytes;
+    match kafka::max_message_bytes(&settings.kafka, &[&t.changes, &t.results]).await {
+        Ok(found) => {
+            for (topic, bytes) in found.into_iter().filter(|(_, b)| *b < limit) {
+                tracing::warn!(
+                    topic,
+                    max_message_bytes = bytes,
+                    max_event_bytes = limit,
+                    "the topic takes less than pipeline.max_event_bytes: events between the two \
+                     will be parked, not reduced; lower pipeline.max_event_bytes or raise the \
+                     topic's max.message.bytes"
+                );
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "could not read the topics' max.message.bytes"),
     }
 }
 

@@ -185,6 +185,30 @@ pub async fn ensure_topics(
     Ok(())
 }
 
+/// The topics' `max.message.bytes` (the broker's limit on one record batch), where the
+/// broker tells it; topics it does not describe are left out.
+pub async fn max_message_bytes(
+    settings: &KafkaSettings,
+    topics: &[&str],
+) -> Result<Vec<(String, usize)>, KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = client_config(settings)
+        .create()
+        .map_err(KafkaError::Client)?;
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = admin.describe_configs(specs.iter(), &options).await?;
+    Ok(described
+        .into_iter()
+        .zip(topics)
+        .filter_map(|(r, topic)| {
+            let value = r.ok()?.get("max.message.bytes")?.value.clone()?;
+            Some(((*topic).to_owned(), value.parse().ok()?))
+        })
+        .collect())
+}
+
 /// The first value of a record's header, as text (lossy); `None` when absent.
 pub fn header_text(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
     use rdkafka::Message;

@@ -25,7 +25,7 @@
 //! | [`diff`] | the pure field-level diff of two products' content |
 //! | [`store`] | database connection, migrations, entities and the fold (`store::fold`) |
 //! | [`pipeline`] | the consumer loop (at-least-once offsets, per-partition workers) and command processing |
-//! | [`outbox`] | the relay publishing change and result rows (idempotent producer, one leader) |
+//! | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing, reduced and parked events |
 //! | [`dlq`] | listing and replaying the dead-letter topic |
 //! | [`wire`] | every shape sent to Kafka: events, keys, CloudEvents and DLQ headers, the reduced form |
 //! | [`metrics`], [`ops`] | Prometheus metrics; the `/healthz`, `/readyz`, `/metrics` endpoint |

@@ -465,3 +465,63 @@ async fn a_row_the_broker_refuses_is_parked_and_holds_only_its_own_product() {
     stop.cancel();
     relay.run(stop).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_read_probes_history_by_key_never_scans_it_with_or_without_statistics() {
+    let w = world(100, 1).await;
+    let pool = w.db.get_postgres_connection_pool();
+    // A large history with a small queue at its end, no statistics gathered yet.
+    for statement in [
+        "INSERT INTO products (system, identity, product_code, product_name, keywords, \
+         attributes, source_version, content_hash, revision, created_at, updated_at) \
+         SELECT 'wms', 'code:H' || g, 'H' || g, 'h', '[]', '{}', 1, 'h', 1, now(), now() \
+         FROM generate_series(1, 30000) g",
+        "INSERT INTO product_changes (product_id, system, identity, product_code, revision, \
+         event_id, op, payload, created_at) SELECT id, system, identity, product_code, 1, \
+         'wms:' || product_code || ':1', 'created', json_build_object('pad', repeat('x', 1500)), \
+         now() FROM products",
+        "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
+         SELECT product_id, id, product_id, now() FROM product_changes ORDER BY id DESC LIMIT 300",
+    ] {
+        sea_orm::sqlx::query(statement)
+            .execute(pool)
+            .await
+            .expect("fill");
+    }
+    let held: std::collections::BTreeSet<u32> = (0..8).collect();
+    for analyzed in [false, true] {
+        if analyzed {
+            sea_orm::sqlx::query("ANALYZE").execute(pool).await.unwrap();
+        }
+        for shards in [
+            Shards::Some { held: held.clone(), of: 16 },
+            Shards::Some { held: (0..16).collect(), of: 16 },
+        ] {
+            let sql = queue::read_sql(DatabaseBackend::Postgres, &shards, 0, 5000);
+            let plan: String = w
+                .db
+                .query_all_raw(Statement::from_string(
+                    DatabaseBackend::Postgres,
+                    format!("EXPLAIN {sql}"),
+                ))
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.try_get_by_index::<String>(0).unwrap() + "\n")
+                .collect();
+            assert!(
+                !plan.contains("Seq Scan on product_changes"),
+                "analyzed={analyzed}: the history is scanned:\n{plan}"
+            );
+            assert!(
+                plan.contains("product_changes_pkey"),
+                "analyzed={analyzed}: no key probe:\n{plan}"
+            );
+        }
+    }
+    let rows = queue::read(&w.db, &Shards::Some { held, of: 16 }, 0, 5000)
+        .await
+        .expect("read");
+    assert!(!rows.is_empty() && rows.len() < 300, "{} rows of 8 shards of 16", rows.len());
+    assert!(rows.iter().all(|r| r.product_id.is_some_and(|p| p % 16 < 8)));
+}
