@@ -470,7 +470,7 @@ async fn a_row_the_broker_refuses_is_parked_and_holds_only_its_own_product() {
 async fn the_queue_read_probes_history_by_key_never_scans_it_with_or_without_statistics() {
     let w = world(100, 1).await;
     let pool = w.db.get_postgres_connection_pool();
-    // A large history with a small queue at its end, no statistics gathered yet.
+    // A large history, all of it queued (a relay far behind), no statistics gathered yet.
     for statement in [
         "INSERT INTO products (system, identity, product_code, product_name, keywords, \
          attributes, source_version, content_hash, revision, created_at, updated_at) \
@@ -481,7 +481,7 @@ async fn the_queue_read_probes_history_by_key_never_scans_it_with_or_without_sta
          'wms:' || product_code || ':1', 'created', json_build_object('pad', repeat('x', 1500)), \
          now() FROM products",
         "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
-         SELECT product_id, id, product_id, now() FROM product_changes ORDER BY id DESC LIMIT 300",
+         SELECT product_id, id, product_id, now() FROM product_changes ORDER BY id",
     ] {
         sea_orm::sqlx::query(statement)
             .execute(pool)
@@ -522,6 +522,6 @@ async fn the_queue_read_probes_history_by_key_never_scans_it_with_or_without_sta
     let rows = queue::read(&w.db, &Shards::Some { held, of: 16 }, 0, 5000)
         .await
         .expect("read");
-    assert!(!rows.is_empty() && rows.len() < 300, "{} rows of 8 shards of 16", rows.len());
+    assert_eq!(rows.len(), 5000, "a full batch of 8 shards of 16");
     assert!(rows.iter().all(|r| r.product_id.is_some_and(|p| p % 16 < 8)));
 }
