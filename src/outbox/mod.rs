@@ -35,6 +35,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -121,6 +122,9 @@ pub struct Relay {
     /// Read position: the last queued row read; 0 restarts at the head.
     cursor: i64,
     flights: VecDeque<Flight>,
+    /// Deletes of acked rows running beside the next reads; all finished before any read
+    /// restarts at the head (else acked rows could be read, and sent, again).
+    recording: Vec<JoinHandle<Result<(), StoreError>>>,
 }
 
 impl Relay {
@@ -139,6 +143,7 @@ impl Relay {
             wake,
             cursor: 0,
             flights: VecDeque::new(),
+            recording: Vec::new(),
         }
     }
 
@@ -319,8 +324,7 @@ impl Relay {
                 }
             }
         }
-        let gone: Vec<&Outgoing> = gone.iter().collect();
-        queue::done(&self.db, &gone, Utc::now()).await?;
+        queue::done(&self.db, queue::Done::of(&gone), Utc::now()).await?;
         self.flights.push_back(Flight { sent });
         Ok(())
     }
@@ -386,6 +390,7 @@ impl Relay {
         Ok(())
     }
 
+    /// Lands every flight and waits for every delete.
     async fn land_all(&mut self) -> Result<Published, RelayError> {
         let mut total = Published::default();
         let mut first_error = None;
@@ -395,6 +400,17 @@ impl Relay {
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
+            }
+        }
+        for task in self.recording.drain(..) {
+            let recorded = match task.await {
+                Ok(r) => r.map_err(RelayError::from),
+                Err(e) => Err(RelayError::Store(StoreError::Db(sea_orm::DbErr::Custom(
+                    format!("recording acks: {e}"),
+                )))),
+            };
+            if let Err(e) = recorded {
+                first_error.get_or_insert(e);
             }
         }
         match first_error {
@@ -462,8 +478,10 @@ impl Relay {
                 .count(),
             parked,
         };
-        let rows: Vec<&Outgoing> = acked.iter().collect();
-        queue::done(&self.db, &rows, Utc::now()).await?;
+        // Recorded beside the next read; `land_all` waits for it.
+        let (db, done) = (self.db.clone(), queue::Done::of(&acked));
+        self.recording
+            .push(tokio::spawn(async move { queue::done(&db, done, Utc::now()).await }));
         let m = metrics();
         m.published
             .with_label_values(&["change"])

@@ -6,8 +6,12 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
+use std::sync::Arc;
+
+use sea_orm::sqlx;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseConnectionType,
+    DbErr, RuntimeErr, EntityTrait, PaginatorTrait, QueryFilter,
     QueryOrder, QueryResult, Statement,
 };
 
@@ -219,29 +223,49 @@ fn gone(pending_id: i64, request_id: String) -> Outgoing {
     }
 }
 
+/// What to record after acks: the queue rows to delete, the requests whose result went out.
+#[derive(Debug, Default)]
+pub struct Done {
+    pub pending_ids: Vec<i64>,
+    pub results: Vec<String>,
+}
+
+impl Done {
+    /// The outcome of these rows.
+    pub fn of<'a>(rows: impl IntoIterator<Item = &'a Outgoing>) -> Self {
+        let mut done = Done::default();
+        for r in rows {
+            done.pending_ids.push(r.pending_id);
+            if let Kind::Result(id) = &r.kind {
+                done.results.push(id.clone());
+            }
+        }
+        done
+    }
+}
+
 /// Removes acknowledged rows from the queue and marks their requests' results published.
-pub async fn done(
-    db: &DatabaseConnection,
-    rows: &[&Outgoing],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    if rows.is_empty() {
+pub async fn done(db: &DatabaseConnection, done: Done, now: DateTime<Utc>) -> Result<(), StoreError> {
+    let ids = done.pending_ids;
+    if ids.is_empty() {
         return Ok(());
     }
-    for chunk in rows.chunks(5000) {
-        outbox_pending::Entity::delete_many()
-            .filter(outbox_pending::Column::Id.is_in(chunk.iter().map(|r| r.pending_id)))
-            .exec(db)
-            .await?;
+    if let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &db.inner {
+        // One array parameter rather than thousands of bind parameters.
+        sqlx::query("DELETE FROM outbox_pending WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(db.get_postgres_connection_pool())
+            .await
+            .map_err(|e| StoreError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))))?;
+    } else {
+        for chunk in ids.chunks(5000) {
+            outbox_pending::Entity::delete_many()
+                .filter(outbox_pending::Column::Id.is_in(chunk.iter().copied()))
+                .exec(db)
+                .await?;
+        }
     }
-    let results: Vec<String> = rows
-        .iter()
-        .filter_map(|r| match &r.kind {
-            Kind::Result(id) => Some(id.clone()),
-            _ => None,
-        })
-        .collect();
-    requests::mark_published(db, &results, now).await
+    requests::mark_published(db, &done.results, now).await
 }
 
 /// Parks a row the broker refused for good, with the refusal (cut short).
