@@ -27,6 +27,9 @@ use crate::wire::{self, CloudEvent, ResultEvent};
 /// Header names of DLQ records (defined in [`crate::wire::dlq`]).
 pub use crate::wire::dlq as dlq_headers;
 
+/// Pages of one command folded at once (each holds one store connection while it folds).
+const FOLDS_IN_FLIGHT: usize = 2;
+
 /// The command was left unfinished (shutdown or revoke): its offset must not be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Abandoned;
@@ -151,29 +154,33 @@ impl Processor {
         };
         let mut outcome = FoldOutcome::default();
         let mut pages = 0i32;
-        let mut stream = std::pin::pin!(self.client.pages(command.selector().clone()));
-        // The next page is fetched while this one is folded: a command takes about the longer
-        // of its fetches and its folds, not their sum. Pages are still folded in order.
-        let mut next = stream.next().await;
-        while let Some(page) = next {
-            match page {
-                Ok(page) => {
-                    let folding = async {
-                        let started = Instant::now();
-                        let folded =
-                            fold_page(&self.db, &ctx, &page.items, &self.fold_policy).await;
-                        metrics()
-                            .fold_seconds
-                            .observe(started.elapsed().as_secs_f64());
-                        folded
-                    };
-                    let (folded, fetched) = tokio::join!(folding, stream.next());
+        // Pages are folded FOLDS_IN_FLIGHT at a time, and the next page is fetched while they
+        // fold: a command takes about the longer of its fetches and its folds, and the store
+        // works on two transactions at once. Concurrent folds of pages that share a product
+        // are safe (conditional writes, see `store::fold`); outcomes are taken in page order.
+        let ctx = &ctx;
+        let folds = self
+            .client
+            .pages(command.selector().clone())
+            .map(|page| async move {
+                let page = page?;
+                let started = Instant::now();
+                let folded = fold_page(&self.db, ctx, &page.items, &self.fold_policy).await;
+                metrics()
+                    .fold_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok::<_, crate::upstream::UpstreamError>((page.number, page.items.len(), folded))
+            })
+            .buffered(FOLDS_IN_FLIGHT);
+        let mut folds = std::pin::pin!(folds);
+        while let Some(next) = folds.next().await {
+            match next {
+                Ok((number, items, folded)) => {
                     let folded = folded?;
                     crate::metrics::record_fold(&folded);
                     outcome.add(folded);
                     pages += 1;
-                    tracing::debug!(page = page.number, items = page.items.len(), "page folded");
-                    next = fetched;
+                    tracing::debug!(page = number, items, "page folded");
                 }
                 Err(e) => {
                     let class = if e.is_transient() {
