@@ -54,6 +54,9 @@ pub const KEYWORDS: [&str; 8] = [
 #[derive(Debug, Clone, Default)]
 pub struct Catalogue {
     products: Vec<Product>,
+    /// Each product's contract JSON, rendered once when it changes: a page is then a
+    /// concatenation, so the simulator is never the bottleneck of a benchmark.
+    rendered: Vec<String>,
     index: HashMap<String, usize>,
 }
 
@@ -111,18 +114,26 @@ impl Catalogue {
     /// Inserts or replaces by identity; returns the stored product.
     pub fn upsert(&mut self, product: Product) -> &Product {
         let key = product.identity().key();
+        let json = product.to_json().to_string();
         let at = match self.index.get(&key) {
             Some(&i) => {
                 self.products[i] = product;
+                self.rendered[i] = json;
                 i
             }
             None => {
                 self.products.push(product);
+                self.rendered.push(json);
                 self.index.insert(key, self.products.len() - 1);
                 self.products.len() - 1
             }
         };
         &self.products[at]
+    }
+
+    /// The contract JSON of the product at `index` (as in [`Catalogue::products`]).
+    pub fn rendered(&self, index: usize) -> &str {
+        self.rendered.get(index).map(String::as_str).unwrap_or("null")
     }
 
     /// Changes `count` products (chosen from `seed`): their NAV and expected yield move, their
@@ -149,6 +160,7 @@ impl Catalogue {
             );
             p.version += 1;
             p.updated_at = Some(now.trunc_subsecs(6));
+            self.rendered[i] = p.to_json().to_string();
             changed.push(p.clone());
         }
         changed

@@ -548,7 +548,7 @@ async fn products(
 
     // The cursor is the catalogue position to scan on from: a page costs its own size, not
     // the pages before it (a million-product catalogue is paged in linear time).
-    let (items, next_cursor) = {
+    let body = {
         let catalogue = read(&sim.inner.catalogue);
         let mut matching = catalogue
             .products()
@@ -556,22 +556,31 @@ async fn products(
             .enumerate()
             .skip(offset)
             .filter(|(_, p)| catalogue::matches(p, &selector));
-        let mut items: Vec<Value> = Vec::with_capacity(page_size);
+        let mut body = String::with_capacity(page_size * 1600 + 64);
+        body.push_str("{\"items\":[");
         let mut next = offset;
-        for (i, p) in matching.by_ref().take(page_size) {
-            items.push(p.to_json());
+        for (n, (i, _)) in matching.by_ref().take(page_size).enumerate() {
+            if n > 0 {
+                body.push(',');
+            }
+            let item = catalogue.rendered(i);
+            if n == 0 && fault == Some(Fault::BadRecord) {
+                // A float where the contract wants a decimal string.
+                let mut first: Value = serde_json::from_str(item).unwrap_or(Value::Null);
+                first["nav"] = json!(1.25);
+                body.push_str(&first.to_string());
+            } else {
+                body.push_str(item);
+            }
             next = i + 1;
         }
         let more = matching.next().is_some();
-        (items, more.then(|| encode_cursor(next)))
+        let next_cursor = more.then(|| encode_cursor(next));
+        body.push_str("],\"next_cursor\":");
+        body.push_str(&json!(next_cursor).to_string());
+        body.push('}');
+        body
     };
-    let mut items = items;
-    if fault == Some(Fault::BadRecord)
-        && let Some(first) = items.first_mut()
-    {
-        first["nav"] = json!(1.25);
-    }
-    let body = json!({"items": items, "next_cursor": next_cursor}).to_string();
     if fault == Some(Fault::Drop) {
         // Half the body, then a broken connection.
         let bytes = Bytes::from(body.into_bytes());
