@@ -125,6 +125,10 @@ pub struct Relay {
     /// Deletes of acked rows running beside the next reads; all finished before any read
     /// restarts at the head (else acked rows could be read, and sent, again).
     recording: Vec<JoinHandle<Result<(), StoreError>>>,
+    /// The next read, started while the previous batch is produced, and where it starts.
+    prefetched: Option<(i64, JoinHandle<Result<Vec<Outgoing>, StoreError>>)>,
+    /// Everything landed so far.
+    totals: Published,
 }
 
 impl Relay {
@@ -144,6 +148,8 @@ impl Relay {
             cursor: 0,
             flights: VecDeque::new(),
             recording: Vec::new(),
+            prefetched: None,
+            totals: Published::default(),
         }
     }
 
@@ -162,6 +168,9 @@ impl Relay {
                 let refreshed = match self.land_all().await {
                     Ok(_) => {
                         self.cursor = 0;
+                        if let Some((_, task)) = self.prefetched.take() {
+                            task.abort();
+                        }
                         self.leases.refresh().await.map_err(RelayError::from)
                     }
                     Err(e) => Err(e),
@@ -225,13 +234,7 @@ impl Relay {
     /// Reads and produces the next batch, landing the oldest flight when too many are out.
     /// `false` when the held shards have nothing queued (everything landed).
     async fn step(&mut self) -> Result<bool, RelayError> {
-        let rows = queue::read(
-            &self.db,
-            &self.leases.filter(),
-            self.cursor,
-            self.settings.batch,
-        )
-        .await?;
+        let rows = self.next_rows().await?;
         if rows.is_empty() {
             let landed = self.land_all().await?;
             let was_at_head = self.cursor == 0;
@@ -239,6 +242,9 @@ impl Relay {
             // Past the head, look once more from it: a late commit may sit behind the cursor.
             return Ok(!was_at_head || !landed.is_empty());
         }
+        // The read after this batch runs while this batch is produced.
+        let last = rows.last().map(|r| r.pending_id).unwrap_or(self.cursor);
+        self.prefetch(last);
         self.send(rows).await?;
         while self.flights.len() > IN_FLIGHT {
             self.land_oldest().await?;
@@ -246,35 +252,56 @@ impl Relay {
         Ok(true)
     }
 
+    /// The rows after the read position: the prefetched read when it started there, else a
+    /// fresh one (a prefetch from elsewhere — the position moved back — is dropped).
+    async fn next_rows(&mut self) -> Result<Vec<Outgoing>, RelayError> {
+        if let Some((from, task)) = self.prefetched.take() {
+            if from == self.cursor {
+                return match task.await {
+                    Ok(rows) => Ok(rows?),
+                    Err(e) => Err(StoreError::Db(sea_orm::DbErr::Custom(format!(
+                        "reading the queue: {e}"
+                    )))
+                    .into()),
+                };
+            }
+            task.abort();
+        }
+        Ok(queue::read(
+            &self.db,
+            &self.leases.filter(),
+            self.cursor,
+            self.settings.batch,
+        )
+        .await?)
+    }
+
+    fn prefetch(&mut self, from: i64) {
+        let (db, filter, batch) = (self.db.clone(), self.leases.filter(), self.settings.batch);
+        let task = tokio::spawn(async move { queue::read(&db, &filter, from, batch).await });
+        if let Some((_, old)) = self.prefetched.replace((from, task)) {
+            old.abort();
+        }
+    }
+
     /// Publishes until the held shards' queue is empty (bounded, for shutdown and tests).
     pub async fn drain(&mut self) -> Result<Published, RelayError> {
-        let mut total = self.land_all().await?;
+        let before = self.totals;
+        self.land_all().await?;
         self.cursor = 0;
-        if self.leases.held().is_empty() {
-            return Ok(total);
-        }
-        for _ in 0..10_000 {
-            let rows = queue::read(
-                &self.db,
-                &self.leases.filter(),
-                self.cursor,
-                self.settings.batch,
-            )
-            .await?;
-            if rows.is_empty() {
-                total.add(self.land_all().await?);
-                if self.cursor == 0 {
+        if !self.leases.held().is_empty() {
+            for _ in 0..100_000 {
+                if !self.step().await? {
                     break;
                 }
-                self.cursor = 0;
-                continue;
             }
-            self.send(rows).await?;
-            while self.flights.len() > IN_FLIGHT {
-                total.add(self.land_oldest().await?);
-            }
+            self.land_all().await?;
         }
-        Ok(total)
+        Ok(Published {
+            changes: self.totals.changes - before.changes,
+            results: self.totals.results - before.results,
+            parked: self.totals.parked - before.parked,
+        })
     }
 
     /// Takes the shards (tests and tools that drive a relay by hand).
@@ -317,6 +344,7 @@ impl Relay {
                         held_back.insert(p);
                     }
                     self.park(&row, &e).await?;
+                    self.totals.parked += 1;
                 }
                 Err(e) => {
                     self.flights.push_back(Flight { sent });
@@ -482,6 +510,7 @@ impl Relay {
         let (db, done) = (self.db.clone(), queue::Done::of(&acked));
         self.recording
             .push(tokio::spawn(async move { queue::done(&db, done, Utc::now()).await }));
+        self.totals.add(published);
         let m = metrics();
         m.published
             .with_label_values(&["change"])
