@@ -18,9 +18,9 @@
 //!
 //! Run: `deploy/local/kafka.sh up && deploy/local/postgres.sh up && cargo bench --bench pipeline`
 //! (options after `--`: `--products N` (default 100000), `--million N` (default 1000000; 0
-//! skips it)). `PRODUCT_SYNC_BENCH_DATABASE_URL` and `PRODUCT_SYNC_BENCH_KAFKA` name the
+//! skips it), `--keep-db`). `PRODUCT_SYNC_BENCH_DATABASE_URL` and `PRODUCT_SYNC_BENCH_KAFKA` name the
 //! services (default: the local ones); every run makes its own database and topics and
-//! deletes its topics at the end.
+//! deletes them at the end.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -143,7 +143,9 @@ struct World {
 impl World {
     async fn new(sim_url: String) -> Result<Self, Error> {
         let admin = Database::connect(pg_admin_url()).await.map_err(|e| {
-            format!("PostgreSQL is not reachable ({e}): start it with `deploy/local/postgres.sh up`")
+            format!(
+                "PostgreSQL is not reachable ({e}): start it with `deploy/local/postgres.sh up`"
+            )
         })?;
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
         let name = format!("ps_bench_{suffix}");
@@ -161,7 +163,9 @@ impl World {
         })
         .await?;
         product_sync::store::migrate(&db).await?;
-        let ops_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let ops_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         Ok(World {
             db_url,
             db,
@@ -291,20 +295,49 @@ impl World {
                 if published && !queued {
                     let all = started.elapsed().as_secs_f64();
                     let took: Option<f64> = row.try_get("took")?;
-                    let events: i64 = sqlx::query("SELECT COUNT(*) FROM product_changes WHERE id > $1")
-                        .bind(before)
-                        .fetch_one(self.pool())
-                        .await?
-                        .try_get(0)?;
-                    return Ok((result_s.unwrap_or(all), all, events, took.unwrap_or(f64::NAN)));
+                    let events: i64 =
+                        sqlx::query("SELECT COUNT(*) FROM product_changes WHERE id > $1")
+                            .bind(before)
+                            .fetch_one(self.pool())
+                            .await?
+                            .try_get(0)?;
+                    return Ok((
+                        result_s.unwrap_or(all),
+                        all,
+                        events,
+                        took.unwrap_or(f64::NAN),
+                    ));
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    /// Deletes this run's topics and database (`--keep-db` keeps the database).
+    async fn clean_up(self) {
+        self.delete_topics().await;
+        if std::env::args().any(|a| a == "--keep-db") {
+            eprintln!("pipeline-bench: database kept: {}", self.db_url);
+            return;
+        }
+        let name = self
+            .db_url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let _ = self.db.close().await;
+        if let Ok(admin) = Database::connect(pg_admin_url()).await {
+            let _ = admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+
     async fn delete_topics(&self) {
-        let Ok(admin) = product_sync::kafka::client_config(&kafka()).create::<AdminClient<DefaultClientContext>>() else {
+        let Ok(admin) = product_sync::kafka::client_config(&kafka())
+            .create::<AdminClient<DefaultClientContext>>()
+        else {
             return;
         };
         let names: Vec<String> = ["requests", "changes", "results", "dlq"]
@@ -413,7 +446,10 @@ async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
             traceparent: None,
         }
         .headers();
-        let mut record = FutureRecord::to(&topic).key(key).payload(payload).headers(headers);
+        let mut record = FutureRecord::to(&topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
         loop {
             match producer.send_result(record) {
                 Ok(d) => {
@@ -463,7 +499,7 @@ async fn three_cases(n: usize) -> Result<(), Error> {
     case(&w, &producer, "changed10", n).await?;
     instance.stop()?;
     relay_case(&w, n).await?;
-    w.delete_topics().await;
+    w.clean_up().await;
     Ok(())
 }
 
@@ -481,7 +517,7 @@ async fn million(n: usize) -> Result<(), Error> {
     );
     instance.stop()?;
     relay_case(&w, n).await?;
-    w.delete_topics().await;
+    w.clean_up().await;
     Ok(())
 }
 

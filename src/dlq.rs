@@ -13,8 +13,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
 use crate::config::Settings;
-use crate::wire::{self, dlq};
 use crate::kafka::{KafkaError, client_config, header_text as header};
+use crate::wire::{self, dlq};
 
 /// One DLQ record, for people.
 #[derive(Debug, Clone, serde::Serialize)]

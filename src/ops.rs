@@ -105,8 +105,10 @@ async fn readyz(State(s): State<OpsState>) -> Response {
 async fn metrics_page(State(s): State<OpsState>) -> Response {
     if let Ok((queued, parked, oldest)) = crate::outbox::queue::backlog(&s.db).await {
         let m = metrics();
-        m.outbox_backlog.set(i64::try_from(queued).unwrap_or(i64::MAX));
-        m.outbox_parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
+        m.outbox_backlog
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+        m.outbox_parked
+            .set(i64::try_from(parked).unwrap_or(i64::MAX));
         let age = oldest
             .map(|t| (Utc::now() - t).num_seconds().max(0))
             .unwrap_or(0);

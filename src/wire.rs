@@ -404,9 +404,8 @@ mod tests {
 
     #[test]
     fn many_small_values_are_replaced_by_their_container() {
-        let attrs: serde_json::Map<String, Value> = (0..5000)
-            .map(|i| (format!("k{i}"), json!("v")))
-            .collect();
+        let attrs: serde_json::Map<String, Value> =
+            (0..5000).map(|i| (format!("k{i}"), json!("v"))).collect();
         let event = json!({"op": "created", "revision": 1, "changes": [],
             "before": null, "after": {"product_code": "A", "attributes": attrs}})
         .to_string();

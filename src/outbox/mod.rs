@@ -106,6 +106,9 @@ impl Published {
     }
 }
 
+/// A read of the queue running in the background.
+type Read = JoinHandle<Result<Vec<Outgoing>, StoreError>>;
+
 /// A produced batch awaiting its acks.
 struct Flight {
     sent: Vec<(Outgoing, DeliveryFuture)>,
@@ -126,7 +129,7 @@ pub struct Relay {
     /// restarts at the head (else acked rows could be read, and sent, again).
     recording: Vec<JoinHandle<Result<(), StoreError>>>,
     /// The next read, started while the previous batch is produced, and where it starts.
-    prefetched: Option<(i64, JoinHandle<Result<Vec<Outgoing>, StoreError>>)>,
+    prefetched: Option<(i64, Read)>,
     /// Everything landed so far.
     totals: Published,
 }
@@ -367,7 +370,10 @@ impl Relay {
                 limit = self.settings.max_event_bytes,
                 "event above pipeline.max_event_bytes: publishing its reduced form"
             );
-            metrics().reduced.with_label_values(&[row.kind.label()]).inc();
+            metrics()
+                .reduced
+                .with_label_values(&[row.kind.label()])
+                .inc();
             row.payload = reduced;
         }
     }
@@ -508,8 +514,9 @@ impl Relay {
         };
         // Recorded beside the next read; `land_all` waits for it.
         let (db, done) = (self.db.clone(), queue::Done::of(&acked));
-        self.recording
-            .push(tokio::spawn(async move { queue::done(&db, done, Utc::now()).await }));
+        self.recording.push(tokio::spawn(async move {
+            queue::done(&db, done, Utc::now()).await
+        }));
         self.totals.add(published);
         let m = metrics();
         m.published

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use sea_orm::sqlx;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseConnectionType,
-    DbErr, RuntimeErr, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QueryResult, Statement,
+    DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QueryResult, RuntimeErr,
+    Statement,
 };
 
 use crate::store::entity::{outbox_pending, requests as request_rows};
@@ -245,7 +245,11 @@ impl Done {
 }
 
 /// Removes acknowledged rows from the queue and marks their requests' results published.
-pub async fn done(db: &DatabaseConnection, done: Done, now: DateTime<Utc>) -> Result<(), StoreError> {
+pub async fn done(
+    db: &DatabaseConnection,
+    done: Done,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
     let ids = done.pending_ids;
     if ids.is_empty() {
         return Ok(());

@@ -159,11 +159,7 @@ impl Leases {
         .map_err(lease_err)?;
         let members: Vec<String> = members.into_iter().map(|(m,)| m).collect();
         let wanted = wanted(&members, instance_id, self.shards);
-        let release: Vec<i32> = self
-            .held
-            .difference(&wanted)
-            .map(|s| *s as i32)
-            .collect();
+        let release: Vec<i32> = self.held.difference(&wanted).map(|s| *s as i32).collect();
         if !release.is_empty() {
             sqlx::query("SELECT pg_advisory_unlock($1, s) FROM unnest($2::int4[]) AS s")
                 .bind(LOCK_CLASS)
@@ -176,10 +172,7 @@ impl Leases {
             }
             tracing::info!(shards = ?release, "relay released shards");
         }
-        let take: Vec<i32> = wanted
-            .difference(&self.held)
-            .map(|s| *s as i32)
-            .collect();
+        let take: Vec<i32> = wanted.difference(&self.held).map(|s| *s as i32).collect();
         if !take.is_empty() {
             let won: Vec<(i32, bool)> = sqlx::query_as(
                 "SELECT s, pg_try_advisory_lock($1, s) FROM unnest($2::int4[]) AS s",

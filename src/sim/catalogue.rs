@@ -133,7 +133,10 @@ impl Catalogue {
 
     /// The contract JSON of the product at `index` (as in [`Catalogue::products`]).
     pub fn rendered(&self, index: usize) -> &str {
-        self.rendered.get(index).map(String::as_str).unwrap_or("null")
+        self.rendered
+            .get(index)
+            .map(String::as_str)
+            .unwrap_or("null")
     }
 
     /// Changes `count` products (chosen from `seed`): their NAV and expected yield move, their

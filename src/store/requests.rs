@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryFilter, Statement,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryFilter,
+    Statement, TransactionTrait,
 };
 use serde_json::Value;
 
@@ -130,10 +130,7 @@ pub async fn finish(
 }
 
 /// Makes a finished request's result due again (a command seen again after completion).
-pub async fn reemit(
-    db: &DatabaseConnection,
-    request_id: &str,
-) -> Result<(), StoreError> {
+pub async fn reemit(db: &DatabaseConnection, request_id: &str) -> Result<(), StoreError> {
     use requests::Column as C;
     let txn = db.begin().await?;
     requests::Entity::update_many()

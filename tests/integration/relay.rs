@@ -76,9 +76,11 @@ pub fn assert_in_order(events: &[OwnedMessage]) -> BTreeMap<String, i64> {
 
 /// Who holds which shard, by instance (PostgreSQL's view of the advisory locks).
 async fn holders(w: &World) -> BTreeMap<String, Vec<i32>> {
-    let rows = w
-        .db
-        .query_all_raw(Statement::from_string(DatabaseBackend::Postgres, HOLDERS_SQL))
+    let rows =
+        w.db.query_all_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            HOLDERS_SQL,
+        ))
         .await
         .expect("read pg_locks");
     let mut out: BTreeMap<String, Vec<i32>> = BTreeMap::new();
@@ -134,7 +136,10 @@ async fn two_instances_split_the_shards_both_publish_and_a_killed_ones_shards_mo
     };
     assert_eq!(all, (0..16).collect::<Vec<_>>(), "each shard held once");
 
-    for (i, category) in ["mixed", "cash", "equity", "fixed_income"].iter().enumerate() {
+    for (i, category) in ["mixed", "cash", "equity", "fixed_income"]
+        .iter()
+        .enumerate()
+    {
         w.command(&format!("first-{i}"), json!({"category": category}))
             .await;
     }
@@ -156,10 +161,14 @@ async fn two_instances_split_the_shards_both_publish_and_a_killed_ones_shards_mo
     // Kill one: the survivor takes every shard within seconds and publishes on.
     signal(&a, "KILL");
     wait_exit(&mut a, Duration::from_secs(10)).await;
-    let survivor = wait_for("one holder of all 16 shards", Duration::from_secs(30), || async {
-        let h = holders(&w).await;
-        (h.len() == 1 && h.values().all(|s| s.len() == 16)).then_some(h)
-    })
+    let survivor = wait_for(
+        "one holder of all 16 shards",
+        Duration::from_secs(30),
+        || async {
+            let h = holders(&w).await;
+            (h.len() == 1 && h.values().all(|s| s.len() == 16)).then_some(h)
+        },
+    )
     .await;
     assert!(
         survivor.keys().all(|k| split.contains_key(k)),
@@ -178,7 +187,11 @@ async fn two_instances_split_the_shards_both_publish_and_a_killed_ones_shards_mo
     assert_eq!(last.len(), stored.len(), "every stored product has events");
     for (identity, (_, revision)) in &stored {
         let key = format!("wms/{}", identity.event_key());
-        assert_eq!(last.get(&key), Some(revision), "{key}: last event is the stored revision");
+        assert_eq!(
+            last.get(&key),
+            Some(revision),
+            "{key}: last event is the stored revision"
+        );
     }
     signal(&b, "TERM");
     assert!(wait_exit(&mut b, Duration::from_secs(60)).await.success());
@@ -242,7 +255,9 @@ async fn a_row_whose_transaction_commits_late_is_published_not_skipped() {
     let before = w.read_all(&w.settings.topics.changes).await;
     assert!(!before.is_empty());
     assert!(
-        before.iter().all(|m| m.key() != Some(b"wms/LATE1".as_slice())),
+        before
+            .iter()
+            .all(|m| m.key() != Some(b"wms/LATE1".as_slice())),
         "not visible before its commit"
     );
     // Its lower id becomes visible only now: the running relay must still publish it.
@@ -433,13 +448,22 @@ async fn a_row_the_broker_refuses_is_parked_and_holds_only_its_own_product() {
     w.command("two", selector).await;
     completed(&w, "two").await;
     let published = relay.drain().await.expect("drain");
-    assert_eq!(published.changes, 1, "only the other product's revision 2: {published:?}");
-    assert_eq!(published.results, 1, "results are never held: {published:?}");
+    assert_eq!(
+        published.changes, 1,
+        "only the other product's revision 2: {published:?}"
+    );
+    assert_eq!(
+        published.results, 1,
+        "results are never held: {published:?}"
+    );
 
     let parked = queue::parked(&w.db).await.expect("parked rows");
     assert_eq!(parked.len(), 1);
     let error = parked[0].error.clone().unwrap_or_default();
-    assert!(error.contains("too large") || error.contains("TooLarge"), "{error}");
+    assert!(
+        error.contains("too large") || error.contains("TooLarge"),
+        "{error}"
+    );
     assert_eq!(queued(&w).await, 2, "the parked row and the one behind it");
     let rows = queue::read(&w.db, &Shards::All, 0, 10).await.expect("read");
     assert!(rows.is_empty(), "nothing readable behind a parked row");
@@ -456,7 +480,10 @@ async fn a_row_the_broker_refuses_is_parked_and_holds_only_its_own_product() {
     assert_in_order(&events);
     let big_events = codes(&events, big);
     assert_eq!(
-        big_events.iter().map(|e| e["revision"].clone()).collect::<Vec<_>>(),
+        big_events
+            .iter()
+            .map(|e| e["revision"].clone())
+            .collect::<Vec<_>>(),
         vec![json!(1), json!(2)]
     );
     assert_eq!(queued(&w).await, 0);
@@ -494,13 +521,18 @@ async fn the_queue_read_probes_history_by_key_never_scans_it_with_or_without_sta
             sea_orm::sqlx::query("ANALYZE").execute(pool).await.unwrap();
         }
         for shards in [
-            Shards::Some { held: held.clone(), of: 16 },
-            Shards::Some { held: (0..16).collect(), of: 16 },
+            Shards::Some {
+                held: held.clone(),
+                of: 16,
+            },
+            Shards::Some {
+                held: (0..16).collect(),
+                of: 16,
+            },
         ] {
             let sql = queue::read_sql(DatabaseBackend::Postgres, &shards, 0, 5000);
-            let plan: String = w
-                .db
-                .query_all_raw(Statement::from_string(
+            let plan: String =
+                w.db.query_all_raw(Statement::from_string(
                     DatabaseBackend::Postgres,
                     format!("EXPLAIN {sql}"),
                 ))
@@ -523,5 +555,8 @@ async fn the_queue_read_probes_history_by_key_never_scans_it_with_or_without_sta
         .await
         .expect("read");
     assert_eq!(rows.len(), 5000, "a full batch of 8 shards of 16");
-    assert!(rows.iter().all(|r| r.product_id.is_some_and(|p| p % 16 < 8)));
+    assert!(
+        rows.iter()
+            .all(|r| r.product_id.is_some_and(|p| p % 16 < 8))
+    );
 }
