@@ -112,13 +112,14 @@ impl Application {
             u.client_secret.clone(),
             policy,
         )?);
-        let client = Arc::new(ProductClient::new(
-            http.clone(),
-            &u.base_url,
-            tokens,
-            u.page_size,
-            policy,
-        )?);
+        let client = Arc::new(
+            ProductClient::new(http.clone(), &u.base_url, tokens, u.page_size, policy)?
+                .with_limits(upstream::products::Limits {
+                    max_page_bytes: u.max_page_bytes,
+                    max_pages: u.max_pages,
+                    command_timeout: Duration::from_millis(u.command_timeout_ms),
+                }),
+        );
         let producer: FutureProducer =
             kafka::producer_config(&settings.kafka, settings.pipeline.max_event_bytes)
                 .create()

@@ -208,6 +208,12 @@ pub struct UpstreamSettings {
     pub timeout_ms: u64,
     /// How long transient failures of one call are retried before the call fails.
     pub retry_max_elapsed_ms: u64,
+    /// Largest products page read; a larger answer fails its command (read no further).
+    pub max_page_bytes: usize,
+    /// Most pages one command follows; paging beyond fails the command.
+    pub max_pages: usize,
+    /// Longest time one command's paging may take before it fails.
+    pub command_timeout_ms: u64,
 }
 
 /// The service-governance platform that instances register with.
@@ -544,6 +550,24 @@ impl Settings {
                 "must be between 1 and 1000".to_owned(),
             ));
         }
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.upstream.max_page_bytes) {
+            return Err(invalid(
+                "upstream.max_page_bytes",
+                "must be between 65536 and 1073741824".to_owned(),
+            ));
+        }
+        if self.upstream.max_pages == 0 {
+            return Err(invalid(
+                "upstream.max_pages",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if self.upstream.command_timeout_ms == 0 {
+            return Err(invalid(
+                "upstream.command_timeout_ms",
+                "must be above 0".to_owned(),
+            ));
+        }
         if self.upstream.timeout_ms == 0 {
             return Err(invalid("upstream.timeout_ms", "must be above 0".to_owned()));
         }
@@ -665,6 +689,17 @@ impl fmt::Display for Settings {
             f,
             "upstream.retry_max_elapsed_ms = {}",
             self.upstream.retry_max_elapsed_ms
+        )?;
+        writeln!(
+            f,
+            "upstream.max_page_bytes = {}",
+            self.upstream.max_page_bytes
+        )?;
+        writeln!(f, "upstream.max_pages = {}", self.upstream.max_pages)?;
+        writeln!(
+            f,
+            "upstream.command_timeout_ms = {}",
+            self.upstream.command_timeout_ms
         )?;
         writeln!(f, "governance.enabled = {}", self.governance.enabled)?;
         writeln!(f, "governance.base_url = {:?}", self.governance.base_url)?;

@@ -60,6 +60,9 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: Transient + Display,
 {
+    // A server-given wait (`Retry-After`) bypasses the backoff's own clock, so the budget is
+    // checked here too: no wait may end past it.
+    let started = std::time::Instant::now();
     backoff::future::retry_notify(
         policy.backoff(),
         || {
@@ -69,7 +72,11 @@ where
                     if !e.is_transient() {
                         backoff::Error::permanent(e)
                     } else if let Some(wait) = e.retry_after() {
-                        backoff::Error::retry_after(e, wait)
+                        if started.elapsed() + wait > policy.max_elapsed {
+                            backoff::Error::permanent(e)
+                        } else {
+                            backoff::Error::retry_after(e, wait)
+                        }
                     } else {
                         backoff::Error::transient(e)
                     }

@@ -21,10 +21,12 @@
 //! `pipeline.max_in_flight` run at once across partitions.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -366,10 +368,24 @@ impl Pipeline {
                 );
                 // Abandoning drops the command mid-way: an open transaction rolls back, nothing
                 // is stored for its offset, and the partition's next owner runs it again.
+                // A panic inside processing (a bug: no input may cause one) must not leave the
+                // partition silently dead: it is logged and counted, the command is failed to
+                // the DLQ, and the worker moves on.
                 let handled = tokio::select! {
                     biased;
                     _ = abandon.cancelled() => Err(process::Abandoned),
-                    r = processor.handle(&message, &abandon).instrument(span) => r,
+                    r = AssertUnwindSafe(processor.handle(&message, &abandon))
+                        .catch_unwind()
+                        .instrument(span.clone()) => match r {
+                        Ok(r) => r,
+                        Err(panic) => {
+                            let reason = panic_text(panic.as_ref());
+                            processor
+                                .handle_panic(&message, &reason, &abandon)
+                                .instrument(span)
+                                .await
+                        }
+                    },
                 };
                 match handled {
                     Ok(()) => {
@@ -403,6 +419,15 @@ impl Pipeline {
         });
         worker
     }
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 fn partition_list((topic, partition): &PartitionKey) -> TopicPartitionList {

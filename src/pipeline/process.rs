@@ -108,6 +108,34 @@ impl Processor {
         }
     }
 
+    /// After a panic while handling `msg`: the command is failed (DLQ, `failed` result, kind
+    /// `panic`) so its partition moves on; a command that cannot be read is rejected.
+    pub async fn handle_panic(
+        &self,
+        msg: &OwnedMessage,
+        panic: &str,
+        abandon: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let reason = format!(
+            "product-sync failed internally while handling this command (a bug; please report it): {}",
+            crate::upstream::quote(panic)
+        );
+        tracing::error!(error = %reason, "a command handler panicked; failing the command");
+        metrics().commands.with_label_values(&["panicked"]).inc();
+        match Command::parse(msg.payload(), &self.system) {
+            Ok(command) => {
+                let nothing = FoldOutcome::default();
+                self.persist(abandon, || async {
+                    requests::begin(&self.db, &command, None, Utc::now()).await?;
+                    self.fail(msg, &command, &nothing, 0, &reason, "permanent", "panic")
+                        .await
+                })
+                .await
+            }
+            Err(e) => self.persist(abandon, || self.reject(msg, &e, None)).await,
+        }
+    }
+
     /// Retries `step` until it succeeds or `abandon` fires.
     async fn persist<F, Fut>(
         &self,

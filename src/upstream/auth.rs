@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::{UpstreamError, join, retry_after};
+use super::{MAX_SMALL_BODY_BYTES, UpstreamError, join, read_limited, retry_after};
 use crate::retry::{RetryPolicy, retry};
 
 /// An access token as handed to callers. Its value never prints.
@@ -44,8 +44,31 @@ struct TokenResponse {
     access_token: String,
     #[serde(default)]
     token_type: Option<String>,
+    /// Any JSON number, or absent: clamped by [`token_lifetime`].
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Number>,
+}
+
+/// Shortest and longest token lifetime believed, and the one assumed when none is given.
+const MIN_LIFETIME: Duration = Duration::from_secs(10);
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+
+/// The lifetime to plan with: a missing `expires_in` is 5 minutes; zero, negative or tiny
+/// ones are 10 s (refreshed often, never a hot loop); absurd ones (beyond a day, or beyond
+/// what a clock can add) are a day.
+fn token_lifetime(expires_in: Option<&serde_json::Number>) -> Duration {
+    let Some(n) = expires_in else {
+        return DEFAULT_LIFETIME;
+    };
+    let seconds = n.as_f64().unwrap_or(0.0);
+    if !seconds.is_finite() || seconds <= MIN_LIFETIME.as_secs_f64() {
+        return MIN_LIFETIME;
+    }
+    if seconds >= MAX_LIFETIME.as_secs_f64() {
+        return MAX_LIFETIME;
+    }
+    Duration::from_secs_f64(seconds)
 }
 
 /// Hands out the current access token, fetching a new one when needed.
@@ -144,13 +167,7 @@ impl TokenSource {
             })?;
         let status = response.status();
         let wait = retry_after(response.headers());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|source| UpstreamError::Transport {
-                what: WHAT.into(),
-                source: source.without_url(),
-            })?;
+        let body = read_limited(response, MAX_SMALL_BODY_BYTES, WHAT).await?;
         if status == reqwest::StatusCode::UNAUTHORIZED
             || (status == reqwest::StatusCode::BAD_REQUEST && is_invalid_client(&body))
         {
@@ -178,7 +195,7 @@ impl TokenSource {
                 reason: "empty access_token or a token_type other than Bearer".into(),
             });
         }
-        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(300));
+        let lifetime = token_lifetime(parsed.expires_in.as_ref());
         // Refresh a fifth of the lifetime (at most 30 s) before the server's deadline.
         let margin = (lifetime / 5).min(Duration::from_secs(30));
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -216,5 +233,42 @@ impl ClassifyName for serde_json::Error {
             serde_json::error::Category::Data => "wrong shape",
             serde_json::error::Category::Eof => "truncated",
         }
+    }
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::*;
+
+    fn n(v: serde_json::Value) -> serde_json::Number {
+        match v {
+            serde_json::Value::Number(n) => n,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn hostile_lifetimes_are_clamped() {
+        assert_eq!(token_lifetime(None), DEFAULT_LIFETIME);
+        for tiny in [
+            serde_json::json!(0),
+            serde_json::json!(-5),
+            serde_json::json!(0.5),
+        ] {
+            assert_eq!(token_lifetime(Some(&n(tiny))), MIN_LIFETIME);
+        }
+        for absurd in [
+            serde_json::json!(u64::MAX),
+            serde_json::json!(1e300),
+            serde_json::json!(i64::MAX),
+        ] {
+            assert_eq!(token_lifetime(Some(&n(absurd))), MAX_LIFETIME);
+        }
+        assert_eq!(
+            token_lifetime(Some(&n(serde_json::json!(3600)))),
+            Duration::from_secs(3600)
+        );
+        // What used to panic: an Instant plus the lifetime.
+        let _ = Instant::now() + token_lifetime(Some(&n(serde_json::json!(u64::MAX))));
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{UpstreamError, join, retry_after};
+use super::{MAX_SMALL_BODY_BYTES, UpstreamError, join, read_limited, retry_after};
 use crate::retry::{RetryPolicy, retry};
 
 /// The platform's answer to a registration.
@@ -87,10 +87,7 @@ impl Governance {
             });
         }
         let wait = retry_after(response.headers());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|source| transport(WHAT, source))?;
+        let body = read_limited(response, MAX_SMALL_BODY_BYTES, WHAT).await?;
         if !status.is_success() {
             return Err(UpstreamError::from_status(
                 WHAT,

@@ -66,6 +66,13 @@ pub enum UpstreamError {
         identity: String,
         error: RecordError,
     },
+    /// A response body larger than its limit (read no further than the limit).
+    #[error("{what}: the response exceeds {limit} bytes (upstream limit); it was not read further")]
+    TooLarge { what: String, limit: usize },
+    /// Paging that does not end: a cursor seen before, more pages or more time than allowed,
+    /// or more items on a page than asked for.
+    #[error("{what}: {reason}")]
+    Runaway { what: String, reason: String },
     /// Any other status.
     #[error("{what}: unexpected HTTP status {status}")]
     UnexpectedStatus { what: String, status: u16 },
@@ -123,13 +130,70 @@ impl UpstreamError {
     }
 }
 
-/// The `Retry-After` header in seconds (an HTTP date is treated as one second).
+/// The `Retry-After` header in seconds (an HTTP date is treated as one second), clamped to
+/// [`MIN_RETRY_AFTER`]…[`MAX_RETRY_AFTER`]: a `0` asked for ever must not become a hot loop,
+/// nor a day a stuck partition (the retry budget bounds the total wait as well).
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    Some(Duration::from_secs(
-        value.trim().parse::<u64>().unwrap_or(1).min(300),
-    ))
+    let asked = Duration::from_secs(value.trim().parse::<u64>().unwrap_or(1).min(86_400));
+    Some(asked.clamp(MIN_RETRY_AFTER, MAX_RETRY_AFTER))
 }
+
+/// The shortest wait a `Retry-After` can ask for.
+pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(250);
+/// The longest wait a `Retry-After` can ask for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Largest token or governance answer read (they are a few hundred bytes).
+pub const MAX_SMALL_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads a response body, refusing it as soon as it grows past `limit` bytes (or announces
+/// more): a hostile or broken server cannot make this process buffer more than `limit`.
+pub(crate) async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, UpstreamError> {
+    let too_large = || UpstreamError::TooLarge {
+        what: what.to_owned(),
+        limit,
+    };
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(response.content_length().map_or(16 * 1024, |n| n as usize));
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|source| UpstreamError::Transport {
+            what: what.to_owned(),
+            source: source.without_url(),
+        })?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// An upstream value quoted in an error or a log line: cut to [`QUOTE_CHARS`] characters,
+/// control characters escaped, so a hostile value can neither flood nor forge a line.
+pub fn quote(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .take(QUOTE_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().nth(QUOTE_CHARS).is_some() {
+        out.push('…');
+    }
+    format!("\"{out}\"")
+}
+
+/// The longest prefix of an upstream value quoted anywhere.
+pub const QUOTE_CHARS: usize = 64;
 
 /// Joins a configured base URL and a contract path.
 pub(crate) fn join(base: &str, path: &str) -> Result<url::Url, UpstreamError> {

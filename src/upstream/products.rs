@@ -2,13 +2,16 @@
 //! following `next_cursor` to the end. Each page call has a timeout; transient failures are
 //! retried with backoff, 429 waits for `Retry-After`, a 401 refreshes the token once.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use super::auth::{Token, TokenSource};
-use super::{UpstreamError, join, retry_after};
+use super::{UpstreamError, join, quote, read_limited, retry_after};
 use crate::command::Selector;
 use crate::product::Product;
 use crate::retry::{RetryPolicy, retry};
@@ -22,6 +25,27 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+/// What one command may take from the management system before it ends with a clear error.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest page body read (`upstream.max_page_bytes`).
+    pub max_page_bytes: usize,
+    /// Most pages one command follows (`upstream.max_pages`).
+    pub max_pages: usize,
+    /// Longest time one command's paging may take (`upstream.command_timeout_ms`).
+    pub command_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_page_bytes: 32 * 1024 * 1024,
+            max_pages: 100_000,
+            command_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Fetches products from the management system.
 pub struct ProductClient {
     http: reqwest::Client,
@@ -29,6 +53,7 @@ pub struct ProductClient {
     tokens: Arc<TokenSource>,
     page_size: u32,
     policy: RetryPolicy,
+    limits: Limits,
 }
 
 impl ProductClient {
@@ -45,7 +70,14 @@ impl ProductClient {
             tokens,
             page_size,
             policy,
+            limits: Limits::default(),
         })
+    }
+
+    /// The same client with other limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The token source (shared with other clients of the same credentials).
@@ -54,7 +86,9 @@ impl ProductClient {
     }
 
     /// Every page for `selector`, in order; the stream ends after the page without a cursor
-    /// or at the first error (which it yields).
+    /// or at the first error (which it yields). Paging that would not end — a cursor seen
+    /// before, more than `max_pages` pages, longer than `command_timeout` — ends with a
+    /// permanent [`UpstreamError::Runaway`].
     pub fn pages(
         &self,
         selector: Selector,
@@ -62,23 +96,68 @@ impl ProductClient {
         struct State {
             selector: Selector,
             cursor: Option<String>,
+            seen: HashSet<String>,
             number: usize,
             done: bool,
+            deadline: Instant,
         }
         let start = State {
             selector,
             cursor: None,
+            seen: HashSet::new(),
             number: 0,
             done: false,
+            deadline: Instant::now() + self.limits.command_timeout,
         };
         futures::stream::try_unfold(start, move |mut state| async move {
             if state.done {
                 return Ok(None);
             }
             state.number += 1;
-            let page = self
-                .fetch_page(&state.selector, state.cursor.as_deref(), state.number)
-                .await?;
+            let what = format!("products page {}", state.number);
+            let runaway = |reason: String| UpstreamError::Runaway {
+                what: what.clone(),
+                reason,
+            };
+            if state.number > self.limits.max_pages {
+                return Err(runaway(format!(
+                    "more than {} pages (upstream.max_pages): the paging does not end",
+                    self.limits.max_pages
+                )));
+            }
+            let left = state.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(runaway(format!(
+                    "the command's paging took longer than {} s (upstream.command_timeout_ms)",
+                    self.limits.command_timeout.as_secs()
+                )));
+            }
+            let page = tokio::time::timeout(
+                left,
+                self.fetch_page(&state.selector, state.cursor.as_deref(), state.number),
+            )
+            .await
+            .map_err(|_| {
+                runaway(format!(
+                    "the command's paging took longer than {} s (upstream.command_timeout_ms)",
+                    self.limits.command_timeout.as_secs()
+                ))
+            })??;
+            if page.items.len() > self.page_size as usize {
+                return Err(runaway(format!(
+                    "{} items on a page of {} asked for",
+                    page.items.len(),
+                    self.page_size
+                )));
+            }
+            if let Some(next) = &page.next_cursor
+                && !state.seen.insert(next.clone())
+            {
+                return Err(runaway(format!(
+                    "next_cursor {} was already followed: the paging loops",
+                    quote(next)
+                )));
+            }
             state.cursor = page.next_cursor.clone();
             state.done = state.cursor.is_none();
             Ok(Some((page, state)))
@@ -126,13 +205,7 @@ impl ProductClient {
         }
         let status = response.status();
         let wait = retry_after(response.headers());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|source| UpstreamError::Transport {
-                what: what.to_owned(),
-                source,
-            })?;
+        let body = read_limited(response, self.limits.max_page_bytes, what).await?;
         if !status.is_success() {
             return Err(UpstreamError::from_status(
                 what,

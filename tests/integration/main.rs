@@ -9,6 +9,7 @@ mod fold;
 mod fuzz_checks;
 mod fuzz_corpus;
 mod helpers;
+mod hostile;
 mod kafka_smoke;
 mod pipeline;
 mod relay;
