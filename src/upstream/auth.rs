@@ -50,12 +50,12 @@ struct TokenResponse {
 }
 
 /// Shortest and longest token lifetime believed, and the one assumed when none is given.
-const MIN_LIFETIME: Duration = Duration::from_secs(10);
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 
 /// The lifetime to plan with: a missing `expires_in` is 5 minutes; zero, negative or tiny
-/// ones are 10 s (refreshed often, never a hot loop); absurd ones (beyond a day, or beyond
+/// ones are 1 s (a token request a second at most, never a hot loop); absurd ones (beyond a day, or beyond
 /// what a clock can add) are a day.
 fn token_lifetime(expires_in: Option<&serde_json::Number>) -> Duration {
     let Some(n) = expires_in else {
