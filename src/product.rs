@@ -28,11 +28,20 @@ pub struct RecordError {
 }
 
 impl RecordError {
+    /// Field and reason are cut short: both may quote what the management system sent.
     fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
-            reason: reason.into(),
+            field: cut(field.into(), 100),
+            reason: cut(reason.into(), 300),
         }
+    }
+}
+
+/// `text` cut to `max` characters (with `…` when cut).
+fn cut(text: String, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
     }
 }
 

@@ -417,6 +417,20 @@ mod tests {
     }
 
     #[test]
+    fn a_result_with_a_huge_error_is_reduced_the_same_way() {
+        let mut result =
+            ResultEvent::rejected("r-1", &"e".repeat(2_000_000), "2026-11-28T00:00:00Z");
+        result.status = "failed".into();
+        let reduced = reduce(&result.to_json(), 10_000).expect("reduced");
+        let v: Value = serde_json::from_str(&reduced).unwrap();
+        assert_eq!(v["request_id"], json!("r-1"));
+        assert_eq!(v["status"], json!("failed"));
+        assert_eq!(v["reduced"], json!(true));
+        assert!(v["error"]["omitted_bytes"].as_u64().unwrap() > 2_000_000);
+        assert_eq!(v["counts"]["fetched"], json!(0));
+    }
+
+    #[test]
     fn identifying_fields_are_never_reduced() {
         let event = json!({"op": "updated", "request_id": "r".repeat(5000), "revision": 2,
             "after": {"x": "y".repeat(5000)}})

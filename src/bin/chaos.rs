@@ -760,7 +760,7 @@ async fn main() -> anyhow::Result<()> {
         let mut e = json_of(m);
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
         let revision = e["revision"].as_i64().unwrap_or(-1);
-        let ce_id = header(m, "ce_id").unwrap_or_default();
+        let ce_id = header(m, product_sync::wire::headers::CE_ID).unwrap_or_default();
         if let Some(o) = e.as_object_mut() {
             o.remove("changed_at");
         }
@@ -799,7 +799,7 @@ async fn main() -> anyhow::Result<()> {
     let dlq = read_all(&settings, &settings.topics.dlq)?;
     let dlq_keys: BTreeSet<String> = dlq
         .iter()
-        .filter(|m| header(m, "dlq.reason").is_some_and(|r| !r.is_empty()))
+        .filter(|m| header(m, product_sync::wire::dlq::REASON).is_some_and(|r| !r.is_empty()))
         .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
         .collect();
     let rejected = results.iter().filter(|r| r["status"] == "rejected").count();

@@ -304,8 +304,8 @@ fn describe_record(item: &Value) -> String {
         item.get("product_code").and_then(Value::as_str),
         item.get("product_name").and_then(Value::as_str),
     ) {
-        (Some(code), _) => format!("code {code}"),
-        (None, Some(name)) => format!("name {name:?}"),
+        (Some(code), _) => format!("code {}", quote(code)),
+        (None, Some(name)) => format!("name {}", quote(name)),
         _ => "no code or name".to_owned(),
     }
 }
@@ -322,7 +322,7 @@ mod tests {
         assert!(
             msg.contains("products page 3")
                 && msg.contains("record 1")
-                && msg.contains("code B")
+                && msg.contains("code \"B\"")
                 && msg.contains("`nav`"),
             "{msg}"
         );

@@ -13,6 +13,7 @@ use product_sync::kafka::{TopicSpec, client_config, ensure_topics};
 use product_sync::product::{Identity, Product};
 use product_sync::sim::{Faults, SimConfig};
 use product_sync::store::fold::load_all;
+use product_sync::wire::{dlq as dlqh, headers as h};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -368,7 +369,7 @@ async fn a_keyword_command_syncs_the_matching_products_and_emits_their_events() 
     w.send(
         "req-keyword",
         body.as_bytes(),
-        &[("traceparent", traceparent)],
+        &[(h::TRACEPARENT, traceparent)],
     )
     .await;
 
@@ -398,15 +399,15 @@ async fn a_keyword_command_syncs_the_matching_products_and_emits_their_events() 
             .map(str::to_owned)
             .unwrap_or_else(|| format!("name:{}", e["after"]["product_name"].as_str().unwrap()));
         assert_eq!(key, format!("wms/{code}"));
-        assert_eq!(header_of(m, "ce_id").unwrap(), format!("wms:{code}:1"));
-        assert_eq!(header_of(m, "ce_specversion").as_deref(), Some("1.0"));
+        assert_eq!(header_of(m, h::CE_ID).unwrap(), format!("wms:{code}:1"));
+        assert_eq!(header_of(m, h::CE_SPECVERSION).as_deref(), Some("1.0"));
         assert_eq!(
-            header_of(m, "ce_type").as_deref(),
+            header_of(m, h::CE_TYPE).as_deref(),
             Some("com.product-sync.product.created")
         );
-        assert_eq!(header_of(m, "ce_subject").unwrap(), code);
-        assert!(header_of(m, "ce_source").is_some() && header_of(m, "ce_time").is_some());
-        assert_eq!(header_of(m, "traceparent").as_deref(), Some(traceparent));
+        assert_eq!(header_of(m, h::CE_SUBJECT).unwrap(), code);
+        assert!(header_of(m, h::CE_SOURCE).is_some() && header_of(m, h::CE_TIME).is_some());
+        assert_eq!(header_of(m, h::TRACEPARENT).as_deref(), Some(traceparent));
         let identity = Product::from_json(&e["after"]).unwrap().identity();
         assert_eq!(Product::from_json(&e["after"]).unwrap(), truth[&identity]);
     }
@@ -619,23 +620,23 @@ async fn malformed_commands_go_to_the_dlq_and_never_block_their_partition() {
             body.as_slice(),
             "DLQ keeps the original bytes"
         );
-        assert!(!header_of(m, "dlq.reason").unwrap().is_empty());
+        assert!(!header_of(m, dlqh::REASON).unwrap().is_empty());
         assert_eq!(
-            header_of(m, "dlq.error_class").as_deref(),
+            header_of(m, dlqh::ERROR_CLASS).as_deref(),
             Some("permanent")
         );
         assert_eq!(
-            header_of(m, "dlq.original_topic").as_deref(),
+            header_of(m, dlqh::ORIGINAL_TOPIC).as_deref(),
             Some(w.settings.topics.requests.as_str())
         );
-        assert_eq!(header_of(m, "dlq.original_partition").as_deref(), Some("0"));
+        assert_eq!(header_of(m, dlqh::ORIGINAL_PARTITION).as_deref(), Some("0"));
         assert!(
-            header_of(m, "dlq.original_offset")
+            header_of(m, dlqh::ORIGINAL_OFFSET)
                 .unwrap()
                 .parse::<i64>()
                 .is_ok()
         );
-        kinds.push(header_of(m, "dlq.error_kind").unwrap());
+        kinds.push(header_of(m, dlqh::ERROR_KIND).unwrap());
     }
     assert_eq!(
         kinds,
@@ -737,11 +738,11 @@ async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay
     let dlq = w.read_all(&w.settings.topics.dlq).await;
     assert_eq!(dlq.len(), 1);
     assert_eq!(
-        header_of(&dlq[0], "dlq.error_class").as_deref(),
+        header_of(&dlq[0], dlqh::ERROR_CLASS).as_deref(),
         Some("transient")
     );
     assert_eq!(
-        header_of(&dlq[0], "dlq.error_kind").as_deref(),
+        header_of(&dlq[0], dlqh::ERROR_KIND).as_deref(),
         Some("upstream")
     );
 
@@ -821,7 +822,7 @@ fn assert_gapless(events: &[OwnedMessage], stored: &BTreeMap<Identity, (Product,
         let e = json_of(m);
         let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
         let revision = e["revision"].as_i64().unwrap();
-        let ce_id = header_of(m, "ce_id").unwrap();
+        let ce_id = header_of(m, h::CE_ID).unwrap();
         let mut body = e.clone();
         body.as_object_mut().unwrap().remove("changed_at");
         match by_product.entry(key.clone()).or_default().entry(revision) {
