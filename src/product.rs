@@ -18,6 +18,10 @@ use sha2::{Digest, Sha256};
 pub const MAX_CODE_LEN: usize = 64;
 /// Longest product name (in characters) the contract allows.
 pub const MAX_NAME_LEN: usize = 200;
+/// Longest `category` (its column's length).
+pub const MAX_CATEGORY_LEN: usize = 64;
+/// Longest `issuer` (its column's length).
+pub const MAX_ISSUER_LEN: usize = 200;
 
 /// A record that breaks the contract: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -353,6 +357,33 @@ impl Content {
                 "product_code",
                 "absent, and product_name is empty: the record has no identity",
             ));
+        }
+        // What the store's columns hold, checked here so both backends refuse the same
+        // records with the same error (PostgreSQL alone used to, with a raw database error).
+        if self.product_name.chars().any(char::is_control) {
+            return Err(RecordError::new(
+                "product_name",
+                "must not contain control characters",
+            ));
+        }
+        for (field, value, max) in [
+            ("category", &self.category, MAX_CATEGORY_LEN),
+            ("issuer", &self.issuer, MAX_ISSUER_LEN),
+        ] {
+            if let Some(v) = value {
+                if v.chars().count() > max {
+                    return Err(RecordError::new(
+                        field,
+                        format!("longer than {max} characters"),
+                    ));
+                }
+                if v.chars().any(char::is_control) {
+                    return Err(RecordError::new(
+                        field,
+                        "must not contain control characters",
+                    ));
+                }
+            }
         }
         if let Some(c) = &self.currency
             && !(c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()))

@@ -17,6 +17,9 @@ use super::fold::FoldOutcome;
 use crate::command::Command;
 use crate::wire::{Counts, ResultEvent};
 
+/// The longest error text stored for a request (and so published in its result).
+pub const MAX_ERROR_CHARS: usize = 2000;
+
 /// Final states of a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -115,7 +118,11 @@ pub async fn finish(
         .col_expr(C::Unchanged, Expr::value(outcome.unchanged as i64))
         .col_expr(C::Stale, Expr::value(outcome.stale as i64))
         .col_expr(C::Pages, Expr::value(pages))
-        .col_expr(C::Error, Expr::value(error.map(str::to_owned)))
+        // The error may quote what came from outside: stored (and published) cut short.
+        .col_expr(
+            C::Error,
+            Expr::value(error.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>())),
+        )
         .col_expr(C::FinishedAt, Expr::value(Some(now)))
         .col_expr(
             C::ResultPublishedAt,

@@ -265,6 +265,32 @@ async fn invalid_record_applies_nothing(db: &DatabaseConnection) {
         "nothing of the page was applied"
     );
     assert!(changes(db, "wms").await.is_empty());
+
+    // Values only PostgreSQL used to refuse (with a raw database error): refused by both
+    // backends alike, before any database work, naming the field.
+    let long_category = {
+        let mut p = product(Some("BAD-2"), "长", 1, 3);
+        p.content.category = Some("c".repeat(65));
+        ("category", p)
+    };
+    let nul_in_name = {
+        let mut p = product(Some("BAD-3"), "名", 1, 4);
+        p.content.product_name = "a\0b".into();
+        ("product_name", p)
+    };
+    let nul_in_issuer = {
+        let mut p = product(Some("BAD-4"), "发", 1, 5);
+        p.content.issuer = Some("bank\0".into());
+        ("issuer", p)
+    };
+    for (field, bad) in [long_category, nul_in_name, nul_in_issuer] {
+        let good = product(Some("OK-2"), "好", 1, 1);
+        match fold_page(db, &ctx, &[good, bad], &policy()).await {
+            Err(StoreError::InvalidRecord { error, .. }) => assert_eq!(error.field, field),
+            other => panic!("{field}: expected InvalidRecord, got {other:?}"),
+        }
+    }
+    assert!(load_all(db, "wms").await.unwrap().is_empty());
 }
 
 #[tokio::test]
