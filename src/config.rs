@@ -329,7 +329,9 @@ fn build(sources: &Sources) -> Result<Config, ConfigError> {
     let env = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true)
+        // Values stay the strings they were written as: a client secret `00123` must not
+        // become `123`, nor `1e3` a float. Numeric and boolean keys still parse from them.
+        .try_parsing(false)
         .source(sources.vars.clone().map(|vars| vars.into_iter().collect()));
     builder = builder.add_source(env);
 
@@ -627,6 +629,20 @@ pub fn redact_url(raw: &str) -> String {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
+            // `?password=…` (and sslpassword, secrets and tokens) in the query, too.
+            if u.query().is_some() {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let secret = ["password", "secret", "token"]
+                            .iter()
+                            .any(|s| k.to_ascii_lowercase().contains(s));
+                        let v = if secret { "***".into() } else { v.into_owned() };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
         Err(_) => "(unparsable URL)".to_owned(),
@@ -765,6 +781,36 @@ mod tests {
         assert_eq!(s.kafka.librdkafka.get("security.protocol"), Some("ssl"));
         // The local environment file is layered over the defaults.
         assert_eq!(s.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn environment_strings_stay_as_written() {
+        let s = load(&sources(&[
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "00123"),
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_ID", "1e3"),
+            ("PRODUCT_SYNC__UPSTREAM__SYSTEM", "TRUE"),
+            ("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "0250"),
+            ("PRODUCT_SYNC__GOVERNANCE__ENABLED", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(s.upstream.client_secret.expose_secret(), "00123");
+        assert_eq!(s.upstream.client_id, "1e3");
+        assert_eq!(s.upstream.system, "TRUE");
+        // Numbers and booleans still parse from their strings.
+        assert_eq!(s.upstream.page_size, 250);
+        assert!(s.governance.enabled);
+    }
+
+    #[test]
+    fn a_password_in_a_url_query_is_redacted() {
+        let r = redact_url(
+            "postgres://u:pw@db:5432/x?sslmode=verify-full&password=hunter2&sslpassword=k",
+        );
+        assert!(
+            !r.contains("hunter2") && !r.contains("pw@") && !r.contains("=k"),
+            "{r}"
+        );
+        assert!(r.contains("sslmode=verify-full"), "{r}");
     }
 
     #[test]
