@@ -128,13 +128,13 @@ impl Application {
         let ops_stop = CancellationToken::new();
         let ops_addr = ops::serve(
             settings.http.listen,
-            OpsState {
-                db: db.clone(),
-                producer: producer.clone(),
-                http: http.clone(),
-                upstream_base_url: u.base_url.clone(),
-                membership: membership.clone(),
-            },
+            OpsState::new(
+                db.clone(),
+                producer.clone(),
+                http.clone(),
+                u.base_url.clone(),
+                membership.clone(),
+            ),
             ops_stop.clone(),
         )
         .await

@@ -214,6 +214,9 @@ pub struct UpstreamSettings {
     pub max_pages: usize,
     /// Longest time one command's paging may take before it fails.
     pub command_timeout_ms: u64,
+    /// Accept a plain `http://` base URL (credentials and tokens would travel in clear text):
+    /// `true` for development, `false` in production.
+    pub allow_http: bool,
 }
 
 /// The service-governance platform that instances register with.
@@ -222,6 +225,8 @@ pub struct UpstreamSettings {
 pub struct GovernanceSettings {
     /// Register at start-up, heartbeat, deregister at stop.
     pub enabled: bool,
+    /// Accept a plain `http://` base URL: `true` for development, `false` in production.
+    pub allow_http: bool,
     /// Base URL of the governance platform.
     pub base_url: String,
     /// This service's identity at the platform.
@@ -537,13 +542,39 @@ impl Settings {
                 ),
             ));
         }
-        for (key, value) in [
-            ("upstream.base_url", &self.upstream.base_url),
-            ("governance.base_url", &self.governance.base_url),
+        for (key, value, allow_http, allow_key) in [
+            (
+                "upstream.base_url",
+                &self.upstream.base_url,
+                self.upstream.allow_http,
+                "upstream.allow_http",
+            ),
+            (
+                "governance.base_url",
+                &self.governance.base_url,
+                self.governance.allow_http,
+                "governance.allow_http",
+            ),
         ] {
             match url::Url::parse(value) {
-                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-                _ => return Err(invalid(key, format!("{value:?} is not an http(s) URL"))),
+                Ok(u) if u.scheme() == "https" => {}
+                Ok(u) if u.scheme() == "http" && allow_http => {}
+                Ok(u) if u.scheme() == "http" => {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{} is plain http: the client secret and tokens would travel in clear \
+                             text; use https, or set {allow_key} = true (development only)",
+                            redact_url(value)
+                        ),
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not an http(s) URL", redact_url(value)),
+                    ));
+                }
             }
         }
         if !(1..=1000).contains(&self.upstream.page_size) {
@@ -717,7 +748,9 @@ impl fmt::Display for Settings {
             "upstream.command_timeout_ms = {}",
             self.upstream.command_timeout_ms
         )?;
+        writeln!(f, "upstream.allow_http = {}", self.upstream.allow_http)?;
         writeln!(f, "governance.enabled = {}", self.governance.enabled)?;
+        writeln!(f, "governance.allow_http = {}", self.governance.allow_http)?;
         writeln!(f, "governance.base_url = {:?}", self.governance.base_url)?;
         writeln!(f, "governance.app_id = {:?}", self.governance.app_id)?;
         writeln!(f, "http.listen = \"{}\"", self.http.listen)?;
@@ -818,9 +851,40 @@ mod tests {
         let s = load(&sources(&[
             ("PRODUCT_SYNC_ENV", "production"),
             ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "x"),
+            ("PRODUCT_SYNC__UPSTREAM__BASE_URL", "https://wms.example"),
+            ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", "https://gov.example"),
         ]))
         .unwrap();
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn production_refuses_plain_http_unless_allowed() {
+        let err = load(&sources(&[
+            ("PRODUCT_SYNC_ENV", "production"),
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "x"),
+            (
+                "PRODUCT_SYNC__UPSTREAM__BASE_URL",
+                "http://u:pw@wms.example",
+            ),
+            ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", "https://gov.example"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("upstream.base_url") && err.contains("upstream.allow_http"),
+            "{err}"
+        );
+        assert!(!err.contains("pw"), "{err}");
+        let allowed = load(&sources(&[
+            ("PRODUCT_SYNC_ENV", "production"),
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "x"),
+            ("PRODUCT_SYNC__UPSTREAM__BASE_URL", "http://wms.example"),
+            ("PRODUCT_SYNC__UPSTREAM__ALLOW_HTTP", "true"),
+            ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", "http://gov.example"),
+        ]));
+        let err = allowed.unwrap_err().to_string();
+        assert!(err.contains("governance.allow_http"), "{err}");
     }
 
     #[test]

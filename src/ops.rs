@@ -1,5 +1,6 @@
 //! The ops endpoint on `http.listen`: `/healthz` (the process answers), `/readyz` (store,
-//! broker and management system reachable, consumer group joined), `/metrics` (Prometheus).
+//! broker and management system reachable — checked in the background every 5 s — and the
+//! consumer group joined), `/metrics` (Prometheus).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,9 +38,31 @@ pub struct OpsState {
     pub http: reqwest::Client,
     pub upstream_base_url: String,
     pub membership: Arc<Membership>,
+    /// The last readiness check (see [`keep_checking`]).
+    checked: Arc<std::sync::RwLock<Checked>>,
+}
+
+impl OpsState {
+    pub fn new(
+        db: DatabaseConnection,
+        producer: FutureProducer,
+        http: reqwest::Client,
+        upstream_base_url: String,
+        membership: Arc<Membership>,
+    ) -> Self {
+        OpsState {
+            db,
+            producer,
+            http,
+            upstream_base_url,
+            membership,
+            checked: Arc::default(),
+        }
+    }
 }
 
 /// Binds the ops endpoint (port 0 picks one) and serves it until `stop`; returns the address.
+/// The readiness check runs in the background from now on (every 5 s).
 pub async fn serve(
     addr: SocketAddr,
     state: OpsState,
@@ -51,7 +74,8 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
-        .with_state(state);
+        .with_state(state.clone());
+    tokio::spawn(keep_checking(state, stop.clone()));
     tokio::spawn(async move {
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -64,7 +88,22 @@ pub async fn serve(
     Ok(bound)
 }
 
-async fn readyz(State(s): State<OpsState>) -> Response {
+/// The last dependency check, refreshed in the background: a `/readyz` hit costs nothing
+/// (an unauthenticated caller cannot make this process query the store, the broker and the
+/// management system at will).
+#[derive(Debug, Clone, Copy, Default)]
+struct Checked {
+    database: bool,
+    broker: bool,
+    upstream: bool,
+    /// When the check ran (`None`: not yet).
+    at: Option<chrono::DateTime<Utc>>,
+}
+
+/// How often the dependencies are checked for `/readyz`.
+const READINESS_EVERY: Duration = Duration::from_secs(5);
+
+async fn check(s: &OpsState) -> Checked {
     let database = s.db.execute_unprepared("SELECT 1").await.is_ok();
     let producer = s.producer.clone();
     let broker = tokio::task::spawn_blocking(move || {
@@ -83,16 +122,39 @@ async fn readyz(State(s): State<OpsState>) -> Response {
         .send()
         .await
         .is_ok();
+    Checked {
+        database,
+        broker,
+        upstream,
+        at: Some(Utc::now()),
+    }
+}
+
+/// Refreshes the readiness check until `stop`.
+async fn keep_checking(s: OpsState, stop: CancellationToken) {
+    loop {
+        let checked = check(&s).await;
+        *s.checked.write().unwrap_or_else(|e| e.into_inner()) = checked;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(READINESS_EVERY) => {}
+        }
+    }
+}
+
+async fn readyz(State(s): State<OpsState>) -> Response {
+    let c = *s.checked.read().unwrap_or_else(|e| e.into_inner());
     let joined = s.membership.joined.load(Ordering::SeqCst);
     let partitions = s.membership.partitions.load(Ordering::SeqCst);
-    let ready = database && broker && upstream && joined;
+    let ready = c.database && c.broker && c.upstream && joined;
     let body = json!({
         "ready": ready,
-        "database": database,
-        "broker": broker,
-        "upstream": upstream,
+        "database": c.database,
+        "broker": c.broker,
+        "upstream": c.upstream,
         "consumer_group_joined": joined,
         "partitions_assigned": partitions,
+        "checked_at": c.at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
     });
     let status = if ready {
         StatusCode::OK
