@@ -269,6 +269,7 @@ async fn main() {
         max_connections: 4,
         migrate_on_start: true,
         connect_timeout_ms: 10_000,
+        require_tls: false,
     })
     .await
     .expect("connect");

@@ -63,6 +63,7 @@ fn kafka() -> KafkaSettings {
             .unwrap_or_else(|_| "127.0.0.1:9092".to_owned()),
         group_id: "pipeline-bench".to_owned(),
         librdkafka: Default::default(),
+        require_tls: false,
     }
 }
 
@@ -160,6 +161,7 @@ impl World {
             max_connections: 4,
             migrate_on_start: true,
             connect_timeout_ms: 10_000,
+            require_tls: false,
         })
         .await?;
         product_sync::store::migrate(&db).await?;

@@ -116,6 +116,10 @@ pub struct KafkaSettings {
     /// `PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SECURITY_PROTOCOL=ssl` sets `security.protocol`.
     #[serde(default)]
     pub librdkafka: LibrdkafkaOptions,
+    /// Refuse to start unless `librdkafka."security.protocol"` is `ssl` or `sasl_ssl`
+    /// (production: `true`).
+    #[serde(default)]
+    pub require_tls: bool,
 }
 
 /// Raw librdkafka options. Debug output redacts credential values.
@@ -187,6 +191,11 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// How long start-up keeps retrying an unreachable database before giving up.
     pub connect_timeout_ms: u64,
+    /// Refuse a `postgres://` URL without `sslmode=verify-full` (or `verify-ca`): production
+    /// `true`, so the store's password and data never cross the network in clear text and the
+    /// server's certificate is checked.
+    #[serde(default)]
+    pub require_tls: bool,
 }
 
 /// The management system that owns the product data.
@@ -542,6 +551,36 @@ impl Settings {
                 ),
             ));
         }
+        if self.database.require_tls && url.starts_with("postgres") {
+            let verified = url::Url::parse(url).is_ok_and(|u| {
+                u.query_pairs()
+                    .any(|(k, v)| k == "sslmode" && (v == "verify-full" || v == "verify-ca"))
+            });
+            if !verified {
+                return Err(invalid(
+                    "database.url",
+                    format!(
+                        "{} does not ask for a verified TLS connection (add ?sslmode=verify-full), \
+                         and database.require_tls is true",
+                        redact_url(url)
+                    ),
+                ));
+            }
+        }
+        if self.kafka.require_tls {
+            let protocol = self
+                .kafka
+                .librdkafka
+                .get("security.protocol")
+                .unwrap_or("plaintext")
+                .to_ascii_lowercase();
+            if protocol != "ssl" && protocol != "sasl_ssl" {
+                return Err(invalid(
+                    "kafka.librdkafka.security.protocol",
+                    format!("is {protocol:?}, but kafka.require_tls is true: use ssl or sasl_ssl"),
+                ));
+            }
+        }
         for (key, value, allow_http, allow_key) in [
             (
                 "upstream.base_url",
@@ -749,6 +788,8 @@ impl fmt::Display for Settings {
             self.upstream.command_timeout_ms
         )?;
         writeln!(f, "upstream.allow_http = {}", self.upstream.allow_http)?;
+        writeln!(f, "kafka.require_tls = {}", self.kafka.require_tls)?;
+        writeln!(f, "database.require_tls = {}", self.database.require_tls)?;
         writeln!(f, "governance.enabled = {}", self.governance.enabled)?;
         writeln!(f, "governance.allow_http = {}", self.governance.allow_http)?;
         writeln!(f, "governance.base_url = {:?}", self.governance.base_url)?;
@@ -856,6 +897,41 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn production_requires_tls_to_the_store_and_the_broker() {
+        let base = [
+            ("PRODUCT_SYNC_ENV", "production"),
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "x"),
+            ("PRODUCT_SYNC__UPSTREAM__BASE_URL", "https://wms.example"),
+            ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", "https://gov.example"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars = base.to_vec();
+            vars.extend_from_slice(extra);
+            load(&sources(&vars))
+        };
+        let err = with(&[("PRODUCT_SYNC__DATABASE__URL", "postgres://u:pw@db/x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database.url") && err.contains("sslmode"),
+            "{err}"
+        );
+        assert!(!err.contains("pw@"), "{err}");
+        with(&[(
+            "PRODUCT_SYNC__DATABASE__URL",
+            "postgres://u:pw@db/x?sslmode=verify-full",
+        )])
+        .unwrap();
+        let err = with(&[(
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SECURITY_PROTOCOL",
+            "plaintext",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kafka.require_tls"), "{err}");
     }
 
     #[test]

@@ -127,6 +127,45 @@ fn kubernetes_manifests_agree_with_the_configuration() {
     assert!(refs.contains(&configmap["metadata"]["name"].as_str().unwrap()));
     assert!(refs.contains(&secret["metadata"]["name"].as_str().unwrap()));
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["automountServiceAccountToken"], false);
+
+    // Production talks TLS to everything (the settings were loaded with production.toml).
+    assert!(s.kafka.require_tls && s.database.require_tls);
+    assert_eq!(
+        s.kafka.librdkafka.get("security.protocol"),
+        Some("sasl_ssl")
+    );
+    assert!(s.upstream.base_url.starts_with("https://"));
+    assert!(s.governance.base_url.starts_with("https://"));
+    assert!(!s.upstream.allow_http && !s.governance.allow_http);
+    let policy = doc("networkpolicy.yaml");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let egress_ports: Vec<u64> = policy["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_array().unwrap().iter())
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    assert!(
+        !egress_ports.contains(&9092),
+        "no plaintext Kafka: {egress_ports:?}"
+    );
+    for port in [53, 9093, 5432, 443] {
+        assert!(
+            egress_ports.contains(&port),
+            "egress to {port}: {egress_ports:?}"
+        );
+    }
+    let brokers = s.kafka.bootstrap_servers.split(',');
+    assert!(brokers.into_iter().all(|b| b.ends_with(":9093")));
 
     let keda = doc("keda-scaledobject.yaml");
     let trigger = &keda["spec"]["triggers"][0]["metadata"];

@@ -34,6 +34,7 @@ pub fn kafka_settings() -> KafkaSettings {
         bootstrap_servers: kafka_bootstrap(),
         group_id: unique("test-group"),
         librdkafka: LibrdkafkaOptions::default(),
+        require_tls: false,
     }
 }
 
@@ -101,6 +102,7 @@ pub fn database_settings(url: &str) -> DatabaseSettings {
         max_connections: 5,
         migrate_on_start: true,
         connect_timeout_ms: 5_000,
+        require_tls: false,
     }
 }
 
