@@ -67,6 +67,29 @@ pub struct Faults {
     pub down: bool,
     /// Deterministic faults for the next products requests, in order.
     pub script: VecDeque<Fault>,
+    /// A hostile or broken management system, for every products request whose keyword is
+    /// `hostile_keyword` (every request when that is unset) while set.
+    pub hostile: Option<Hostile>,
+    pub hostile_keyword: Option<String>,
+}
+
+/// Misbehaviours of a hostile or broken management system (DESIGN.md "Limits on what the
+/// upstream may send"); product-sync must end each command in bounded time or tolerate it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hostile {
+    /// `next_cursor` is the cursor just asked for: the paging loops.
+    RepeatCursor,
+    /// Empty pages, each with a new cursor, for ever.
+    EndlessEmpty,
+    /// 429 with `Retry-After: 0`, for ever.
+    ThrottleZero,
+    /// An 80 MB page.
+    HugePage,
+    /// Five times the items asked for.
+    TooManyItems,
+    /// Tokens whose `expires_in` no clock can add (every token request).
+    AbsurdExpiry,
 }
 
 /// One scripted fault.
@@ -294,6 +317,13 @@ impl Sim {
         .map(|(_, fault)| fault)
     }
 
+    /// The hostile behaviour for a products request with this keyword, if any.
+    fn hostile_for(&self, keyword: Option<&str>) -> Option<Hostile> {
+        let f = lock(&self.inner.faults);
+        let applies = f.hostile_keyword.is_none() || f.hostile_keyword.as_deref() == keyword;
+        f.hostile.filter(|_| applies)
+    }
+
     fn is_down(&self) -> bool {
         lock(&self.inner.faults).down
     }
@@ -376,10 +406,15 @@ async fn token(
         .stats
         .tokens_issued
         .fetch_add(1, Ordering::Relaxed);
+    let expires_in = if lock(&sim.inner.faults).hostile == Some(Hostile::AbsurdExpiry) {
+        json!(u64::MAX)
+    } else {
+        json!(config.token_ttl.as_secs())
+    };
     Json(json!({
         "access_token": value,
         "token_type": "Bearer",
-        "expires_in": config.token_ttl.as_secs(),
+        "expires_in": expires_in,
     }))
     .into_response()
 }
@@ -417,6 +452,67 @@ struct ProductQuery {
     updated_since: Option<String>,
     page_size: Option<String>,
     cursor: Option<String>,
+}
+
+/// The answer of a hostile management system (`None`: answer normally).
+fn hostile_answer(
+    sim: &Sim,
+    hostile: Hostile,
+    cursor: Option<&str>,
+    page_size: usize,
+) -> Option<Response> {
+    let page = |items: Vec<Value>, next: Option<String>| {
+        Json(json!({"items": items, "next_cursor": next})).into_response()
+    };
+    match hostile {
+        Hostile::RepeatCursor => {
+            let again = cursor.map_or_else(|| encode_cursor(0), str::to_owned);
+            let first = read(&sim.inner.catalogue).products().first().map(Product::to_json);
+            Some(page(first.into_iter().collect(), Some(again)))
+        }
+        Hostile::EndlessEmpty => {
+            let n = sim.inner.stats.product_requests.load(Ordering::Relaxed);
+            Some(page(Vec::new(), Some(encode_cursor(n as usize))))
+        }
+        Hostile::ThrottleZero => {
+            let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "throttled", "hostile");
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(0));
+            Some(r)
+        }
+        Hostile::HugePage => {
+            // A page whose body goes on for 80 MB, streamed (the simulator holds 64 KiB).
+            let head = Bytes::from_static(b"{\"items\":[],\"next_cursor\":null,\"pad\":\"");
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let tail = Bytes::from_static(b"\"}");
+            let body = futures::stream::iter(
+                std::iter::once(head)
+                    .chain(std::iter::repeat_n(chunk, 80 * 16))
+                    .chain(std::iter::once(tail))
+                    .map(Ok::<Bytes, std::io::Error>),
+            );
+            Some(
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    Body::from_stream(body),
+                )
+                    .into_response(),
+            )
+        }
+        Hostile::TooManyItems => {
+            let catalogue = read(&sim.inner.catalogue);
+            let items: Vec<Value> = catalogue
+                .products()
+                .iter()
+                .cycle()
+                .take(page_size * 5)
+                .map(Product::to_json)
+                .collect();
+            Some(page(items, None))
+        }
+        Hostile::AbsurdExpiry => None,
+    }
 }
 
 /// Cursors are opaque to clients: a prefix and the offset into the filtered list.
@@ -544,6 +640,16 @@ async fn products(
                 .into_response();
         }
         _ => {}
+    }
+
+    if let Some(hostile) = sim.hostile_for(selector.keyword.as_deref())
+        && let Some(response) = hostile_answer(&sim, hostile, q.cursor.as_deref(), page_size)
+    {
+        sim.inner
+            .stats
+            .faults_injected
+            .fetch_add(1, Ordering::Relaxed);
+        return response;
     }
 
     // The cursor is the catalogue position to scan on from: a page costs its own size, not

@@ -1,6 +1,7 @@
 //! A hostile or broken management system (a real HTTP server on port 0, misbehaving on
-//! purpose): every misbehaviour ends the fetch in bounded time with a short, permanent error
-//! — or is tolerated — and never panics or buffers without bound.
+//! purpose; then the simulator's hostile modes under a real `run` process): every misbehaviour
+//! ends the fetch in bounded time with a short, permanent error — or is tolerated — never
+//! panics or buffers without bound, and the next command on the partition completes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -288,4 +289,86 @@ async fn an_absurd_token_lifetime_is_clamped_not_a_panic() {
     .await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(pages, 1);
+}
+
+/// Peak resident memory (VmHWM) of a process, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .expect("VmHWM of the child")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_misbehaviour_ends_its_command_and_the_next_one_on_the_partition_completes() {
+    use crate::helpers::wait_for;
+    use crate::pipeline::{signal, wait_exit, world};
+    use product_sync::sim::{Faults, Hostile};
+
+    // One partition: every harmless command waits behind the hostile one before it.
+    let w = world(300, 1).await;
+    let mut child = w.spawn_process(
+        "hostile",
+        &[
+            ("PRODUCT_SYNC__UPSTREAM__MAX_PAGES", "40"),
+            ("PRODUCT_SYNC__UPSTREAM__COMMAND_TIMEOUT_MS", "20000"),
+        ],
+    );
+    wait_for("the instance registered", Duration::from_secs(60), || async {
+        (w.sim.sim.registrations().len() == 1).then_some(())
+    })
+    .await;
+    let modes = [
+        Hostile::RepeatCursor,
+        Hostile::EndlessEmpty,
+        Hostile::ThrottleZero,
+        Hostile::HugePage,
+        Hostile::TooManyItems,
+        Hostile::AbsurdExpiry,
+    ];
+    for (i, mode) in modes.into_iter().enumerate() {
+        w.sim.sim.set_faults(Faults {
+            hostile: Some(mode),
+            hostile_keyword: Some("hostile".into()),
+            ..Faults::default()
+        });
+        let (bad, good) = (format!("bad-{i}"), format!("good-{i}"));
+        let started = Instant::now();
+        w.command(&bad, json!({"keyword": "hostile"})).await;
+        w.command(&good, json!({"keyword": "养老"})).await;
+        let results = w
+            .wait_results(&[bad.as_str(), good.as_str()], Duration::from_secs(90))
+            .await;
+        let of = |id: &str| {
+            results
+                .iter()
+                .find(|r| r["request_id"] == json!(id))
+                .cloned()
+                .unwrap()
+        };
+        let (b, g) = (of(&bad), of(&good));
+        if mode == Hostile::AbsurdExpiry {
+            assert_eq!(b["status"], "completed", "{mode:?} is tolerated: {b}");
+        } else {
+            assert_eq!(b["status"], "failed", "{mode:?}: {b}");
+            let error = b["error"].as_str().unwrap();
+            assert!(error.len() < 400, "{mode:?}: a short error: {error}");
+        }
+        assert_eq!(g["status"], "completed", "{mode:?}: the next command: {g}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{mode:?}: bounded time ({:?})",
+            started.elapsed()
+        );
+    }
+    let peak = peak_rss_mb(child.id());
+    assert!(peak < 200.0, "peak RSS {peak:.0} MB with an 80 MB page");
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(60)).await.success());
 }

@@ -785,6 +785,13 @@ async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay
 /// A child process that is killed if the test ends before it does.
 pub struct ChildGuard(Child);
 
+impl ChildGuard {
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
