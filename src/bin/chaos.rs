@@ -23,7 +23,7 @@ use product_sync::command::Selector;
 use product_sync::config::{self, Settings, Sources};
 use product_sync::kafka::{TopicSpec, client_config, ensure_topics, header_text as header};
 use product_sync::product::{Identity, Product};
-use product_sync::sim::{Catalogue, Faults, Sim, SimConfig};
+use product_sync::sim::{Catalogue, Faults, Hostile, Sim, SimConfig};
 use product_sync::store::fold::load_all;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -166,6 +166,9 @@ fn script(repo: &Path, name: &str, action: &str) -> anyhow::Result<()> {
 }
 
 /// Thirty-odd kinds of malformed command.
+/// The keyword of commands aimed at a hostile management system (it matches no product).
+const HOSTILE_KEYWORD: &str = "chaos-hostile";
+
 fn bad_commands() -> Vec<(&'static str, Vec<u8>)> {
     let huge_keyword = format!(
         r#"{{"request_id":"bad-huge","selector":{{"keyword":"{}"}}}}"#,
@@ -545,6 +548,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut kills, mut sigterms, mut broker_restarts, mut db_restarts, mut scale_changes) =
         (0u32, 0u32, 0u32, 0u32, 0u32);
     let mut sim_faults = 0u32;
+    let mut hostile_ids: Vec<String> = Vec::new();
     let started = Instant::now();
     loop {
         // After the scheduled time, every kind of fault the dice left out is forced once (and
@@ -612,6 +616,40 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(rng.gen_range(1..6))).await;
                 script(&o.repo, "postgres.sh", "up")?;
                 db_restarts += 1;
+            }
+            _ if rng.gen_bool(0.4) => {
+                // A hostile management system, for one command aimed at it: the command must
+                // end (failed, or completed when tolerated) and never hold its partition.
+                let modes = [
+                    Hostile::RepeatCursor,
+                    Hostile::EndlessEmpty,
+                    Hostile::ThrottleZero,
+                    Hostile::HugePage,
+                    Hostile::TooManyItems,
+                    Hostile::AbsurdExpiry,
+                ];
+                let mode = modes[rng.gen_range(0..modes.len())];
+                sim.set_faults(Faults {
+                    hostile: Some(mode),
+                    hostile_keyword: Some(HOSTILE_KEYWORD.into()),
+                    ..Faults::default()
+                });
+                let id = format!("chaos-hostile-{}", hostile_ids.len());
+                let body =
+                    json!({"request_id": id, "selector": {"keyword": HOSTILE_KEYWORD}}).to_string();
+                producer
+                    .send(
+                        FutureRecord::to(&settings.topics.requests)
+                            .key(&id)
+                            .payload(&body),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)?;
+                hostile_ids.push(id);
+                tokio::time::sleep(Duration::from_secs(rng.gen_range(4..10))).await;
+                sim.set_faults(Faults::default());
+                sim_faults += 1;
             }
             _ => {
                 let faults = match rng.gen_range(0..4) {
@@ -808,6 +846,17 @@ async fn main() -> anyhow::Result<()> {
         lost += bad_sent.len() - rejected;
     }
 
+    // Hostile commands: each ended (failed, or completed when the misbehaviour is tolerated).
+    let ended: BTreeSet<&str> = results
+        .iter()
+        .filter(|r| r["status"] == "failed" || r["status"] == "completed")
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    let unended_hostile = hostile_ids
+        .iter()
+        .filter(|id| !ended.contains(id.as_str()))
+        .count();
+
     // Stalled partitions: the group's committed offset is behind the end.
     let consumer: BaseConsumer = client_config(&settings.kafka)
         .set("group.id", &settings.kafka.group_id)
@@ -830,6 +879,7 @@ async fn main() -> anyhow::Result<()> {
             stalled += 1;
         }
     }
+    stalled += unended_hostile;
 
     // Secrets: the client secret and every token ever issued, in no log line of any process.
     let mut needles: Vec<String> = sim.issued_tokens();
@@ -842,9 +892,10 @@ async fn main() -> anyhow::Result<()> {
 
     sim_stop.cancel();
     println!(
-        "chaos: seed={} kills={kills} sigterms={sigterms} broker_restarts={broker_restarts} db_restarts={db_restarts} bad_commands={} products={} lost={lost} doubled={doubled} gaps={gaps} stalled={stalled} leaked_secrets={leaked_secrets}",
+        "chaos: seed={} kills={kills} sigterms={sigterms} broker_restarts={broker_restarts} db_restarts={db_restarts} bad_commands={} hostile_commands={} products={} lost={lost} doubled={doubled} gaps={gaps} stalled={stalled} leaked_secrets={leaked_secrets}",
         o.seed,
         bad_sent.len(),
+        hostile_ids.len(),
         stored.len(),
     );
     eprintln!(

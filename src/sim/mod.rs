@@ -467,7 +467,10 @@ fn hostile_answer(
     match hostile {
         Hostile::RepeatCursor => {
             let again = cursor.map_or_else(|| encode_cursor(0), str::to_owned);
-            let first = read(&sim.inner.catalogue).products().first().map(Product::to_json);
+            let first = read(&sim.inner.catalogue)
+                .products()
+                .first()
+                .map(Product::to_json);
             Some(page(first.into_iter().collect(), Some(again)))
         }
         Hostile::EndlessEmpty => {

@@ -320,9 +320,11 @@ async fn each_misbehaviour_ends_its_command_and_the_next_one_on_the_partition_co
             ("PRODUCT_SYNC__UPSTREAM__COMMAND_TIMEOUT_MS", "20000"),
         ],
     );
-    wait_for("the instance registered", Duration::from_secs(60), || async {
-        (w.sim.sim.registrations().len() == 1).then_some(())
-    })
+    wait_for(
+        "the instance registered",
+        Duration::from_secs(60),
+        || async { (w.sim.sim.registrations().len() == 1).then_some(()) },
+    )
     .await;
     let modes = [
         Hostile::RepeatCursor,
@@ -370,5 +372,9 @@ async fn each_misbehaviour_ends_its_command_and_the_next_one_on_the_partition_co
     let peak = peak_rss_mb(child.id());
     assert!(peak < 200.0, "peak RSS {peak:.0} MB with an 80 MB page");
     signal(&child, "TERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(60)).await.success());
+    assert!(
+        wait_exit(&mut child, Duration::from_secs(60))
+            .await
+            .success()
+    );
 }
