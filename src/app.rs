@@ -118,6 +118,7 @@ impl Application {
                     max_page_bytes: u.max_page_bytes,
                     max_pages: u.max_pages,
                     command_timeout: Duration::from_millis(u.command_timeout_ms),
+                    max_record_bytes: u.max_record_bytes,
                 }),
         );
         let producer: FutureProducer =

@@ -223,6 +223,9 @@ pub struct UpstreamSettings {
     pub max_pages: usize,
     /// Longest time one command's paging may take before it fails.
     pub command_timeout_ms: u64,
+    /// Largest record (its `keywords` and `attributes`; every other field is bounded by the
+    /// contract); a larger one fails its command.
+    pub max_record_bytes: usize,
     /// Accept a plain `http://` base URL (credentials and tokens would travel in clear text):
     /// `true` for development, `false` in production.
     pub allow_http: bool,
@@ -628,6 +631,12 @@ impl Settings {
                 "must be between 65536 and 1073741824".to_owned(),
             ));
         }
+        if !(1024..=64 * 1024 * 1024).contains(&self.upstream.max_record_bytes) {
+            return Err(invalid(
+                "upstream.max_record_bytes",
+                "must be between 1024 and 67108864".to_owned(),
+            ));
+        }
         if self.upstream.max_pages == 0 {
             return Err(invalid(
                 "upstream.max_pages",
@@ -782,6 +791,11 @@ impl fmt::Display for Settings {
             self.upstream.max_page_bytes
         )?;
         writeln!(f, "upstream.max_pages = {}", self.upstream.max_pages)?;
+        writeln!(
+            f,
+            "upstream.max_record_bytes = {}",
+            self.upstream.max_record_bytes
+        )?;
         writeln!(
             f,
             "upstream.command_timeout_ms = {}",

@@ -32,6 +32,16 @@ pub struct RecordError {
 }
 
 impl RecordError {
+    /// A record larger than `limit` bytes (`upstream.max_record_bytes`).
+    pub fn too_large(field: &str, bytes: usize, limit: usize) -> Self {
+        Self::new(
+            field,
+            format!(
+                "{bytes} bytes, above the {limit} a record may hold (upstream.max_record_bytes)"
+            ),
+        )
+    }
+
     /// Field and reason are cut short: both may quote what the management system sent.
     fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
@@ -400,6 +410,25 @@ impl Content {
             ));
         }
         Ok(())
+    }
+
+    /// The JSON size of the fields whose size the contract does not bound (`keywords`,
+    /// `attributes`); every other field is bounded by [`Content::validate`].
+    pub fn unbounded_bytes(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        let _ = serde_json::to_writer(&mut count, &self.keywords);
+        let _ = serde_json::to_writer(&mut count, &self.attributes);
+        count.0
     }
 
     /// Each content field's canonical JSON value, in `CONTENT_FIELDS` order.

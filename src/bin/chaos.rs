@@ -560,7 +560,8 @@ async fn main() -> anyhow::Result<()> {
             (scale_changes == 0, 55),
             (broker_restarts == 0, 62),
             (db_restarts == 0, 70),
-            (sim_faults == 0, 78),
+            (hostile_ids.is_empty(), 78),
+            (sim_faults == 0, 90),
         ]
         .into_iter()
         .find_map(|(missing, roll)| missing.then_some(roll));
@@ -617,7 +618,7 @@ async fn main() -> anyhow::Result<()> {
                 script(&o.repo, "postgres.sh", "up")?;
                 db_restarts += 1;
             }
-            _ if rng.gen_bool(0.4) => {
+            78..=86 => {
                 // A hostile management system, for one command aimed at it: the command must
                 // end (failed, or completed when tolerated) and never hold its partition.
                 let modes = [
@@ -649,7 +650,6 @@ async fn main() -> anyhow::Result<()> {
                 hostile_ids.push(id);
                 tokio::time::sleep(Duration::from_secs(rng.gen_range(4..10))).await;
                 sim.set_faults(Faults::default());
-                sim_faults += 1;
             }
             _ => {
                 let faults = match rng.gen_range(0..4) {

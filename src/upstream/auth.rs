@@ -124,19 +124,24 @@ impl TokenSource {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// A valid token: the cached one, or a fresh one. Holding the lock during the fetch makes
-    /// concurrent callers share a single refresh.
+    /// A valid token: the cached one, or a fresh one. Each attempt holds the lock for one
+    /// request, so concurrent callers share a single refresh; the waits between attempts
+    /// (backoff, `Retry-After`) hold nothing, and a caller that comes in meanwhile takes the
+    /// token another caller got.
     pub async fn token(&self) -> Result<Token, UpstreamError> {
-        let mut cache = self.cache.lock().await;
-        if let Some(cached) = cache.as_ref()
-            && Instant::now() < cached.refresh_at
-        {
-            return Ok(cached.token.clone());
-        }
-        let fresh = retry(&self.policy, "token request", || self.request()).await?;
-        let token = fresh.token.clone();
-        *cache = Some(fresh);
-        Ok(token)
+        retry(&self.policy, "token request", || async {
+            let mut cache = self.cache.lock().await;
+            if let Some(cached) = cache.as_ref()
+                && Instant::now() < cached.refresh_at
+            {
+                return Ok(cached.token.clone());
+            }
+            let fresh = self.request().await?;
+            let token = fresh.token.clone();
+            *cache = Some(fresh);
+            Ok(token)
+        })
+        .await
     }
 
     /// Forgets `token` after the server refused it (401), unless a newer one replaced it.

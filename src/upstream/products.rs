@@ -34,7 +34,12 @@ pub struct Limits {
     pub max_pages: usize,
     /// Longest time one command's paging may take (`upstream.command_timeout_ms`).
     pub command_timeout: Duration,
+    /// Largest record (`upstream.max_record_bytes`), counted over its unbounded fields.
+    pub max_record_bytes: usize,
 }
+
+/// The longest `next_cursor` followed (it goes back into a URL).
+pub const MAX_CURSOR_BYTES: usize = 4096;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -42,6 +47,7 @@ impl Default for Limits {
             max_page_bytes: 32 * 1024 * 1024,
             max_pages: 100_000,
             command_timeout: Duration::from_secs(3600),
+            max_record_bytes: 256 * 1024,
         }
     }
 }
@@ -151,6 +157,14 @@ impl ProductClient {
                 )));
             }
             if let Some(next) = &page.next_cursor
+                && next.len() > MAX_CURSOR_BYTES
+            {
+                return Err(runaway(format!(
+                    "next_cursor is {} bytes, above {MAX_CURSOR_BYTES}",
+                    next.len()
+                )));
+            }
+            if let Some(next) = &page.next_cursor
                 && !state.seen.insert(next.clone())
             {
                 return Err(runaway(format!(
@@ -214,7 +228,23 @@ impl ProductClient {
                 &String::from_utf8_lossy(&body),
             ));
         }
-        parse_page(&body, number, what)
+        let page = parse_page(&body, number, what)?;
+        for (index, product) in page.items.iter().enumerate() {
+            let bytes = product.content.unbounded_bytes();
+            if bytes > self.limits.max_record_bytes {
+                return Err(UpstreamError::InvalidRecord {
+                    what: what.to_owned(),
+                    index,
+                    identity: product.identity().to_string().chars().take(80).collect(),
+                    error: crate::product::RecordError::too_large(
+                        "attributes",
+                        bytes,
+                        self.limits.max_record_bytes,
+                    ),
+                });
+            }
+        }
+        Ok(page)
     }
 
     async fn send(

@@ -39,6 +39,10 @@ enum Mode {
     AbsurdExpiry,
     /// Slow pages with new cursors, for ever.
     Slow,
+    /// One record with a 300 KB attribute.
+    BigRecord,
+    /// A `next_cursor` of a megabyte.
+    LongCursor,
 }
 
 struct Server {
@@ -85,6 +89,12 @@ async fn products(State(s): State<Arc<Server>>, headers: HeaderMap) -> Response 
         }
         Mode::TooMany => page(&s.items[..50], None),
         Mode::AbsurdExpiry => page(&s.items[..2], None),
+        Mode::BigRecord => {
+            let mut big = s.items[0].clone();
+            big["attributes"] = json!({"prospectus": "p".repeat(300_000)});
+            page(&[s.items[1].clone(), big], None)
+        }
+        Mode::LongCursor => page(&s.items[..1], Some("c".repeat(1_000_000))),
         Mode::Slow => {
             tokio::time::sleep(Duration::from_millis(200)).await;
             page(&s.items[..1], Some(format!("c{n}")))
@@ -275,6 +285,44 @@ async fn more_items_than_asked_for_end_the_command() {
     let e = error.expect("an error");
     assert!(e.to_string().contains("50 items on a page of 10"), "{e}");
     assert_short_permanent(&e);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_above_max_record_bytes_ends_the_command_naming_it() {
+    let (url, _server, _stop) = hostile(Mode::BigRecord).await;
+    let (_, error) = fetch_all(&client(
+        &url,
+        100,
+        Duration::from_secs(2),
+        Limits::default(),
+    ))
+    .await;
+    let e = error.expect("an error");
+    assert!(
+        matches!(e, UpstreamError::InvalidRecord { index: 1, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("upstream.max_record_bytes"), "{e}");
+    assert_short_permanent(&e);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_cursor_is_not_followed() {
+    let (url, server, _stop) = hostile(Mode::LongCursor).await;
+    let (pages, error) = fetch_all(&client(
+        &url,
+        100,
+        Duration::from_secs(2),
+        Limits::default(),
+    ))
+    .await;
+    let e = error.expect("an error");
+    assert!(
+        e.to_string().contains("next_cursor is 1000000 bytes"),
+        "{e}"
+    );
+    assert_short_permanent(&e);
+    assert_eq!((pages, server.requests.load(Ordering::SeqCst)), (0, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
