@@ -84,6 +84,12 @@ impl Processor {
             }
         };
         tracing::Span::current().record("request_id", command.request_id());
+        // Debug builds only: a panic on demand, so a test can prove a panicking handler never
+        // leaves its partition dead. Release builds carry no such hook.
+        #[cfg(debug_assertions)]
+        if std::env::var("PRODUCT_SYNC_DEBUG_PANIC_ON").is_ok_and(|id| id == command.request_id()) {
+            panic!("injected panic for request {}", command.request_id());
+        }
         let mut failures = 0u32;
         loop {
             match self.attempt(msg, &command, traceparent.as_deref()).await {

@@ -345,6 +345,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_huge_product_code_is_quoted_short() {
+        let code = "X".repeat(5_000_000);
+        let body = format!(
+            r#"{{"items":[{{"product_code":"{code}","product_name":"a","version":1}}],"next_cursor":null}}"#
+        );
+        let err = parse_page(body.as_bytes(), 1, "products page 1").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.len() < 400,
+            "{} bytes: {}",
+            msg.len(),
+            &msg[..400.min(msg.len())]
+        );
+        assert!(msg.contains("product_code"), "{msg}");
+    }
+
+    #[test]
     fn a_bad_record_names_page_record_and_field() {
         let body = br#"{"items":[{"product_code":"A","product_name":"a","version":1},{"product_code":"B","product_name":"b","nav":1.5,"version":1}],"next_cursor":null}"#;
         let err = parse_page(body, 3, "products page 3").unwrap_err();

@@ -426,3 +426,71 @@ async fn each_misbehaviour_ends_its_command_and_the_next_one_on_the_partition_co
             .success()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_handler_fails_its_command_and_the_partition_moves_on() {
+    use crate::helpers::wait_for;
+    use crate::pipeline::{header_of, sample, signal, wait_exit, world};
+
+    let w = world(200, 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    // The debug build's hook: handling request `boom` panics.
+    let mut child = w.spawn_process(
+        "panic",
+        &[
+            ("PRODUCT_SYNC_DEBUG_PANIC_ON", "boom"),
+            ("PRODUCT_SYNC__HTTP__LISTEN", listen.as_str()),
+        ],
+    );
+    wait_for(
+        "the instance registered",
+        Duration::from_secs(60),
+        || async { (w.sim.sim.registrations().len() == 1).then_some(()) },
+    )
+    .await;
+    w.command("boom", json!({"keyword": "养老"})).await;
+    w.command("after", json!({"keyword": "养老"})).await;
+    let results = w
+        .wait_results(&["boom", "after"], Duration::from_secs(60))
+        .await;
+    let of = |id: &str| {
+        results
+            .iter()
+            .find(|r| r["request_id"] == json!(id))
+            .unwrap()
+    };
+    assert_eq!(of("boom")["status"], "failed", "{}", of("boom"));
+    assert!(
+        of("boom")["error"]
+            .as_str()
+            .unwrap()
+            .contains("injected panic")
+    );
+    assert_eq!(of("after")["status"], "completed");
+    let dlq = w.read_all(&w.settings.topics.dlq).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        header_of(&dlq[0], product_sync::wire::dlq::ERROR_KIND).as_deref(),
+        Some("panic")
+    );
+    let page = reqwest::get(format!("http://{listen}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&page, "product_sync_commands_total{status=\"panicked\"}"),
+        1.0
+    );
+    signal(&child, "TERM");
+    assert!(
+        wait_exit(&mut child, Duration::from_secs(60))
+            .await
+            .success()
+    );
+}
