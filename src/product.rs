@@ -51,6 +51,24 @@ impl RecordError {
     }
 }
 
+/// The length of `value`'s JSON text, counted without building it.
+pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that cannot serialize counts what it wrote.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// `text` cut to `max` characters (with `…` when cut).
 fn cut(text: String, max: usize) -> String {
     match text.char_indices().nth(max) {
@@ -415,20 +433,7 @@ impl Content {
     /// The JSON size of the fields whose size the contract does not bound (`keywords`,
     /// `attributes`); every other field is bounded by [`Content::validate`].
     pub fn unbounded_bytes(&self) -> usize {
-        struct Count(usize);
-        impl std::io::Write for Count {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0 += buf.len();
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut count = Count(0);
-        let _ = serde_json::to_writer(&mut count, &self.keywords);
-        let _ = serde_json::to_writer(&mut count, &self.attributes);
-        count.0
+        json_len(&self.keywords) + json_len(&self.attributes)
     }
 
     /// Each content field's canonical JSON value, in `CONTENT_FIELDS` order.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::diff::FieldChange;
+use crate::product::json_len;
 
 /// Header names of every record product-sync produces.
 pub mod headers {
@@ -342,22 +343,6 @@ fn shrink(value: &mut Value, threshold: usize, depth: usize) {
 
 fn omitted(bytes: usize) -> Value {
     serde_json::json!({ "omitted_bytes": bytes })
-}
-
-fn json_len(value: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
 
 #[cfg(test)]

@@ -166,6 +166,26 @@ fn script(repo: &Path, name: &str, action: &str) -> anyhow::Result<()> {
 }
 
 /// Thirty-odd kinds of malformed command.
+/// Produces a command with this id and selector on the request topic.
+async fn send_command(
+    producer: &FutureProducer,
+    settings: &Settings,
+    id: &str,
+    selector: &Value,
+) -> anyhow::Result<()> {
+    let body = json!({"request_id": id, "selector": selector}).to_string();
+    producer
+        .send(
+            FutureRecord::to(&settings.topics.requests)
+                .key(id)
+                .payload(&body),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
 /// The keyword of commands aimed at a hostile management system (it matches no product).
 const HOSTILE_KEYWORD: &str = "chaos-hostile";
 
@@ -636,17 +656,8 @@ async fn main() -> anyhow::Result<()> {
                     ..Faults::default()
                 });
                 let id = format!("chaos-hostile-{}", hostile_ids.len());
-                let body =
-                    json!({"request_id": id, "selector": {"keyword": HOSTILE_KEYWORD}}).to_string();
-                producer
-                    .send(
-                        FutureRecord::to(&settings.topics.requests)
-                            .key(&id)
-                            .payload(&body),
-                        Duration::from_secs(60),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)?;
+                let selector = json!({"keyword": HOSTILE_KEYWORD});
+                send_command(&producer, &settings, &id, &selector).await?;
                 hostile_ids.push(id);
                 tokio::time::sleep(Duration::from_secs(rng.gen_range(4..10))).await;
                 sim.set_faults(Faults::default());
@@ -700,16 +711,7 @@ async fn main() -> anyhow::Result<()> {
     let mut final_ids = Vec::new();
     for (i, selector) in selectors.iter().enumerate() {
         let id = format!("chaos-final-{i}");
-        let body = json!({"request_id": id, "selector": selector}).to_string();
-        producer
-            .send(
-                FutureRecord::to(&settings.topics.requests)
-                    .key(&id)
-                    .payload(&body),
-                Duration::from_secs(60),
-            )
-            .await
-            .map_err(|(e, _)| e)?;
+        send_command(&producer, &settings, &id, selector).await?;
         final_ids.push(id.clone());
         good.push(id);
     }

@@ -15,11 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use product_sync::command::Selector;
-use product_sync::retry::RetryPolicy;
 use product_sync::sim::Catalogue;
 use product_sync::upstream::products::Limits;
-use product_sync::upstream::{ProductClient, TokenSource, UpstreamError, http_client};
-use secrecy::SecretString;
+use product_sync::upstream::{ProductClient, UpstreamError};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -132,25 +130,7 @@ async fn hostile(mode: Mode) -> (String, Arc<Server>, tokio_util::sync::DropGuar
 }
 
 fn client(base_url: &str, page_size: u32, budget: Duration, limits: Limits) -> ProductClient {
-    let http = http_client(Duration::from_secs(5)).unwrap();
-    let policy = RetryPolicy {
-        initial: Duration::from_millis(20),
-        max_interval: Duration::from_millis(200),
-        max_elapsed: budget,
-    };
-    let tokens = Arc::new(
-        TokenSource::new(
-            http.clone(),
-            base_url,
-            "product-sync".into(),
-            SecretString::from("s3cret".to_owned()),
-            policy,
-        )
-        .unwrap(),
-    );
-    ProductClient::new(http, base_url, tokens, page_size, policy)
-        .unwrap()
-        .with_limits(limits)
+    crate::upstream::client_with(base_url, "s3cret", page_size, budget).with_limits(limits)
 }
 
 /// Follows every page; returns how many came and the error that ended it, if any.

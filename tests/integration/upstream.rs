@@ -47,7 +47,12 @@ pub async fn start_sim(products: usize, config: SimConfig) -> TestSim {
     }
 }
 
-fn client_with(base_url: &str, secret: &str, page_size: u32, budget: Duration) -> ProductClient {
+pub fn client_with(
+    base_url: &str,
+    secret: &str,
+    page_size: u32,
+    budget: Duration,
+) -> ProductClient {
     let http = http_client(Duration::from_secs(5)).unwrap();
     let policy = RetryPolicy {
         initial: Duration::from_millis(20),
