@@ -89,8 +89,11 @@ pub async fn read(
         let product_id: Option<i64> = row.try_get("", "product_id")?;
         let change_id: Option<i64> = row.try_get("", "change_id")?;
         let request: Option<String> = row.try_get("", "pending_request")?;
+        // A change row gone from the history (removed by hand) has nothing left to publish.
+        let has_change = row.try_get::<Option<String>>("", "system")?.is_some();
         match (change_id, request) {
-            (Some(_), _) => out.push(change(row, pending_id, product_id)?),
+            (Some(_), _) if has_change => out.push(change(row, pending_id, product_id)?),
+            (Some(_), _) => out.push(gone(pending_id, String::new())),
             (None, Some(request_id)) => {
                 results.push((out.len(), request_id.clone()));
                 out.push(gone(pending_id, request_id));
