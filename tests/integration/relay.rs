@@ -560,3 +560,21 @@ async fn the_queue_read_probes_history_by_key_never_scans_it_with_or_without_sta
             .all(|r| r.product_id.is_some_and(|p| p % 16 < 8))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_change_whose_history_row_is_gone_is_dropped_not_retried_for_ever() {
+    let w = world(10, 1).await;
+    sea_orm::sqlx::query(
+        "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
+         VALUES (7, 424242, 7, now())",
+    )
+    .execute(w.db.get_postgres_connection_pool())
+    .await
+    .expect("queue a change that does not exist");
+    let mut relay = relay(&w, producer(&w), 900_000);
+    relay.refresh_shards().await.expect("take the shards");
+    let published = relay.drain().await.expect("drain does not fail");
+    assert_eq!(published.changes, 0);
+    assert_eq!(queued(&w).await, 0, "the orphan left the queue");
+    assert!(w.read_all(&w.settings.topics.changes).await.is_empty());
+}
