@@ -158,6 +158,13 @@ impl Leases {
         .await
         .map_err(lease_err)?;
         let members: Vec<String> = members.into_iter().map(|(m,)| m).collect();
+        // Members that died without leaving (kill -9) are forgotten after an hour.
+        if members.first().is_some_and(|first| first == instance_id) {
+            sqlx::query("DELETE FROM relay_members WHERE heartbeat_at < now() - interval '1 hour'")
+                .execute(&mut *c)
+                .await
+                .map_err(lease_err)?;
+        }
         let wanted = wanted(&members, instance_id, self.shards);
         let release: Vec<i32> = self.held.difference(&wanted).map(|s| *s as i32).collect();
         if !release.is_empty() {
