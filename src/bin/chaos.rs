@@ -641,15 +641,7 @@ async fn main() -> anyhow::Result<()> {
             78..=86 => {
                 // A hostile management system, for one command aimed at it: the command must
                 // end (failed, or completed when tolerated) and never hold its partition.
-                let modes = [
-                    Hostile::RepeatCursor,
-                    Hostile::EndlessEmpty,
-                    Hostile::ThrottleZero,
-                    Hostile::HugePage,
-                    Hostile::TooManyItems,
-                    Hostile::AbsurdExpiry,
-                ];
-                let mode = modes[rng.gen_range(0..modes.len())];
+                let mode = Hostile::ALL[rng.gen_range(0..Hostile::ALL.len())];
                 sim.set_faults(Faults {
                     hostile: Some(mode),
                     hostile_keyword: Some(HOSTILE_KEYWORD.into()),

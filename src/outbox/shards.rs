@@ -51,6 +51,8 @@ pub struct Leases {
     mode: Mode,
     shards: u32,
     held: BTreeSet<u32>,
+    /// Refreshes so far: the stale-member cleanup runs once a minute, not every second.
+    refreshes: u64,
 }
 
 enum Mode {
@@ -70,6 +72,7 @@ impl Leases {
             mode: Mode::Embedded,
             shards,
             held: (0..shards).collect(),
+            refreshes: 0,
         }
     }
 
@@ -83,6 +86,7 @@ impl Leases {
             },
             shards,
             held: BTreeSet::new(),
+            refreshes: 0,
         }
     }
 
@@ -159,7 +163,8 @@ impl Leases {
         .map_err(lease_err)?;
         let members: Vec<String> = members.into_iter().map(|(m,)| m).collect();
         // Members that died without leaving (kill -9) are forgotten after an hour.
-        if members.first().is_some_and(|first| first == instance_id) {
+        self.refreshes += 1;
+        if self.refreshes % 60 == 1 && members.first().is_some_and(|first| first == instance_id) {
             sqlx::query("DELETE FROM relay_members WHERE heartbeat_at < now() - interval '1 hour'")
                 .execute(&mut *c)
                 .await

@@ -92,6 +92,18 @@ pub enum Hostile {
     AbsurdExpiry,
 }
 
+impl Hostile {
+    /// Every misbehaviour, for tests and the chaos run.
+    pub const ALL: [Hostile; 6] = [
+        Hostile::RepeatCursor,
+        Hostile::EndlessEmpty,
+        Hostile::ThrottleZero,
+        Hostile::HugePage,
+        Hostile::TooManyItems,
+        Hostile::AbsurdExpiry,
+    ];
+}
+
 /// One scripted fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -131,15 +131,8 @@ impl ProductClient {
                     self.limits.max_pages
                 )));
             }
-            let left = state.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(runaway(format!(
-                    "the command's paging took longer than {} s (upstream.command_timeout_ms)",
-                    self.limits.command_timeout.as_secs()
-                )));
-            }
-            let page = tokio::time::timeout(
-                left,
+            let page = tokio::time::timeout_at(
+                state.deadline,
                 self.fetch_page(&state.selector, state.cursor.as_deref(), state.number),
             )
             .await

@@ -354,15 +354,7 @@ async fn each_misbehaviour_ends_its_command_and_the_next_one_on_the_partition_co
         || async { (w.sim.sim.registrations().len() == 1).then_some(()) },
     )
     .await;
-    let modes = [
-        Hostile::RepeatCursor,
-        Hostile::EndlessEmpty,
-        Hostile::ThrottleZero,
-        Hostile::HugePage,
-        Hostile::TooManyItems,
-        Hostile::AbsurdExpiry,
-    ];
-    for (i, mode) in modes.into_iter().enumerate() {
+    for (i, mode) in Hostile::ALL.into_iter().enumerate() {
         w.sim.sim.set_faults(Faults {
             hostile: Some(mode),
             hostile_keyword: Some("hostile".into()),
