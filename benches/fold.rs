@@ -268,7 +268,7 @@ async fn main() {
         url: SecretString::from(url.to_string()),
         max_connections: 4,
         migrate_on_start: true,
-        connect_timeout_ms: 10_000,
+        connect_timeout: Duration::from_secs(10),
         require_tls: false,
     })
     .await

@@ -160,7 +160,7 @@ impl World {
             url: SecretString::from(db_url.clone()),
             max_connections: 4,
             migrate_on_start: true,
-            connect_timeout_ms: 10_000,
+            connect_timeout: Duration::from_secs(10),
             require_tls: false,
         })
         .await?;

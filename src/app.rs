@@ -4,19 +4,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 use sea_orm::{DatabaseBackend, DatabaseConnection};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::kafka::{self, KafkaError, TopicSpec};
-use crate::ops::{self, Membership, OpsState};
+use crate::ops::{OpsServer, OpsState};
 use crate::outbox::shards::Leases;
 use crate::outbox::{Relay, RelaySettings};
-use crate::pipeline::{Pipeline, PipelineError, Processor};
+use crate::pipeline::{Membership, Pipeline, PipelineError, Processor};
 use crate::retry::RetryPolicy;
 use crate::store::{self, StoreError};
 use crate::upstream::{self, Governance, ProductClient, TokenSource, UpstreamError};
@@ -32,10 +34,6 @@ pub enum AppError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
-    #[error(
-        "product-sync needs a multi-threaded tokio runtime (partition revokes block the polling thread)"
-    )]
-    Runtime,
     #[error("cannot serve the ops endpoint on {addr} (http.listen): {source}")]
     Ops {
         addr: SocketAddr,
@@ -50,109 +48,101 @@ impl AppError {
             AppError::Kafka(e) => e.is_transient(),
             AppError::Upstream(e) => e.is_transient(),
             AppError::Pipeline(e) => e.is_transient(),
-            AppError::Ops { .. } | AppError::Runtime => false,
+            AppError::Ops { .. } => false,
         }
     }
 }
 
-/// Every part of a running instance.
+/// Every part of a running instance, made by [`Application::build`] and run by
+/// [`Application::run_until_stopped`].
 pub struct Application {
-    settings: Settings,
     db: DatabaseConnection,
-    client: Arc<ProductClient>,
     producer: FutureProducer,
-    http: reqwest::Client,
     instance_id: String,
-    membership: Arc<Membership>,
+    pipeline: Pipeline,
+    relay: Option<Relay>,
+    governance: Option<Arc<Governance>>,
+    ops: OpsServer,
     ops_addr: SocketAddr,
-    ops_stop: CancellationToken,
+    shutdown_timeout: std::time::Duration,
 }
 
 impl Application {
     /// Connects to the store (migrating it if configured), waits for the broker, creates
-    /// missing topics, and builds the upstream client and the producer.
-    ///
-    /// Needs a multi-threaded tokio runtime: a partition revoke blocks the polling thread
-    /// while the revoked partitions' workers finish on other threads.
+    /// missing topics, and makes every part: the upstream client, the producer, the consumer
+    /// loop, the relay, the governance registration and the ops endpoint (bound, not serving).
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        if tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::CurrentThread
-        {
-            return Err(AppError::Runtime);
-        }
         let db = store::connect(&settings.database).await?;
         if settings.database.migrate_on_start {
             store::migrate(&db).await?;
         }
-        kafka::wait_for_broker(
-            &settings.kafka,
-            Duration::from_millis(settings.pipeline.broker_wait_ms),
-        )
-        .await?;
+        kafka::wait_for_broker(&settings.kafka, settings.pipeline.broker_wait).await?;
         if settings.topics.create {
-            let t = &settings.topics;
-            let specs: Vec<TopicSpec> = [&t.requests, &t.changes, &t.results, &t.dlq]
-                .into_iter()
-                .map(|name| TopicSpec {
-                    name: name.clone(),
-                    partitions: t.partitions,
-                    replication_factor: t.replication_factor,
-                })
-                .collect();
-            kafka::ensure_topics(&settings.kafka, &specs).await?;
+            kafka::ensure_topics(&settings.kafka, &topic_specs(&settings)).await?;
         }
         warn_if_topics_refuse_large_events(&settings).await;
         let u = &settings.upstream;
-        let http = upstream::http_client(Duration::from_millis(u.timeout_ms))?;
-        let policy = RetryPolicy::with_budget(Duration::from_millis(u.retry_max_elapsed_ms));
-        let tokens = Arc::new(TokenSource::new(
-            http.clone(),
-            &u.base_url,
-            u.client_id.clone(),
-            u.client_secret.clone(),
-            policy,
-        )?);
-        let client = Arc::new(
-            ProductClient::new(http.clone(), &u.base_url, tokens, u.page_size, policy)?
-                .with_limits(upstream::products::Limits {
-                    max_page_bytes: u.max_page_bytes,
-                    max_pages: u.max_pages,
-                    command_timeout: Duration::from_millis(u.command_timeout_ms),
-                    max_record_bytes: u.max_record_bytes,
-                }),
-        );
+        let http = upstream::http_client(u.timeout)?;
+        let client = Arc::new(product_client(&settings, http.clone())?);
         let producer: FutureProducer =
             kafka::producer_config(&settings.kafka, settings.pipeline.max_event_bytes)
                 .create()
                 .map_err(KafkaError::Client)?;
+        let instance_id = instance_id();
         let membership = Arc::new(Membership::default());
-        let ops_stop = CancellationToken::new();
-        let ops_addr = ops::serve(
-            settings.http.listen,
-            OpsState::new(
-                db.clone(),
-                producer.clone(),
+        let wake = Arc::new(Notify::new());
+        let relay = settings
+            .pipeline
+            .relay_enabled
+            .then(|| relay(&settings, &db, &producer, &instance_id, wake.clone()));
+        let pipeline = Pipeline {
+            kafka: settings.kafka.clone(),
+            requests_topic: settings.topics.requests.clone(),
+            max_in_flight: settings.pipeline.max_in_flight,
+            drain_timeout: settings.pipeline.drain_timeout,
+            processor: Arc::new(Processor {
+                db: db.clone(),
+                client,
+                producer: producer.clone(),
+                system: u.system.clone(),
+                dlq_topic: settings.topics.dlq.clone(),
+                results_topic: settings.topics.results.clone(),
+                fold_policy: RetryPolicy::with_budget(settings.database.connect_timeout),
+                relay_wake: wake,
+            }),
+            membership: membership.clone(),
+        };
+        let g = &settings.governance;
+        let governance = g.enabled.then(|| {
+            Arc::new(Governance::new(
                 http.clone(),
-                u.base_url.clone(),
-                membership.clone(),
-            ),
-            ops_stop.clone(),
-        )
-        .await
-        .map_err(|e| AppError::Ops {
-            addr: settings.http.listen,
-            source: e,
-        })?;
-        Ok(Self {
-            settings,
-            db,
-            client,
-            producer,
+                &g.base_url,
+                &g.app_id,
+                instance_id.clone(),
+                RetryPolicy::with_budget(u.retry_max_elapsed),
+            ))
+        });
+        let state = OpsState::new(
+            db.clone(),
+            producer.clone(),
             http,
-            instance_id: instance_id(),
+            u.base_url.clone(),
             membership,
+        );
+        let addr = settings.http.listen;
+        let ops_error = |source| AppError::Ops { addr, source };
+        let ops = OpsServer::bind(addr, state).await.map_err(ops_error)?;
+        let ops_addr = ops.addr().map_err(ops_error)?;
+        Ok(Self {
+            db,
+            producer,
+            instance_id,
+            pipeline,
+            relay,
+            governance,
+            ops,
             ops_addr,
-            ops_stop,
+            shutdown_timeout: settings.pipeline.shutdown_timeout,
         })
     }
 
@@ -166,108 +156,149 @@ impl Application {
         &self.db
     }
 
-    /// Runs until `stop` fires, then shuts down in this order:
+    /// Registers with the governance platform, runs every part until `stop` fires, then shuts
+    /// down in this order:
     /// 1. the consumer stops taking commands; those in flight finish within
     ///    `pipeline.drain_timeout_ms` or are abandoned for redelivery; stored offsets are committed;
-    /// 2. the relay publishes what is left in the outbox;
+    /// 2. the relay publishes what is left in its shards;
     /// 3. the producer is flushed;
     /// 4. the instance deregisters from the governance platform;
-    /// 5. the ops endpoint stops and the store's pool is closed.
+    /// 5. the ops endpoint stops; every task is joined and the store's pool closed.
     ///
     /// Steps 2–5 share `pipeline.shutdown_timeout_ms`.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> Result<(), AppError> {
-        let s = &self.settings;
-        let governance_stop = CancellationToken::new();
-        let governance = if s.governance.enabled {
-            let policy =
-                RetryPolicy::with_budget(Duration::from_millis(s.upstream.retry_max_elapsed_ms));
-            let g = Arc::new(Governance::new(
-                self.http.clone(),
-                &s.governance.base_url,
-                &s.governance.app_id,
-                self.instance_id.clone(),
-                policy,
-            ));
-            Some(g.start(governance_stop.clone()).await?)
-        } else {
-            None
+        let tasks = TaskTracker::new();
+        // Each part has its own token, stopped in order; all are children of `parts`, cancelled
+        // last so that nothing outlives the shutdown even on an early return.
+        let parts = CancellationToken::new();
+        let (relay_stop, governance_stop) = (parts.child_token(), parts.child_token());
+        tasks.spawn(self.ops.run(parts.child_token()));
+        let governance = match self.governance {
+            Some(g) => match g.register().await {
+                Ok(first) => Some(tasks.spawn(g.keep(first, governance_stop.clone()))),
+                Err(e) => {
+                    stop_all(&tasks, &parts, Instant::now() + self.shutdown_timeout).await;
+                    return Err(e.into());
+                }
+            },
+            None => None,
         };
+        let relay = self.relay.map(|r| tasks.spawn(r.run(relay_stop.clone())));
+        tasks.close();
 
-        let wake = Arc::new(Notify::new());
-        let relay_stop = CancellationToken::new();
-        let relay = s.pipeline.relay_enabled.then(|| {
-            let leases = match self.db.get_database_backend() {
-                DatabaseBackend::Postgres => Leases::postgres(
-                    s.database.url.clone(),
-                    self.instance_id.clone(),
-                    s.pipeline.relay_shards,
-                ),
-                _ => Leases::embedded(s.pipeline.relay_shards),
-            };
-            let relay = Relay::new(
-                self.db.clone(),
-                self.producer.clone(),
-                RelaySettings {
-                    changes_topic: s.topics.changes.clone(),
-                    results_topic: s.topics.results.clone(),
-                    batch: s.pipeline.relay_batch_size,
-                    interval: Duration::from_millis(s.pipeline.relay_interval_ms),
-                    max_event_bytes: s.pipeline.max_event_bytes,
-                },
-                leases,
-                wake.clone(),
-            );
-            let stop = relay_stop.clone();
-            tokio::spawn(relay.run(stop))
-        });
-
-        let processor = Arc::new(Processor {
-            db: self.db.clone(),
-            client: self.client.clone(),
-            producer: self.producer.clone(),
-            system: s.upstream.system.clone(),
-            dlq_topic: s.topics.dlq.clone(),
-            results_topic: s.topics.results.clone(),
-            fold_policy: RetryPolicy::with_budget(Duration::from_millis(
-                s.database.connect_timeout_ms,
-            )),
-            relay_wake: wake,
-        });
-        let pipeline = Pipeline {
-            kafka: s.kafka.clone(),
-            requests_topic: s.topics.requests.clone(),
-            max_in_flight: s.pipeline.max_in_flight,
-            drain_timeout: Duration::from_millis(s.pipeline.drain_timeout_ms),
-            processor,
-            membership: self.membership.clone(),
-        };
         tracing::info!(instance_id = %self.instance_id, "product-sync running");
-        let result = pipeline.run(stop.clone()).await;
+        let result = self.pipeline.run(stop.clone()).await;
         // If the consumer loop failed on its own, the rest must stop too.
         stop.cancel();
 
-        let deadline = Instant::now() + Duration::from_millis(s.pipeline.shutdown_timeout_ms);
-        let left = || deadline.saturating_duration_since(Instant::now());
+        let deadline = Instant::now() + self.shutdown_timeout;
         relay_stop.cancel();
-        if let Some(task) = relay
-            && tokio::time::timeout(left(), task).await.is_err()
-        {
-            tracing::warn!("the relay did not finish its last round before the shutdown deadline");
-        }
-        crate::outbox::flush(self.producer.clone(), left()).await;
+        join_by(relay, deadline, "the relay's last round").await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        crate::outbox::flush(self.producer.clone(), left).await;
         governance_stop.cancel();
-        if let Some(task) = governance
-            && tokio::time::timeout(left(), task).await.is_err()
-        {
-            tracing::warn!("deregistration did not finish before the shutdown deadline");
-        }
-        self.ops_stop.cancel();
+        join_by(governance, deadline, "deregistration").await;
+        stop_all(&tasks, &parts, deadline).await;
         if let Err(e) = self.db.close().await {
             tracing::warn!(error = %e, "closing the store's pool failed");
         }
         tracing::info!("product-sync stopped");
         result.map_err(AppError::from)
     }
+}
+
+/// Waits for one part's task until `deadline`.
+async fn join_by(task: Option<JoinHandle<()>>, deadline: Instant, what: &str) {
+    if let Some(task) = task
+        && tokio::time::timeout_at(deadline, task).await.is_err()
+    {
+        tracing::warn!("{what} did not finish before the shutdown deadline");
+    }
+}
+
+/// Stops every part still running and joins every task until `deadline`.
+async fn stop_all(tasks: &TaskTracker, parts: &CancellationToken, deadline: Instant) {
+    parts.cancel();
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "tasks still running at the shutdown deadline"
+        );
+    }
+}
+
+fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
+    let t = &settings.topics;
+    [&t.requests, &t.changes, &t.results, &t.dlq]
+        .into_iter()
+        .map(|name| TopicSpec {
+            name: name.clone(),
+            partitions: t.partitions,
+            replication_factor: t.replication_factor,
+        })
+        .collect()
+}
+
+/// The management system's client: OAuth2 tokens, paging, and the limits on what it may send.
+fn product_client(
+    settings: &Settings,
+    http: reqwest::Client,
+) -> Result<ProductClient, UpstreamError> {
+    let u = &settings.upstream;
+    let policy = RetryPolicy::with_budget(u.retry_max_elapsed);
+    let tokens = Arc::new(TokenSource::new(
+        http.clone(),
+        &u.base_url,
+        u.client_id.clone(),
+        u.client_secret.clone(),
+        policy,
+    )?);
+    Ok(
+        ProductClient::new(http, &u.base_url, tokens, u.page_size, policy)?.with_limits(
+            upstream::products::Limits {
+                max_page_bytes: u.max_page_bytes,
+                max_pages: u.max_pages,
+                command_timeout: u.command_timeout,
+                max_record_bytes: u.max_record_bytes,
+            },
+        ),
+    )
+}
+
+/// The outbox relay: leases on PostgreSQL, all shards in this process on SQLite.
+fn relay(
+    settings: &Settings,
+    db: &DatabaseConnection,
+    producer: &FutureProducer,
+    instance_id: &str,
+    wake: Arc<Notify>,
+) -> Relay {
+    let p = &settings.pipeline;
+    let leases = match db.get_database_backend() {
+        DatabaseBackend::Postgres => Leases::postgres(
+            settings.database.url.clone(),
+            instance_id.to_owned(),
+            p.relay_shards,
+        ),
+        _ => Leases::embedded(p.relay_shards),
+    };
+    Relay::new(
+        db.clone(),
+        producer.clone(),
+        RelaySettings {
+            changes_topic: settings.topics.changes.clone(),
+            results_topic: settings.topics.results.clone(),
+            batch: p.relay_batch_size,
+            interval: p.relay_interval,
+            max_event_bytes: p.max_event_bytes,
+        },
+        leases,
+        wake,
+    )
 }
 
 /// Says at start-up when a topic's `max.message.bytes` is below `pipeline.max_event_bytes`:

@@ -16,10 +16,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat, Value, ValueKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use serde_with::{DurationMilliSeconds, serde_as};
 
 /// The environment variable prefix; `PRODUCT_SYNC__A__B` sets key `a.b`.
 pub const ENV_PREFIX: &str = "PRODUCT_SYNC";
@@ -31,6 +33,9 @@ pub const ENV_CONFIG_DIR: &str = "PRODUCT_SYNC_CONFIG_DIR";
 /// The built-in copy of `config/default.toml`, used when the directory has none so the binary
 /// runs from anywhere.
 const BUILT_IN_DEFAULT: &str = include_str!("../config/default.toml");
+
+/// librdkafka's `session.timeout.ms` when the configuration does not set it.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// A configuration that cannot be used. Always permanent: fixing it needs a person.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,7 @@ pub struct Settings {
 }
 
 /// The consumer loop and the outbox relay.
+#[serde_as]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
@@ -84,13 +90,19 @@ pub struct PipelineSettings {
     pub max_in_flight: usize,
     /// On revoke and shutdown, how long a command in flight may run on before it is abandoned
     /// (and redelivered). Keep it below the consumer's session timeout.
-    pub drain_timeout_ms: u64,
+    #[serde(rename = "drain_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub drain_timeout: Duration,
     /// Whole-process shutdown deadline after SIGTERM.
-    pub shutdown_timeout_ms: u64,
+    #[serde(rename = "shutdown_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub shutdown_timeout: Duration,
     /// Run the outbox relay in this process.
     pub relay_enabled: bool,
     /// How often the relay looks for unpublished rows when idle.
-    pub relay_interval_ms: u64,
+    #[serde(rename = "relay_interval_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub relay_interval: Duration,
     /// Rows read and produced per relay batch (two batches are in flight at a time).
     pub relay_batch_size: u64,
     /// Shards of the outbox queue: each has one publisher at a time, and the shards are
@@ -100,7 +112,9 @@ pub struct PipelineSettings {
     /// it below the topics' `max.message.bytes` and the producer's `message.max.bytes`.
     pub max_event_bytes: usize,
     /// How long start-up waits for the broker before giving up.
-    pub broker_wait_ms: u64,
+    #[serde(rename = "broker_wait_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub broker_wait: Duration,
 }
 
 /// Where the broker is and how to talk to it.
@@ -180,6 +194,7 @@ pub struct TopicSettings {
 }
 
 /// The store.
+#[serde_as]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
@@ -190,7 +205,9 @@ pub struct DatabaseSettings {
     /// Apply pending migrations at start-up.
     pub migrate_on_start: bool,
     /// How long start-up keeps retrying an unreachable database before giving up.
-    pub connect_timeout_ms: u64,
+    #[serde(rename = "connect_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub connect_timeout: Duration,
     /// Refuse a `postgres://` URL without `sslmode=verify-full` (or `verify-ca`): production
     /// `true`, so the store's password and data never cross the network in clear text and the
     /// server's certificate is checked.
@@ -199,6 +216,7 @@ pub struct DatabaseSettings {
 }
 
 /// The management system that owns the product data.
+#[serde_as]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSettings {
@@ -214,15 +232,21 @@ pub struct UpstreamSettings {
     /// Products per page asked of the management system.
     pub page_size: u32,
     /// Timeout of one HTTP request.
-    pub timeout_ms: u64,
+    #[serde(rename = "timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub timeout: Duration,
     /// How long transient failures of one call are retried before the call fails.
-    pub retry_max_elapsed_ms: u64,
+    #[serde(rename = "retry_max_elapsed_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub retry_max_elapsed: Duration,
     /// Largest products page read; a larger answer fails its command (read no further).
     pub max_page_bytes: usize,
     /// Most pages one command follows; paging beyond fails the command.
     pub max_pages: usize,
     /// Longest time one command's paging may take before it fails.
-    pub command_timeout_ms: u64,
+    #[serde(rename = "command_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub command_timeout: Duration,
     /// Largest record (its `keywords` and `attributes`; every other field is bounded by the
     /// contract); a larger one fails its command.
     pub max_record_bytes: usize,
@@ -643,13 +667,13 @@ impl Settings {
                 "must be at least 1".to_owned(),
             ));
         }
-        if self.upstream.command_timeout_ms == 0 {
+        if self.upstream.command_timeout.is_zero() {
             return Err(invalid(
                 "upstream.command_timeout_ms",
                 "must be above 0".to_owned(),
             ));
         }
-        if self.upstream.timeout_ms == 0 {
+        if self.upstream.timeout.is_zero() {
             return Err(invalid("upstream.timeout_ms", "must be above 0".to_owned()));
         }
         if self.database.max_connections == 0 {
@@ -680,6 +704,29 @@ impl Settings {
             return Err(invalid(
                 "pipeline.max_event_bytes",
                 "must be between 4096 and 100000000".to_owned(),
+            ));
+        }
+        // A revoke waits up to the drain timeout before the group moves on; past the session
+        // timeout the broker would have expelled this instance while it drained.
+        let session = match self.kafka.librdkafka.get("session.timeout.ms") {
+            None => DEFAULT_SESSION_TIMEOUT,
+            Some(ms) => ms.parse::<u64>().map(Duration::from_millis).map_err(|_| {
+                invalid(
+                    "kafka.librdkafka.session.timeout.ms",
+                    "must be a number of milliseconds".to_owned(),
+                )
+            })?,
+        };
+        if self.pipeline.drain_timeout >= session {
+            return Err(invalid(
+                "pipeline.drain_timeout_ms",
+                format!(
+                    "is {} ms, not below the consumer's session timeout ({} ms, \
+                     kafka.librdkafka.session.timeout.ms): a drain that long gets the instance \
+                     expelled from the group",
+                    self.pipeline.drain_timeout.as_millis(),
+                    session.as_millis()
+                ),
             ));
         }
         if self.topics.partitions < 1 {
@@ -772,18 +819,22 @@ impl fmt::Display for Settings {
         writeln!(
             f,
             "database.connect_timeout_ms = {}",
-            self.database.connect_timeout_ms
+            self.database.connect_timeout.as_millis()
         )?;
         writeln!(f, "upstream.system = {:?}", self.upstream.system)?;
         writeln!(f, "upstream.base_url = {:?}", self.upstream.base_url)?;
         writeln!(f, "upstream.client_id = {:?}", self.upstream.client_id)?;
         writeln!(f, "upstream.client_secret = \"[redacted]\"")?;
         writeln!(f, "upstream.page_size = {}", self.upstream.page_size)?;
-        writeln!(f, "upstream.timeout_ms = {}", self.upstream.timeout_ms)?;
+        writeln!(
+            f,
+            "upstream.timeout_ms = {}",
+            self.upstream.timeout.as_millis()
+        )?;
         writeln!(
             f,
             "upstream.retry_max_elapsed_ms = {}",
-            self.upstream.retry_max_elapsed_ms
+            self.upstream.retry_max_elapsed.as_millis()
         )?;
         writeln!(
             f,
@@ -799,7 +850,7 @@ impl fmt::Display for Settings {
         writeln!(
             f,
             "upstream.command_timeout_ms = {}",
-            self.upstream.command_timeout_ms
+            self.upstream.command_timeout.as_millis()
         )?;
         writeln!(f, "upstream.allow_http = {}", self.upstream.allow_http)?;
         writeln!(f, "kafka.require_tls = {}", self.kafka.require_tls)?;
@@ -811,18 +862,26 @@ impl fmt::Display for Settings {
         writeln!(f, "http.listen = \"{}\"", self.http.listen)?;
         let p = &self.pipeline;
         writeln!(f, "pipeline.max_in_flight = {}", p.max_in_flight)?;
-        writeln!(f, "pipeline.drain_timeout_ms = {}", p.drain_timeout_ms)?;
+        writeln!(
+            f,
+            "pipeline.drain_timeout_ms = {}",
+            p.drain_timeout.as_millis()
+        )?;
         writeln!(
             f,
             "pipeline.shutdown_timeout_ms = {}",
-            p.shutdown_timeout_ms
+            p.shutdown_timeout.as_millis()
         )?;
         writeln!(f, "pipeline.relay_enabled = {}", p.relay_enabled)?;
-        writeln!(f, "pipeline.relay_interval_ms = {}", p.relay_interval_ms)?;
+        writeln!(
+            f,
+            "pipeline.relay_interval_ms = {}",
+            p.relay_interval.as_millis()
+        )?;
         writeln!(f, "pipeline.relay_batch_size = {}", p.relay_batch_size)?;
         writeln!(f, "pipeline.relay_shards = {}", p.relay_shards)?;
         writeln!(f, "pipeline.max_event_bytes = {}", p.max_event_bytes)?;
-        writeln!(f, "pipeline.broker_wait_ms = {}", p.broker_wait_ms)?;
+        writeln!(f, "pipeline.broker_wait_ms = {}", p.broker_wait.as_millis())?;
         writeln!(f, "log.level = {:?}", self.log.level)?;
         write!(f, "log.format = {:?}", self.log.format)
     }

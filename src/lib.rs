@@ -39,6 +39,7 @@
 pub mod app;
 pub mod command;
 pub mod config;
+#[cfg(feature = "dev-tools")]
 pub mod demo;
 pub mod diff;
 pub mod dlq;
@@ -49,9 +50,11 @@ pub mod outbox;
 pub mod pipeline;
 pub mod product;
 pub mod retry;
+#[cfg(feature = "dev-tools")]
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 pub mod tools;
 pub mod upstream;
 pub mod wire;

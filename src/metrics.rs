@@ -153,16 +153,6 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// Counts the outcome of one folded page.
-pub fn record_fold(outcome: &crate::store::fold::FoldOutcome) {
-    let p = &metrics().products;
-    p.with_label_values(&["created"]).inc_by(outcome.created);
-    p.with_label_values(&["updated"]).inc_by(outcome.updated);
-    p.with_label_values(&["unchanged"])
-        .inc_by(outcome.unchanged);
-    p.with_label_values(&["stale"]).inc_by(outcome.stale);
-}
-
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     let mut buffer = Vec::new();

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,15 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{metrics, render};
-
-/// What the consumer loop reports about its group membership.
-#[derive(Debug, Default)]
-pub struct Membership {
-    /// A rebalance has completed at least once.
-    pub joined: AtomicBool,
-    /// Partitions currently assigned.
-    pub partitions: AtomicUsize,
-}
+use crate::pipeline::Membership;
 
 /// What the checks need.
 #[derive(Clone)]
@@ -61,31 +53,43 @@ impl OpsState {
     }
 }
 
-/// Binds the ops endpoint (port 0 picks one) and serves it until `stop`; returns the address.
-/// The readiness check runs in the background from now on (every 5 s).
-pub async fn serve(
-    addr: SocketAddr,
+/// The ops endpoint, bound but not yet serving.
+pub struct OpsServer {
+    listener: TcpListener,
     state: OpsState,
-    stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_page))
-        .with_state(state.clone());
-    tokio::spawn(keep_checking(state, stop.clone()));
-    tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+}
+
+impl OpsServer {
+    /// Binds the ops endpoint (port 0 picks one).
+    pub async fn bind(addr: SocketAddr, state: OpsState) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(OpsServer { listener, state })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop`, refreshing the readiness check in the background (every 5 s);
+    /// returns when both have stopped.
+    pub async fn run(self, stop: CancellationToken) {
+        let router = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_page))
+            .with_state(self.state.clone());
+        if let Ok(bound) = self.listener.local_addr() {
+            tracing::info!(%bound, "ops endpoint listening (/healthz, /readyz, /metrics)");
+        }
+        let stopped = stop.clone();
+        let serve = axum::serve(self.listener, router)
+            .with_graceful_shutdown(async move { stopped.cancelled().await });
+        let ((), served) = tokio::join!(keep_checking(self.state, stop), serve);
         if let Err(e) = served {
             tracing::error!(error = %e, "the ops endpoint stopped");
         }
-    });
-    tracing::info!(%bound, "ops endpoint listening (/healthz, /readyz, /metrics)");
-    Ok(bound)
+    }
 }
 
 /// The last dependency check, refreshed in the background: a `/readyz` hit costs nothing

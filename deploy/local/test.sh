@@ -44,6 +44,8 @@ for db in $stale; do psql "$pg_url" -qc "DROP DATABASE IF EXISTS $db" >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The production build (no simulator, demo or chaos run) must build clean on its own.
+cargo clippy --no-default-features --locked -- -D warnings
 t_lint=$(date +%s)
 say "format and lints clean after $((t_lint - t0)) s"
 

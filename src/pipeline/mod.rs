@@ -13,44 +13,54 @@
 //! the revoke completes — which the rebalance callback waits for, up to
 //! `pipeline.drain_timeout_ms` (kept below the group's session timeout).
 //!
-//! # Keeping the consumer polled
-//! The loop never waits on a command: each partition has its own worker and queue, so a
-//! command whose fetch takes minutes never stops `recv()` (no `max.poll.interval.ms`
-//! expulsion, rust-rdkafka #433). A partition whose queue backs up is paused, and resumed
-//! when its worker has drained it. Commands of one partition run in order; at most
-//! `pipeline.max_in_flight` run at once across partitions.
+//! # Three parts, after vector's Kafka source
+//! - **The driver** polls the consumer's main queue on a blocking thread of its own
+//!   (`spawn_blocking`): it serves the group protocol, rebalances and statistics, and is never
+//!   held up by a command (no `max.poll.interval.ms` expulsion, rust-rdkafka #433).
+//! - **One task per assigned partition** reads that partition's own queue
+//!   (`split_partition_queue`, split inside the assign callback, before any fetch can start, so
+//!   no command of the partition can reach the main queue) and runs its commands in order.
+//!   librdkafka's prefetch bounds what waits in a queue; a busy partition stops being read,
+//!   nothing is paused by hand. At most `pipeline.max_in_flight` commands run at once.
+//! - **The coordinator** (the async task of [`Pipeline::run`]) owns the partition tasks. The
+//!   rebalance callbacks, on the driver's thread, hand it each assignment and revocation and
+//!   wait for its answer: revoked partitions' tasks are stopped, drained and *joined* (so their
+//!   queues are gone before a partition can be split again) before the callback commits and
+//!   returns. Nothing waits on a runtime worker thread, so any tokio runtime will do.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::FutureExt;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::{ClientContext, Message, Offset};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::KafkaSettings;
 use crate::kafka::client_config;
 use crate::metrics::metrics;
-use crate::ops::Membership;
 
 pub mod process;
 
 pub use process::Processor;
 
-/// A partition is paused when this many commands wait in its queue.
-const PAUSE_AT: usize = 8;
+/// After this long past the drain deadline, an abandoned command's task is aborted.
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
 
 type PartitionKey = (String, i32);
+type Queue = StreamPartitionQueue<Context>;
 
 /// Errors that stop the consumer loop.
 #[derive(Debug, thiserror::Error)]
@@ -68,84 +78,40 @@ impl PipelineError {
     }
 }
 
-/// One partition's worker, as the loop and the rebalance callback see it.
-struct Worker {
-    tx: mpsc::UnboundedSender<OwnedMessage>,
-    queued: Arc<AtomicUsize>,
-    paused: Arc<Mutex<bool>>,
-    /// Stop taking new commands from the queue.
-    stop_taking: CancellationToken,
-    /// Give up the command in flight (it will be redelivered).
-    abandon: CancellationToken,
-    finished: Arc<(Mutex<bool>, Condvar)>,
+/// What the consumer loop reports about its group membership (read by the readiness check).
+#[derive(Debug, Default)]
+pub struct Membership {
+    /// A rebalance has completed at least once.
+    pub joined: AtomicBool,
+    /// Partitions currently assigned.
+    pub partitions: AtomicUsize,
 }
 
-/// The workers of the partitions this instance holds.
-struct Registry {
-    workers: Mutex<HashMap<PartitionKey, Worker>>,
-    drain_timeout: Duration,
+/// A rebalance, as the callback hands it to the coordinator.
+enum Rebalanced {
+    Assigned(Vec<PartitionKey>),
+    Revoked(Vec<PartitionKey>),
 }
 
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, Worker>> {
-        self.workers.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// The callback waits on this until the coordinator has acted on the rebalance.
+type Done = std::sync::mpsc::SyncSender<()>;
 
-    /// Stops the workers of `keys` (all when `None`): no new commands; the one in flight may
-    /// finish within the drain timeout, then it is abandoned. Blocks until they are done.
-    fn drain(&self, keys: Option<&[PartitionKey]>) {
-        let taken: Vec<(PartitionKey, Worker)> = {
-            let mut workers = self.lock();
-            match keys {
-                None => workers.drain().collect(),
-                Some(keys) => keys
-                    .iter()
-                    .filter_map(|k| workers.remove_entry(k))
-                    .collect(),
-            }
-        };
-        if taken.is_empty() {
-            return;
-        }
-        for (_, w) in &taken {
-            w.stop_taking.cancel();
-        }
-        let deadline = Instant::now() + self.drain_timeout;
-        for ((topic, partition), w) in &taken {
-            if !wait_finished(&w.finished, deadline) {
-                tracing::warn!(
-                    topic,
-                    partition,
-                    "command still running at the drain deadline; abandoning it for redelivery"
-                );
-                w.abandon.cancel();
-                wait_finished(&w.finished, Instant::now() + Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-fn wait_finished(finished: &(Mutex<bool>, Condvar), deadline: Instant) -> bool {
-    let (lock, cvar) = finished;
-    let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-    while !*done {
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        done = match cvar.wait_timeout(done, deadline - now) {
-            Ok((guard, _)) => guard,
-            Err(e) => e.into_inner().0,
-        };
-    }
-    true
-}
-
-/// Consumer context: drains revoked partitions' workers and commits before a rebalance;
-/// reports membership and consumer lag.
+/// Consumer context: hands rebalances to the coordinator (and waits for it), commits stored
+/// offsets before partitions go, reports membership and consumer lag.
 struct Context {
-    registry: Arc<Registry>,
+    rebalances: mpsc::UnboundedSender<(Rebalanced, Done)>,
     membership: Arc<Membership>,
+}
+
+impl Context {
+    /// Blocks the driver's thread (never a runtime worker) until the coordinator is done.
+    /// Once the coordinator is gone (shutdown) there is nothing to wait for.
+    fn hand_over(&self, rebalanced: Rebalanced) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if self.rebalances.send((rebalanced, done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
 }
 
 impl ClientContext for Context {
@@ -167,16 +133,12 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             self.membership.partitions.store(0, Ordering::SeqCst);
-            let keys: Vec<PartitionKey> = list
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
+            let keys = partition_keys(list);
             tracing::info!(
                 partitions = keys.len(),
                 "partitions revoked; draining their commands"
             );
-            self.registry.drain(Some(&keys));
+            self.hand_over(Rebalanced::Revoked(keys));
             commit_stored(consumer);
         }
     }
@@ -187,14 +149,19 @@ impl ConsumerContext for Context {
             self.membership
                 .partitions
                 .store(list.count(), Ordering::SeqCst);
-            let parts: Vec<String> = list
-                .elements()
-                .iter()
-                .map(|e| format!("{}[{}]", e.topic(), e.partition()))
-                .collect();
+            let keys = partition_keys(list);
+            let parts: Vec<String> = keys.iter().map(|(t, p)| format!("{t}[{p}]")).collect();
             tracing::info!(assigned = %parts.join(","), "partitions assigned");
+            self.hand_over(Rebalanced::Assigned(keys));
         }
     }
+}
+
+fn partition_keys(list: &TopicPartitionList) -> Vec<PartitionKey> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
 }
 
 /// Commits the stored offsets (never the consumed position) synchronously.
@@ -222,12 +189,10 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Consumes until `stop`, then stops taking commands, lets those in flight finish within
-    /// the drain timeout (or abandons them for redelivery), and commits stored offsets.
+    /// the drain timeout (or abandons them for redelivery), commits stored offsets and leaves
+    /// the group.
     pub async fn run(self, stop: CancellationToken) -> Result<(), PipelineError> {
-        let registry = Arc::new(Registry {
-            workers: Mutex::new(HashMap::new()),
-            drain_timeout: self.drain_timeout,
-        });
+        let (rebalances_tx, mut rebalances) = mpsc::unbounded_channel();
         let consumer: StreamConsumer<Context> = client_config(&self.kafka)
             .set("group.id", &self.kafka.group_id)
             .set("enable.auto.commit", "true")
@@ -236,7 +201,7 @@ impl Pipeline {
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "5000")
             .create_with_context(Context {
-                registry: registry.clone(),
+                rebalances: rebalances_tx,
                 membership: self.membership.clone(),
             })
             .map_err(PipelineError::Consumer)?;
@@ -248,176 +213,298 @@ impl Pipeline {
                 source,
             })?;
         tracing::info!(topic = %self.requests_topic, group = %self.kafka.group_id, "consuming product-request commands");
-        let permits = Arc::new(Semaphore::new(self.max_in_flight));
 
+        let driver_stop = CancellationToken::new();
+        let mut driver = drive(consumer.clone(), driver_stop.clone());
+        let mut partitions = Partitions {
+            running: HashMap::new(),
+            consumer: consumer.clone(),
+            processor: self.processor.clone(),
+            permits: Arc::new(Semaphore::new(self.max_in_flight)),
+            drain_timeout: self.drain_timeout,
+        };
         loop {
-            let received = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                m = consumer.recv() => m,
-            };
-            match received {
-                Ok(message) => {
-                    let message = message.detach();
-                    self.dispatch(&registry, &consumer, &permits, message);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "consumer error; continuing");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                next = rebalances.recv() => match next {
+                    Some((rebalanced, done)) => {
+                        partitions.apply(rebalanced, true).await;
+                        let _ = done.send(());
+                    }
+                    None => break,
+                },
             }
         }
 
         tracing::info!("stopping: no new commands; draining those in flight");
-        let (r, c) = (registry.clone(), consumer.clone());
-        let drained = tokio::task::spawn_blocking(move || {
-            r.drain(None);
-            commit_stored(c.as_ref());
+        partitions.stop_all().await;
+        // The driver may sit in a rebalance callback: keep answering until it has stopped.
+        driver_stop.cancel();
+        loop {
+            tokio::select! {
+                joined = &mut driver => {
+                    if joined.is_err() {
+                        tracing::error!("the consumer's driver panicked");
+                    }
+                    break;
+                }
+                Some((rebalanced, done)) = rebalances.recv() => {
+                    partitions.apply(rebalanced, false).await;
+                    let _ = done.send(());
+                }
+            }
+        }
+        // Without a coordinator, the callbacks of the final revoke no longer wait for one.
+        drop(rebalances);
+        drop(partitions);
+        let left = tokio::task::spawn_blocking(move || {
+            commit_stored(consumer.as_ref());
+            consumer.unsubscribe();
+            // Closing the consumer (leaving the group) blocks: done here, off the runtime.
+            drop(consumer);
         })
         .await;
-        if drained.is_err() {
-            tracing::error!("draining the partition workers panicked");
+        if left.is_err() {
+            tracing::error!("leaving the consumer group panicked");
         }
-        consumer.unsubscribe();
         Ok(())
     }
+}
 
-    fn dispatch(
-        &self,
-        registry: &Arc<Registry>,
-        consumer: &Arc<StreamConsumer<Context>>,
-        permits: &Arc<Semaphore>,
-        message: OwnedMessage,
+/// Polls the main queue on a blocking thread until `stop`. Every partition's commands arrive
+/// on that partition's queue; a message here means one was buffered before its queue was
+/// split (it must not happen): the partition is rewound to it, so nothing is skipped.
+fn drive(consumer: Arc<StreamConsumer<Context>>, stop: CancellationToken) -> JoinHandle<()> {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        runtime.block_on(async {
+            loop {
+                let received = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    m = consumer.recv() => m,
+                };
+                match received {
+                    Ok(message) => rewind_to(&consumer, &message),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error; continuing");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        })
+    })
+}
+
+fn rewind_to(consumer: &StreamConsumer<Context>, message: &BorrowedMessage<'_>) {
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    tracing::error!(
+        topic,
+        partition,
+        offset,
+        "a command arrived outside its partition's queue; rewinding the partition to it"
+    );
+    if let Err(e) = consumer.seek(
+        topic,
+        partition,
+        Offset::Offset(offset),
+        Duration::from_secs(5),
     ) {
-        let key = (message.topic().to_owned(), message.partition());
-        let mut workers = registry.lock();
-        let worker = workers
-            .entry(key.clone())
-            .or_insert_with(|| self.spawn_worker(key.clone(), consumer.clone(), permits.clone()));
-        worker.queued.fetch_add(1, Ordering::SeqCst);
-        if worker.tx.send(message).is_err() {
-            // The worker is gone (revoked meanwhile): the message will be redelivered.
-            worker.queued.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(error = %e, topic, partition, "could not rewind the partition; its commands will be redelivered after the next rebalance");
+    }
+}
+
+/// The partition tasks of this instance, owned by the coordinator.
+struct Partitions {
+    running: HashMap<PartitionKey, Running>,
+    consumer: Arc<StreamConsumer<Context>>,
+    processor: Arc<Processor>,
+    permits: Arc<Semaphore>,
+    drain_timeout: Duration,
+}
+
+/// One partition's task.
+struct Running {
+    /// Stop taking new commands from the queue.
+    stop_taking: CancellationToken,
+    /// Give up the command in flight (it will be redelivered).
+    abandon: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Partitions {
+    /// Acts on a rebalance; `consuming` is false once the instance is stopping (no new tasks).
+    async fn apply(&mut self, rebalanced: Rebalanced, consuming: bool) {
+        match rebalanced {
+            Rebalanced::Assigned(keys) if consuming => keys.into_iter().for_each(|k| self.start(k)),
+            Rebalanced::Assigned(_) => {}
+            Rebalanced::Revoked(keys) => self.stop(&keys).await,
+        }
+    }
+
+    fn start(&mut self, key: PartitionKey) {
+        if self.running.contains_key(&key) {
             return;
         }
-        let mut paused = worker.paused.lock().unwrap_or_else(|e| e.into_inner());
-        if !*paused && worker.queued.load(Ordering::SeqCst) >= PAUSE_AT {
-            if let Err(e) = consumer.pause(&partition_list(&key)) {
-                tracing::warn!(error = %e, topic = %key.0, partition = key.1, "could not pause a busy partition");
-            } else {
-                *paused = true;
+        let Some(queue) = self.consumer.split_partition_queue(&key.0, key.1) else {
+            tracing::error!(topic = %key.0, partition = key.1, "cannot read an assigned partition's queue");
+            return;
+        };
+        let stop_taking = CancellationToken::new();
+        let abandon = CancellationToken::new();
+        let task = tokio::spawn(
+            PartitionTask {
+                key: key.clone(),
+                queue,
+                consumer: self.consumer.clone(),
+                processor: self.processor.clone(),
+                permits: self.permits.clone(),
+                stop_taking: stop_taking.clone(),
+                abandon: abandon.clone(),
+            }
+            .run(),
+        );
+        self.running.insert(
+            key,
+            Running {
+                stop_taking,
+                abandon,
+                task,
+            },
+        );
+    }
+
+    async fn stop_all(&mut self) {
+        let keys: Vec<PartitionKey> = self.running.keys().cloned().collect();
+        self.stop(&keys).await;
+    }
+
+    /// No new commands on `keys`; the command in flight may finish within the drain timeout,
+    /// then it is abandoned. Returns when every task has ended (and dropped its queue).
+    async fn stop(&mut self, keys: &[PartitionKey]) {
+        let taken: Vec<(PartitionKey, Running)> = keys
+            .iter()
+            .filter_map(|k| self.running.remove_entry(k))
+            .collect();
+        for (_, r) in &taken {
+            r.stop_taking.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        for ((topic, partition), mut r) in taken {
+            if tokio::time::timeout_at(deadline, &mut r.task).await.is_ok() {
+                continue;
+            }
+            tracing::warn!(
+                topic,
+                partition,
+                "command still running at the drain deadline; abandoning it for redelivery"
+            );
+            r.abandon.cancel();
+            if tokio::time::timeout(ABANDON_GRACE, &mut r.task)
+                .await
+                .is_err()
+            {
+                r.task.abort();
+                let _ = r.task.await;
+            }
+        }
+    }
+}
+
+/// Runs one partition's commands in offset order, storing each offset once the command's
+/// effects are committed.
+struct PartitionTask {
+    key: PartitionKey,
+    queue: Queue,
+    consumer: Arc<StreamConsumer<Context>>,
+    processor: Arc<Processor>,
+    permits: Arc<Semaphore>,
+    stop_taking: CancellationToken,
+    abandon: CancellationToken,
+}
+
+impl PartitionTask {
+    async fn run(self) {
+        loop {
+            let received = tokio::select! {
+                biased;
+                _ = self.stop_taking.cancelled() => break,
+                m = self.queue.recv() => m.map(|m| m.detach()),
+            };
+            let message = match received {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %self.key.0, partition = self.key.1, "partition queue error; continuing");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let permit = tokio::select! {
+                biased;
+                _ = self.stop_taking.cancelled() => break,
+                p = self.permits.clone().acquire_owned() => p,
+            };
+            let Ok(_permit) = permit else { break };
+            match self.handle(&message).await {
+                Ok(()) => self.store_offset(&message),
+                Err(process::Abandoned) => {
+                    tracing::info!(
+                        offset = message.offset(),
+                        "command abandoned; it will be redelivered"
+                    );
+                    break;
+                }
             }
         }
     }
 
-    fn spawn_worker(
-        &self,
-        key: PartitionKey,
-        consumer: Arc<StreamConsumer<Context>>,
-        permits: Arc<Semaphore>,
-    ) -> Worker {
-        let (tx, mut rx) = mpsc::unbounded_channel::<OwnedMessage>();
-        let worker = Worker {
-            tx,
-            queued: Arc::new(AtomicUsize::new(0)),
-            paused: Arc::new(Mutex::new(false)),
-            stop_taking: CancellationToken::new(),
-            abandon: CancellationToken::new(),
-            finished: Arc::new((Mutex::new(false), Condvar::new())),
-        };
-        let (queued, paused, stop_taking, abandon, finished) = (
-            worker.queued.clone(),
-            worker.paused.clone(),
-            worker.stop_taking.clone(),
-            worker.abandon.clone(),
-            worker.finished.clone(),
+    /// Abandoning drops the command mid-way: an open transaction rolls back, nothing is stored
+    /// for its offset, and the partition's next owner runs it again. A panic inside processing
+    /// (a bug: no input may cause one) must not leave the partition silently dead: it is
+    /// logged and counted, the command is failed to the DLQ, and the task moves on.
+    async fn handle(&self, message: &OwnedMessage) -> Result<(), process::Abandoned> {
+        let span = tracing::info_span!(
+            "command",
+            topic = %self.key.0,
+            partition = self.key.1,
+            offset = message.offset(),
+            request_id = tracing::field::Empty,
         );
-        let processor = self.processor.clone();
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    biased;
-                    _ = stop_taking.cancelled() => None,
-                    m = rx.recv() => m,
-                };
-                let Some(message) = message else { break };
-                let left = queued.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
-                {
-                    let mut p = paused.lock().unwrap_or_else(|e| e.into_inner());
-                    if *p && left == 0 {
-                        match consumer.resume(&partition_list(&key)) {
-                            Ok(()) => *p = false,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "could not resume a drained partition")
-                            }
-                        }
-                    }
+        let processor = &self.processor;
+        tokio::select! {
+            biased;
+            _ = self.abandon.cancelled() => Err(process::Abandoned),
+            r = AssertUnwindSafe(processor.handle(message, &self.abandon))
+                .catch_unwind()
+                .instrument(span.clone()) => match r {
+                Ok(r) => r,
+                Err(panic) => {
+                    let reason = panic_text(panic.as_ref());
+                    processor
+                        .handle_panic(message, &reason, &self.abandon)
+                        .instrument(span)
+                        .await
                 }
-                let permit = tokio::select! {
-                    biased;
-                    _ = stop_taking.cancelled() => break,
-                    p = permits.clone().acquire_owned() => p,
-                };
-                let Ok(_permit) = permit else { break };
-                let span = tracing::info_span!(
-                    "command",
-                    topic = %key.0,
-                    partition = key.1,
-                    offset = message.offset(),
-                    request_id = tracing::field::Empty,
-                );
-                // Abandoning drops the command mid-way: an open transaction rolls back, nothing
-                // is stored for its offset, and the partition's next owner runs it again.
-                // A panic inside processing (a bug: no input may cause one) must not leave the
-                // partition silently dead: it is logged and counted, the command is failed to
-                // the DLQ, and the worker moves on.
-                let handled = tokio::select! {
-                    biased;
-                    _ = abandon.cancelled() => Err(process::Abandoned),
-                    r = AssertUnwindSafe(processor.handle(&message, &abandon))
-                        .catch_unwind()
-                        .instrument(span.clone()) => match r {
-                        Ok(r) => r,
-                        Err(panic) => {
-                            let reason = panic_text(panic.as_ref());
-                            processor
-                                .handle_panic(&message, &reason, &abandon)
-                                .instrument(span)
-                                .await
-                        }
-                    },
-                };
-                match handled {
-                    Ok(()) => {
-                        // The offset to store is the next one to read (rd_kafka_offsets_store
-                        // takes it as given; the deprecated single-offset call adds one itself).
-                        let mut next = TopicPartitionList::new();
-                        let stored = next
-                            .add_partition_offset(
-                                &key.0,
-                                key.1,
-                                Offset::Offset(message.offset() + 1),
-                            )
-                            .and_then(|()| consumer.store_offsets(&next));
-                        if let Err(e) = stored {
-                            // Revoked meanwhile: the new owner re-runs it, harmlessly.
-                            tracing::info!(error = %e, offset = message.offset(), "could not store the offset; the command will be redelivered");
-                        }
-                    }
-                    Err(process::Abandoned) => {
-                        tracing::info!(
-                            offset = message.offset(),
-                            "command abandoned; it will be redelivered"
-                        );
-                        break;
-                    }
-                }
-            }
-            let (lock, cvar) = &*finished;
-            *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            cvar.notify_all();
-        });
-        worker
+            },
+        }
+    }
+
+    /// The offset to store is the next one to read (rd_kafka_offsets_store takes it as given;
+    /// the deprecated single-offset call adds one itself).
+    fn store_offset(&self, message: &OwnedMessage) {
+        let mut next = TopicPartitionList::new();
+        let stored = next
+            .add_partition_offset(
+                &self.key.0,
+                self.key.1,
+                Offset::Offset(message.offset() + 1),
+            )
+            .and_then(|()| self.consumer.store_offsets(&next));
+        if let Err(e) = stored {
+            // Revoked meanwhile: the new owner re-runs it, harmlessly.
+            tracing::info!(error = %e, offset = message.offset(), "could not store the offset; the command will be redelivered");
+        }
     }
 }
 
@@ -428,10 +515,4 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
-}
-
-fn partition_list((topic, partition): &PartitionKey) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, *partition);
-    list
 }

@@ -124,7 +124,7 @@ impl Processor {
     ) -> Result<(), Abandoned> {
         let reason = format!(
             "product-sync failed internally while handling this command (a bug; please report it): {}",
-            crate::upstream::quote(panic)
+            crate::text::quote(panic)
         );
         tracing::error!(error = %reason, "a command handler panicked; failing the command");
         metrics().commands.with_label_values(&["panicked"]).inc();
@@ -211,7 +211,7 @@ impl Processor {
             match next {
                 Ok((number, items, folded)) => {
                     let folded = folded?;
-                    crate::metrics::record_fold(&folded);
+                    record_fold(&folded);
                     outcome.add(folded);
                     pages += 1;
                     tracing::debug!(page = number, items, "page folded");
@@ -397,4 +397,14 @@ async fn wait(abandon: &CancellationToken, failures: u32) -> Result<(), Abandone
         _ = abandon.cancelled() => Err(Abandoned),
         _ = tokio::time::sleep(delay) => Ok(()),
     }
+}
+
+/// Counts the outcome of one folded page.
+fn record_fold(outcome: &FoldOutcome) {
+    let p = &metrics().products;
+    p.with_label_values(&["created"]).inc_by(outcome.created);
+    p.with_label_values(&["updated"]).inc_by(outcome.updated);
+    p.with_label_values(&["unchanged"])
+        .inc_by(outcome.unchanged);
+    p.with_label_values(&["stale"]).inc_by(outcome.stale);
 }

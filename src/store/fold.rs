@@ -105,7 +105,7 @@ pub async fn fold_page(
             .validate()
             .map_err(|error| StoreError::InvalidRecord {
                 index,
-                identity: crate::upstream::quote(&product.identity().to_string()),
+                identity: crate::text::quote(&product.identity().to_string()),
                 error,
             })?;
     }

@@ -133,7 +133,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(10))
         });
-    let policy = RetryPolicy::with_budget(Duration::from_millis(settings.connect_timeout_ms));
+    let policy = RetryPolicy::with_budget(settings.connect_timeout);
     let db = retry(&policy, "connect to database", || {
         let options = options.clone();
         let url = url.clone();

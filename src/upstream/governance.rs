@@ -161,39 +161,33 @@ impl Governance {
         }
     }
 
-    /// Registers, then heartbeats until `stop` fires, then deregisters. Returns the first
-    /// registration's error (the caller decides whether start-up fails).
-    pub async fn start(
-        self: Arc<Self>,
-        stop: CancellationToken,
-    ) -> Result<tokio::task::JoinHandle<()>, UpstreamError> {
-        let first = self.register().await?;
-        Ok(tokio::spawn(async move {
-            let mut registration = first;
-            loop {
-                let every = (registration.lease / 3).max(Duration::from_millis(200));
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                match self.heartbeat(&registration).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(registration_id = %registration.id, "the governance platform forgot this instance; registering again");
-                        match self.register().await {
-                            Ok(r) => registration = r,
-                            Err(e) => {
-                                tracing::error!(error = %e, "registering again failed; will retry at the next heartbeat")
-                            }
+    /// Heartbeats `registration` until `stop` fires (registering again if the platform
+    /// forgot it), then deregisters.
+    pub async fn keep(self: Arc<Self>, first: Registration, stop: CancellationToken) {
+        let mut registration = first;
+        loop {
+            let every = (registration.lease / 3).max(Duration::from_millis(200));
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.heartbeat(&registration).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(registration_id = %registration.id, "the governance platform forgot this instance; registering again");
+                    match self.register().await {
+                        Ok(r) => registration = r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "registering again failed; will retry at the next heartbeat")
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "governance heartbeat failed; will retry"),
                 }
+                Err(e) => tracing::warn!(error = %e, "governance heartbeat failed; will retry"),
             }
-            if let Err(e) = self.deregister(&registration).await {
-                tracing::warn!(error = %e, "deregistration failed; the lease will expire on its own");
-            }
-        }))
+        }
+        if let Err(e) = self.deregister(&registration).await {
+            tracing::warn!(error = %e, "deregistration failed; the lease will expire on its own");
+        }
     }
 }
 

@@ -178,23 +178,6 @@ pub(crate) async fn read_limited(
     Ok(body)
 }
 
-/// An upstream value quoted in an error or a log line: cut to [`QUOTE_CHARS`] characters,
-/// control characters escaped, so a hostile value can neither flood nor forge a line.
-pub fn quote(value: &str) -> String {
-    let mut out: String = value
-        .chars()
-        .take(QUOTE_CHARS)
-        .flat_map(char::escape_debug)
-        .collect();
-    if value.chars().nth(QUOTE_CHARS).is_some() {
-        out.push('…');
-    }
-    format!("\"{out}\"")
-}
-
-/// The longest prefix of an upstream value quoted anywhere.
-pub const QUOTE_CHARS: usize = 64;
-
 /// Joins a configured base URL and a contract path.
 pub(crate) fn join(base: &str, path: &str) -> Result<url::Url, UpstreamError> {
     let mut base = url::Url::parse(base).map_err(|e| UpstreamError::Url {

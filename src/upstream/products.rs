@@ -11,10 +11,11 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::auth::{Token, TokenSource};
-use super::{UpstreamError, join, quote, read_limited, retry_after};
+use super::{UpstreamError, join, read_limited, retry_after};
 use crate::command::Selector;
 use crate::product::Product;
 use crate::retry::{RetryPolicy, retry};
+use crate::text::quote;
 
 /// One page of the answer.
 #[derive(Debug, Clone)]

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use product_sync::config::{self, Settings, Sources};
 use serde_json::Value;
@@ -102,9 +103,9 @@ fn kubernetes_manifests_agree_with_the_configuration() {
 
     let deployment = doc("deployment.yaml");
     let pod = &deployment["spec"]["template"]["spec"];
-    let grace_ms = pod["terminationGracePeriodSeconds"].as_u64().unwrap() * 1000;
+    let grace = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
     assert!(
-        grace_ms > s.pipeline.drain_timeout_ms + s.pipeline.shutdown_timeout_ms,
+        grace > s.pipeline.drain_timeout + s.pipeline.shutdown_timeout,
         "the grace period must outlast the drain and the shutdown steps"
     );
     let container = &pod["containers"][0];

@@ -101,7 +101,7 @@ pub fn database_settings(url: &str) -> DatabaseSettings {
         url: SecretString::from(url.to_owned()),
         max_connections: 5,
         migrate_on_start: true,
-        connect_timeout_ms: 5_000,
+        connect_timeout: Duration::from_secs(5),
         require_tls: false,
     }
 }

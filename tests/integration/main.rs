@@ -11,6 +11,7 @@ mod fuzz_corpus;
 mod helpers;
 mod hostile;
 mod kafka_smoke;
+mod layout;
 mod pipeline;
 mod relay;
 mod store_smoke;

@@ -2,6 +2,8 @@
 //! idempotent and safe when several instances migrate at once; an unreachable database is
 //! reported as transient without leaking its password.
 
+use std::time::Duration;
+
 use product_sync::store::{self, migration::Migrator};
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 use sea_orm_migration::MigratorTrait;
@@ -98,7 +100,7 @@ async fn sqlite_migrations_apply_and_are_idempotent() {
 async fn unreachable_database_is_transient_and_hides_the_password() {
     // Port 1 on loopback: nothing listens there.
     let mut settings = database_settings("postgres://app:pw-must-not-leak-42@127.0.0.1:1/none");
-    settings.connect_timeout_ms = 600;
+    settings.connect_timeout = Duration::from_millis(600);
     let err = store::connect(&settings)
         .await
         .expect_err("nothing listens on port 1");

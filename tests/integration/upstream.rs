@@ -364,7 +364,8 @@ async fn governance_registers_heartbeats_and_deregisters() {
         policy,
     ));
     let stop = CancellationToken::new();
-    let task = gov.clone().start(stop.clone()).await.expect("registered");
+    let first = gov.register().await.expect("registered");
+    let task = tokio::spawn(gov.clone().keep(first, stop.clone()));
     let regs = t.sim.registrations();
     assert_eq!(regs.len(), 1);
     assert_eq!(regs[0]["instance_id"], "host-1:42");

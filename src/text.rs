@@ -1,0 +1,33 @@
+//! Quoting values that came from outside (the management system, a command, a panic message)
+//! into errors and log lines: cut short and with control characters escaped.
+
+/// The longest prefix of an outside value quoted anywhere.
+pub const QUOTE_CHARS: usize = 64;
+
+/// A value quoted in an error or a log line: cut to [`QUOTE_CHARS`] characters, control
+/// characters escaped, so a hostile value can neither flood nor forge a line.
+pub fn quote(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .take(QUOTE_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().nth(QUOTE_CHARS).is_some() {
+        out.push('…');
+    }
+    format!("\"{out}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quote_is_cut_short_and_escapes_control_characters() {
+        let long = "x".repeat(QUOTE_CHARS + 10);
+        let q = quote(&long);
+        assert_eq!(q.chars().filter(|c| *c == 'x').count(), QUOTE_CHARS);
+        assert!(q.ends_with("…\""), "{q}");
+        assert_eq!(quote("a\nb"), "\"a\\nb\"");
+    }
+}
