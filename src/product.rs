@@ -177,7 +177,7 @@ impl fmt::Display for Identity {
 }
 
 /// What a product is: every field that, when it changes, makes a change event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Content {
     pub product_code: Option<String>,
     pub product_name: String,

@@ -29,27 +29,29 @@
 //! newer than the stored one, the stored `source_version` alone is advanced (guarded the same
 //! way), so an older record with other content that arrives later is still seen as stale.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::OnceLock;
+use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use rust_decimal::Decimal;
-use sea_orm::sea_query::{Alias, Expr, Func, OnConflict, Query};
+use sea_orm::sea_query::{Alias, Expr, Func};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseConnectionType, DatabaseTransaction,
-    EntityTrait, FromQueryResult, QueryFilter, QuerySelect, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseConnectionType, EntityTrait,
+    FromQueryResult, QueryFilter, QuerySelect,
 };
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::StoreError;
-use super::entity::{product_changes, products};
-use crate::diff::{self, FieldChange};
+use super::entity::products;
+use crate::diff;
 use crate::product::{Content, Identity, Product, parse_decimal};
 use crate::retry::{RetryPolicy, retry};
 use crate::wire::ChangeEvent;
 
 mod pg;
+mod plan;
+mod sqlite;
+
+use plan::{PlannedEvent, Prepared, StoredHead, Write, prepare};
 
 /// The statement that reads a page's stored heads on PostgreSQL (`$1` the system, `$2` the
 /// identity keys): public so a test can check its plan.
@@ -116,60 +118,6 @@ pub async fn fold_page(
     Ok(outcome)
 }
 
-/// A record with what the fold needs of it computed once.
-#[derive(Debug)]
-struct Prepared<'a> {
-    product: &'a Product,
-    identity: Identity,
-    key: String,
-    /// The content hash, computed once (while the first read is on the server).
-    hash: OnceLock<String>,
-}
-
-impl Prepared<'_> {
-    fn hash(&self) -> &str {
-        self.hash.get_or_init(|| self.product.content.hash())
-    }
-}
-
-/// One record per identity (the highest version; the later one on a tie), sorted by identity
-/// key so concurrent writers touch rows in the same order. Returns how many were dropped.
-fn prepare(page: &[Product]) -> (Vec<Prepared<'_>>, u64) {
-    let mut by_key: BTreeMap<String, Prepared<'_>> = BTreeMap::new();
-    let mut duplicates = 0;
-    for product in page {
-        let identity = product.identity();
-        let key = identity.key();
-        let candidate = Prepared {
-            product,
-            hash: OnceLock::new(),
-            identity,
-            key: key.clone(),
-        };
-        match by_key.get(&key) {
-            Some(existing) => {
-                duplicates += 1;
-                if product.version >= existing.product.version {
-                    by_key.insert(key, candidate);
-                }
-            }
-            None => {
-                by_key.insert(key, candidate);
-            }
-        }
-    }
-    (by_key.into_values().collect(), duplicates)
-}
-
-#[derive(Debug, FromQueryResult)]
-struct StoredHead {
-    id: i64,
-    identity: String,
-    source_version: i64,
-    revision: i64,
-    content_hash: String,
-}
-
 /// A stored row with decimals read as text: exact on both backends.
 #[derive(Debug, FromQueryResult)]
 struct StoredRow {
@@ -193,57 +141,15 @@ struct StoredRow {
     source_updated_at: Option<DateTime<Utc>>,
 }
 
-/// A planned write of one product.
-struct Write<'a> {
-    record: &'a Prepared<'a>,
-    revision: i64,
-    /// `None` for a plain version advance (no event).
-    event: Option<PlannedEvent>,
-}
-
-enum PlannedEvent {
-    /// Everything the event holds comes from the record: derived when the payload is rendered
-    /// (on PostgreSQL while the server writes the product rows), not before.
-    Created,
-    /// The diff against the stored row, read before writing.
-    Updated {
-        product_id: i64,
-        changes: Vec<FieldChange>,
-        before: Value,
-        after: Value,
-    },
-}
-
-impl PlannedEvent {
-    fn op(&self) -> &'static str {
-        match self {
-            PlannedEvent::Created => "created",
-            PlannedEvent::Updated { .. } => "updated",
-        }
-    }
-
-    /// The product's id when known before writing (updates); inserts learn it from the write.
-    fn product_id(&self) -> Option<i64> {
-        match self {
-            PlannedEvent::Created => None,
-            PlannedEvent::Updated { product_id, .. } => Some(*product_id),
-        }
-    }
-}
-
 async fn fold_once(
     db: &DatabaseConnection,
     ctx: &FoldContext<'_>,
     page: &[Prepared<'_>],
 ) -> Result<FoldOutcome, StoreError> {
-    let mut outcome = FoldOutcome {
-        fetched: page.len() as u64,
-        ..FoldOutcome::default()
-    };
     if page.is_empty() {
-        return Ok(outcome);
+        return Ok(FoldOutcome::default());
     }
-    // Reads need no transaction: every write below re-checks what was read (module header).
+    // Reads need no transaction: every write re-checks what was read (module header).
     // The hashes are computed while the server looks the products up.
     let (heads, ()) = tokio::join!(read_heads(db, ctx.system, page), async {
         for record in page {
@@ -251,101 +157,20 @@ async fn fold_once(
         }
     });
     let heads = heads?;
-
-    let mut inserts: Vec<Write<'_>> = Vec::new();
-    let mut updates: Vec<(Write<'_>, i64)> = Vec::new();
-    let mut changed: Vec<(&Prepared<'_>, &StoredHead)> = Vec::new();
-    for record in page {
-        match heads.get(&record.key) {
-            None => inserts.push(Write {
-                record,
-                revision: 1,
-                event: Some(PlannedEvent::Created),
-            }),
-            Some(head) if record.product.version < head.source_version => outcome.stale += 1,
-            Some(head) if record.hash() == head.content_hash => {
-                outcome.unchanged += 1;
-                if record.product.version > head.source_version {
-                    updates.push((
-                        Write {
-                            record,
-                            revision: head.revision,
-                            event: None,
-                        },
-                        head.id,
-                    ));
-                }
-            }
-            Some(head) => changed.push((record, head)),
-        }
-    }
-
-    if !changed.is_empty() {
-        let ids: Vec<i64> = changed.iter().map(|(_, h)| h.id).collect();
-        let stored = read_full(db, &ids).await?;
-        for (record, head) in changed {
-            let before = stored.get(&head.id).ok_or(StoreError::Conflict)?;
-            let changes = diff::diff(&before.content, &record.product.content);
-            if changes.is_empty() {
-                // Equal content under a different hash: a hash from an older canonical form.
-                outcome.unchanged += 1;
-                continue;
-            }
-            outcome.updated += 1;
-            updates.push((
-                Write {
-                    record,
-                    revision: head.revision + 1,
-                    event: Some(PlannedEvent::Updated {
-                        product_id: head.id,
-                        changes,
-                        before: before.to_json(),
-                        after: record.product.to_json(),
-                    }),
-                },
-                head.id,
-            ));
-        }
-    }
-    outcome.created = inserts.len() as u64;
-
-    if inserts.is_empty() && updates.is_empty() {
-        return Ok(outcome);
+    let stored = read_full(db, &plan::to_read(page, &heads)).await?;
+    // A stored row the heads promised is gone: fold again from a fresh read.
+    let plan = plan::plan(page, &heads, &stored).ok_or(StoreError::Conflict)?;
+    if plan.is_empty() {
+        return Ok(plan.outcome);
     }
     let now = Utc::now();
-    let mut update_writes: Vec<Write<'_>> = updates.into_iter().map(|(w, _)| w).collect();
-    // Version advances were planned before the changes: restore identity order (lock order).
-    update_writes.sort_by(|a, b| a.record.key.cmp(&b.record.key));
     if let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &db.inner {
-        pg::write(
-            db.get_postgres_connection_pool(),
-            ctx,
-            &inserts,
-            &update_writes,
-            now,
-        )
-        .await?;
-        return Ok(outcome);
+        let pool = db.get_postgres_connection_pool();
+        pg::write(pool, ctx, &plan.inserts, &plan.updates, now).await?;
+    } else {
+        sqlite::write(db, ctx, &plan, now).await?;
     }
-    let txn = db.begin().await?;
-    let inserted_ids = write_products(&txn, ctx.system, &inserts, now, false).await?;
-    write_products(&txn, ctx.system, &update_writes, now, true).await?;
-
-    let changed_at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let mut outbox = Vec::with_capacity(inserts.len() + update_writes.len());
-    for write in inserts.iter().chain(update_writes.iter()) {
-        let Some(event) = &write.event else { continue };
-        let product_id = match event.product_id() {
-            Some(id) => id,
-            None => *inserted_ids
-                .get(&write.record.key)
-                .ok_or(StoreError::Conflict)?,
-        };
-        outbox.push(outbox_row(ctx, write, event, product_id, now, &changed_at)?);
-    }
-    write_outbox(&txn, &outbox).await?;
-    txn.commit().await?;
-    Ok(outcome)
+    Ok(plan.outcome)
 }
 
 async fn read_heads(
@@ -507,35 +332,8 @@ impl FromQueryResult for StoredRowWithRevision {
     }
 }
 
-/// One product row as written by the SQLite path, borrowed from the record.
-struct ProductRow<'a> {
-    system: &'a str,
-    identity: &'a str,
-    product_code: Option<&'a str>,
-    product_name: &'a str,
-    category: Option<&'a str>,
-    risk_level: Option<&'static str>,
-    currency: Option<&'a str>,
-    issuer: Option<&'a str>,
-    status: Option<&'static str>,
-    nav: Option<Decimal>,
-    expected_yield: Option<Decimal>,
-    min_investment: Option<Decimal>,
-    term_days: Option<i32>,
-    sale_start: Option<NaiveDate>,
-    sale_end: Option<NaiveDate>,
-    keywords: &'a [String],
-    attributes: &'a BTreeMap<String, Value>,
-    source_version: i64,
-    source_updated_at: Option<DateTime<Utc>>,
-    content_hash: &'a str,
-    revision: i64,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
-
-/// The columns of `ProductRow`.
-const PRODUCT_COLUMNS: [&str; 23] = [
+/// The product columns written from a record (both backends).
+pub(super) const PRODUCT_COLUMNS: [&str; 23] = [
     "system",
     "identity",
     "product_code",
@@ -562,7 +360,7 @@ const PRODUCT_COLUMNS: [&str; 23] = [
 ];
 
 /// The columns an update writes: all but the key and the creation time.
-fn updated_columns() -> impl Iterator<Item = &'static str> {
+pub(super) fn updated_columns() -> impl Iterator<Item = &'static str> {
     PRODUCT_COLUMNS
         .into_iter()
         .filter(|name| !matches!(*name, "system" | "identity" | "created_at"))
@@ -571,178 +369,12 @@ fn updated_columns() -> impl Iterator<Item = &'static str> {
 /// The condition of a conditional upsert. A change: the row is still at the revision read and
 /// holds other content. A version advance: the row still holds the same content, at the
 /// same revision and an older version.
-const UPSERT_GUARD: &str = r#"("products"."revision" = "excluded"."revision" - 1 AND "products"."content_hash" <> "excluded"."content_hash")
+pub(super) const UPSERT_GUARD: &str = r#"("products"."revision" = "excluded"."revision" - 1 AND "products"."content_hash" <> "excluded"."content_hash")
     OR ("products"."revision" = "excluded"."revision" AND "products"."content_hash" = "excluded"."content_hash"
         AND "products"."source_version" < "excluded"."source_version")"#;
 
-fn product_row<'a>(system: &'a str, w: &'a Write<'a>, now: DateTime<Utc>) -> ProductRow<'a> {
-    let p = w.record.product;
-    let c = &p.content;
-    ProductRow {
-        system,
-        identity: &w.record.key,
-        product_code: c.product_code.as_deref(),
-        product_name: &c.product_name,
-        category: c.category.as_deref(),
-        risk_level: c.risk_level.map(|r| r.as_str()),
-        currency: c.currency.as_deref(),
-        issuer: c.issuer.as_deref(),
-        status: c.status.map(|s| s.as_str()),
-        nav: c.nav,
-        expected_yield: c.expected_yield,
-        min_investment: c.min_investment,
-        term_days: c.term_days,
-        sale_start: c.sale_start,
-        sale_end: c.sale_end,
-        keywords: &c.keywords,
-        attributes: &c.attributes,
-        source_version: p.version,
-        source_updated_at: p.updated_at,
-        content_hash: w.record.hash(),
-        revision: w.revision,
-        created_at: now,
-        updated_at: now,
-    }
-}
-
-/// Writes products. `existing == false`: plain inserts that skip rows another writer created
-/// first; `true`: upserts guarded by [`UPSERT_GUARD`]. Returns the id of every row written,
-/// by identity key; a row not written means another writer got there first: a conflict.
-async fn write_products(
-    txn: &DatabaseTransaction,
-    system: &str,
-    writes: &[Write<'_>],
-    now: DateTime<Utc>,
-    existing: bool,
-) -> Result<HashMap<String, i64>, StoreError> {
-    let mut ids = HashMap::with_capacity(writes.len());
-    for chunk in writes.chunks(CHUNK) {
-        let rows: Vec<ProductRow<'_>> = chunk.iter().map(|w| product_row(system, w, now)).collect();
-        let returned = txn
-            .query_all(&products_statement_values(rows, existing)?)
-            .await?;
-        if returned.len() != chunk.len() {
-            // Another writer got there first: roll back and fold again from a fresh read.
-            return Err(StoreError::Conflict);
-        }
-        for row in returned {
-            let id: i64 = row.try_get("", "id")?;
-            let identity: String = row.try_get("", "identity")?;
-            ids.insert(identity, id);
-        }
-    }
-    Ok(ids)
-}
-
-/// Other backends: a multi-row `INSERT … VALUES … ON CONFLICT`.
-fn products_statement_values(
-    rows: Vec<ProductRow<'_>>,
-    existing: bool,
-) -> Result<sea_orm::sea_query::InsertStatement, StoreError> {
-    let mut insert = Query::insert();
-    insert
-        .into_table(products::Entity)
-        .columns(PRODUCT_COLUMNS.iter().map(|name| Alias::new(*name)));
-    for r in rows {
-        let values: Vec<Expr> = vec![
-            r.system.into(),
-            r.identity.into(),
-            r.product_code.map(str::to_owned).into(),
-            r.product_name.into(),
-            r.category.map(str::to_owned).into(),
-            r.risk_level.map(str::to_owned).into(),
-            r.currency.map(str::to_owned).into(),
-            r.issuer.map(str::to_owned).into(),
-            r.status.map(str::to_owned).into(),
-            r.nav.into(),
-            r.expected_yield.into(),
-            r.min_investment.into(),
-            r.term_days.into(),
-            r.sale_start.into(),
-            r.sale_end.into(),
-            json!(r.keywords).into(),
-            json!(r.attributes).into(),
-            r.source_version.into(),
-            r.source_updated_at.into(),
-            r.content_hash.into(),
-            r.revision.into(),
-            r.created_at.into(),
-            r.updated_at.into(),
-        ];
-        insert
-            .values(values)
-            .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
-    }
-    let mut on_conflict = OnConflict::columns([Alias::new("system"), Alias::new("identity")]);
-    if existing {
-        on_conflict
-            .update_columns(updated_columns().map(Alias::new))
-            .action_and_where(Expr::cust(UPSERT_GUARD));
-    } else {
-        on_conflict.do_nothing();
-    }
-    insert
-        .on_conflict(on_conflict)
-        .returning(Query::returning().columns([Alias::new("id"), Alias::new("identity")]));
-    Ok(insert)
-}
-
 fn to_json_text<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Db(sea_orm::DbErr::Json(e.to_string())))
-}
-
-/// One outbox row (SQLite path).
-struct OutboxRow<'a> {
-    product_id: i64,
-    system: &'a str,
-    identity: &'a str,
-    product_code: Option<&'a str>,
-    revision: i64,
-    event_id: String,
-    op: &'a str,
-    request_id: Option<&'a str>,
-    traceparent: Option<&'a str>,
-    payload: String,
-    created_at: DateTime<Utc>,
-}
-
-/// The columns of `OutboxRow`.
-const OUTBOX_COLUMNS: [&str; 11] = [
-    "product_id",
-    "system",
-    "identity",
-    "product_code",
-    "revision",
-    "event_id",
-    "op",
-    "request_id",
-    "traceparent",
-    "payload",
-    "created_at",
-];
-
-fn outbox_row<'a>(
-    ctx: &FoldContext<'a>,
-    write: &'a Write<'a>,
-    event: &'a PlannedEvent,
-    product_id: i64,
-    now: DateTime<Utc>,
-    changed_at: &str,
-) -> Result<OutboxRow<'a>, StoreError> {
-    let product = write.record.product;
-    Ok(OutboxRow {
-        product_id,
-        system: ctx.system,
-        identity: &write.record.key,
-        product_code: product.content.product_code.as_deref(),
-        revision: write.revision,
-        event_id: event_id(ctx, write),
-        op: event.op(),
-        request_id: ctx.request_id,
-        traceparent: ctx.traceparent,
-        payload: render_event(ctx, write, event, changed_at)?,
-        created_at: now,
-    })
 }
 
 /// The CloudEvents id of a write: `system:code:revision` (or `system:name:…:revision`).
@@ -789,51 +421,4 @@ fn render_event(
         changed_at,
         reduced: false,
     })
-}
-
-/// Inserts outbox rows in chunks, then queues them for the relay (`outbox_pending`, sharded by
-/// product row id) in change-id order (SQLite; PostgreSQL: [`pg`]). SQLite has one writer at
-/// a time, so the rows above the highest id seen first are exactly this transaction's.
-async fn write_outbox(txn: &DatabaseTransaction, rows: &[OutboxRow<'_>]) -> Result<(), StoreError> {
-    let before = txn
-        .query_one_raw(sea_orm::Statement::from_string(
-            txn.get_database_backend(),
-            "SELECT MAX(id) AS m FROM product_changes",
-        ))
-        .await?
-        .and_then(|row| row.try_get_by_index::<Option<i64>>(0).ok().flatten())
-        .unwrap_or(0);
-    for chunk in rows.chunks(CHUNK) {
-        let mut insert = Query::insert();
-        insert
-            .into_table(product_changes::Entity)
-            .columns(OUTBOX_COLUMNS.iter().map(|name| Alias::new(*name)));
-        for r in chunk {
-            let values: Vec<Expr> = vec![
-                r.product_id.into(),
-                r.system.into(),
-                r.identity.into(),
-                r.product_code.map(str::to_owned).into(),
-                r.revision.into(),
-                r.event_id.clone().into(),
-                r.op.into(),
-                r.request_id.map(str::to_owned).into(),
-                r.traceparent.map(str::to_owned).into(),
-                r.payload.clone().into(),
-                r.created_at.into(),
-            ];
-            insert
-                .values(values)
-                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
-        }
-        txn.execute(&insert).await?;
-    }
-    txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-        txn.get_database_backend(),
-        "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
-         SELECT product_id, id, product_id, created_at FROM product_changes WHERE id > ? ORDER BY id",
-        [before.into()],
-    ))
-    .await?;
-    Ok(())
 }

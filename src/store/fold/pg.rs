@@ -16,9 +16,9 @@ use rust_decimal::Decimal;
 use sea_orm::sqlx::{self, PgConnection, PgPool, Row};
 use sea_orm::{DbErr, RuntimeErr};
 
+use super::plan::{PlannedEvent, StoredHead, Write};
 use super::{
-    CHUNK, FoldContext, PlannedEvent, StoredHead, UPSERT_GUARD, Write, event_id, render_event,
-    to_json_text, updated_columns,
+    CHUNK, FoldContext, UPSERT_GUARD, event_id, render_event, to_json_text, updated_columns,
 };
 use crate::store::StoreError;
 

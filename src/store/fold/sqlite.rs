@@ -1,0 +1,285 @@
+//! The fold's writer for SQLite (and any backend without PostgreSQL's array functions):
+//! multi-row `INSERT … VALUES … ON CONFLICT` statements built with sea-query, in one
+//! transaction with the page's outbox rows and their queue entries.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use sea_orm::sea_query::{Alias, Expr, OnConflict, Query};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use serde_json::{Value, json};
+
+use super::plan::{Plan, PlannedEvent, Write};
+use super::{
+    CHUNK, FoldContext, PRODUCT_COLUMNS, UPSERT_GUARD, event_id, render_event, updated_columns,
+};
+use crate::store::StoreError;
+use crate::store::entity::{product_changes, products};
+
+/// Writes a page's inserts and updates and their outbox rows in one transaction.
+pub(super) async fn write(
+    db: &DatabaseConnection,
+    ctx: &FoldContext<'_>,
+    plan: &Plan<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let txn = db.begin().await?;
+    let inserted_ids = write_products(&txn, ctx.system, &plan.inserts, now, false).await?;
+    write_products(&txn, ctx.system, &plan.updates, now, true).await?;
+    let changed_at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let mut outbox = Vec::with_capacity(plan.inserts.len() + plan.updates.len());
+    for write in plan.inserts.iter().chain(&plan.updates) {
+        let Some(event) = &write.event else { continue };
+        let product_id = match event.product_id() {
+            Some(id) => id,
+            None => *inserted_ids
+                .get(&write.record.key)
+                .ok_or(StoreError::Conflict)?,
+        };
+        outbox.push(outbox_row(ctx, write, event, product_id, now, &changed_at)?);
+    }
+    write_outbox(&txn, &outbox).await?;
+    txn.commit().await?;
+    Ok(())
+}
+
+/// One product row as written by the SQLite path, borrowed from the record.
+struct ProductRow<'a> {
+    system: &'a str,
+    identity: &'a str,
+    product_code: Option<&'a str>,
+    product_name: &'a str,
+    category: Option<&'a str>,
+    risk_level: Option<&'static str>,
+    currency: Option<&'a str>,
+    issuer: Option<&'a str>,
+    status: Option<&'static str>,
+    nav: Option<Decimal>,
+    expected_yield: Option<Decimal>,
+    min_investment: Option<Decimal>,
+    term_days: Option<i32>,
+    sale_start: Option<NaiveDate>,
+    sale_end: Option<NaiveDate>,
+    keywords: &'a [String],
+    attributes: &'a BTreeMap<String, Value>,
+    source_version: i64,
+    source_updated_at: Option<DateTime<Utc>>,
+    content_hash: &'a str,
+    revision: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+fn product_row<'a>(system: &'a str, w: &'a Write<'a>, now: DateTime<Utc>) -> ProductRow<'a> {
+    let p = w.record.product;
+    let c = &p.content;
+    ProductRow {
+        system,
+        identity: &w.record.key,
+        product_code: c.product_code.as_deref(),
+        product_name: &c.product_name,
+        category: c.category.as_deref(),
+        risk_level: c.risk_level.map(|r| r.as_str()),
+        currency: c.currency.as_deref(),
+        issuer: c.issuer.as_deref(),
+        status: c.status.map(|s| s.as_str()),
+        nav: c.nav,
+        expected_yield: c.expected_yield,
+        min_investment: c.min_investment,
+        term_days: c.term_days,
+        sale_start: c.sale_start,
+        sale_end: c.sale_end,
+        keywords: &c.keywords,
+        attributes: &c.attributes,
+        source_version: p.version,
+        source_updated_at: p.updated_at,
+        content_hash: w.record.hash(),
+        revision: w.revision,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// Writes products. `existing == false`: plain inserts that skip rows another writer created
+/// first; `true`: upserts guarded by [`UPSERT_GUARD`]. Returns the id of every row written,
+/// by identity key; a row not written means another writer got there first: a conflict.
+async fn write_products(
+    txn: &DatabaseTransaction,
+    system: &str,
+    writes: &[Write<'_>],
+    now: DateTime<Utc>,
+    existing: bool,
+) -> Result<HashMap<String, i64>, StoreError> {
+    let mut ids = HashMap::with_capacity(writes.len());
+    for chunk in writes.chunks(CHUNK) {
+        let rows: Vec<ProductRow<'_>> = chunk.iter().map(|w| product_row(system, w, now)).collect();
+        let returned = txn
+            .query_all(&products_statement_values(rows, existing)?)
+            .await?;
+        if returned.len() != chunk.len() {
+            // Another writer got there first: roll back and fold again from a fresh read.
+            return Err(StoreError::Conflict);
+        }
+        for row in returned {
+            let id: i64 = row.try_get("", "id")?;
+            let identity: String = row.try_get("", "identity")?;
+            ids.insert(identity, id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Other backends: a multi-row `INSERT … VALUES … ON CONFLICT`.
+fn products_statement_values(
+    rows: Vec<ProductRow<'_>>,
+    existing: bool,
+) -> Result<sea_orm::sea_query::InsertStatement, StoreError> {
+    let mut insert = Query::insert();
+    insert
+        .into_table(products::Entity)
+        .columns(PRODUCT_COLUMNS.iter().map(|name| Alias::new(*name)));
+    for r in rows {
+        let values: Vec<Expr> = vec![
+            r.system.into(),
+            r.identity.into(),
+            r.product_code.map(str::to_owned).into(),
+            r.product_name.into(),
+            r.category.map(str::to_owned).into(),
+            r.risk_level.map(str::to_owned).into(),
+            r.currency.map(str::to_owned).into(),
+            r.issuer.map(str::to_owned).into(),
+            r.status.map(str::to_owned).into(),
+            r.nav.into(),
+            r.expected_yield.into(),
+            r.min_investment.into(),
+            r.term_days.into(),
+            r.sale_start.into(),
+            r.sale_end.into(),
+            json!(r.keywords).into(),
+            json!(r.attributes).into(),
+            r.source_version.into(),
+            r.source_updated_at.into(),
+            r.content_hash.into(),
+            r.revision.into(),
+            r.created_at.into(),
+            r.updated_at.into(),
+        ];
+        insert
+            .values(values)
+            .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
+    }
+    let mut on_conflict = OnConflict::columns([Alias::new("system"), Alias::new("identity")]);
+    if existing {
+        on_conflict
+            .update_columns(updated_columns().map(Alias::new))
+            .action_and_where(Expr::cust(UPSERT_GUARD));
+    } else {
+        on_conflict.do_nothing();
+    }
+    insert
+        .on_conflict(on_conflict)
+        .returning(Query::returning().columns([Alias::new("id"), Alias::new("identity")]));
+    Ok(insert)
+}
+
+/// One outbox row (SQLite path).
+struct OutboxRow<'a> {
+    product_id: i64,
+    system: &'a str,
+    identity: &'a str,
+    product_code: Option<&'a str>,
+    revision: i64,
+    event_id: String,
+    op: &'a str,
+    request_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    payload: String,
+    created_at: DateTime<Utc>,
+}
+
+/// The columns of `OutboxRow`.
+const OUTBOX_COLUMNS: [&str; 11] = [
+    "product_id",
+    "system",
+    "identity",
+    "product_code",
+    "revision",
+    "event_id",
+    "op",
+    "request_id",
+    "traceparent",
+    "payload",
+    "created_at",
+];
+
+fn outbox_row<'a>(
+    ctx: &FoldContext<'a>,
+    write: &'a Write<'a>,
+    event: &'a PlannedEvent,
+    product_id: i64,
+    now: DateTime<Utc>,
+    changed_at: &str,
+) -> Result<OutboxRow<'a>, StoreError> {
+    let product = write.record.product;
+    Ok(OutboxRow {
+        product_id,
+        system: ctx.system,
+        identity: &write.record.key,
+        product_code: product.content.product_code.as_deref(),
+        revision: write.revision,
+        event_id: event_id(ctx, write),
+        op: event.op(),
+        request_id: ctx.request_id,
+        traceparent: ctx.traceparent,
+        payload: render_event(ctx, write, event, changed_at)?,
+        created_at: now,
+    })
+}
+
+/// Inserts outbox rows in chunks, then queues them for the relay (`outbox_pending`, sharded by
+/// product row id) in change-id order (SQLite; PostgreSQL: [`pg`]). SQLite has one writer at
+/// a time, so the rows above the highest id seen first are exactly this transaction's.
+async fn write_outbox(txn: &DatabaseTransaction, rows: &[OutboxRow<'_>]) -> Result<(), StoreError> {
+    let before = txn
+        .query_one_raw(sea_orm::Statement::from_string(
+            txn.get_database_backend(),
+            "SELECT MAX(id) AS m FROM product_changes",
+        ))
+        .await?
+        .and_then(|row| row.try_get_by_index::<Option<i64>>(0).ok().flatten())
+        .unwrap_or(0);
+    for chunk in rows.chunks(CHUNK) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(product_changes::Entity)
+            .columns(OUTBOX_COLUMNS.iter().map(|name| Alias::new(*name)));
+        for r in chunk {
+            let values: Vec<Expr> = vec![
+                r.product_id.into(),
+                r.system.into(),
+                r.identity.into(),
+                r.product_code.map(str::to_owned).into(),
+                r.revision.into(),
+                r.event_id.clone().into(),
+                r.op.into(),
+                r.request_id.map(str::to_owned).into(),
+                r.traceparent.map(str::to_owned).into(),
+                r.payload.clone().into(),
+                r.created_at.into(),
+            ];
+            insert
+                .values(values)
+                .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
+        }
+        txn.execute(&insert).await?;
+    }
+    txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
+         SELECT product_id, id, product_id, created_at FROM product_changes WHERE id > ? ORDER BY id",
+        [before.into()],
+    ))
+    .await?;
+    Ok(())
+}
