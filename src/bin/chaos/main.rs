@@ -1,0 +1,394 @@
+//! `product-sync-chaos`: the chaos run. Starts the simulator (in this process), three
+//! `product-sync run` processes in one group on a 12-partition request topic (against the real
+//! broker and PostgreSQL that `deploy/local/*.sh` run), publishes a stream of overlapping and
+//! malformed commands while upstream products keep changing, and injects faults on a schedule
+//! drawn from a seed: kill -9, SIGTERM, 3 → 1 → 3 scaling, broker and database restarts, and
+//! simulator fault bursts; once the scheduled time is up, any kind the dice left out is forced
+//! once, so even the short run exercises every recovery path. When the faults stop and the
+//! system drains, it checks that nothing was lost, doubled, left with a gap, stalled, or
+//! leaked, and prints one line:
+//!
+//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n>`
+//!
+//! Exit status 1 when any of lost, doubled, gaps, stalled, leaked_secrets is above zero.
+//! Run it through `deploy/local/chaos.sh [--short] [--seed S]`.
+
+use std::collections::BTreeSet;
+
+mod checks;
+mod schedule;
+mod world;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use product_sync::config::Settings;
+use product_sync::kafka::client_config;
+use product_sync::sim::Faults;
+use rdkafka::Message;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+const SECRET: &str = "chaos-client-secret-5d1b7f";
+
+struct Options {
+    short: bool,
+    seed: u64,
+    repo: PathBuf,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        short: false,
+        seed: 1,
+        repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--short" => o.short = true,
+            "--seed" => {
+                i += 1;
+                o.seed = args
+                    .get(i)
+                    .and_then(|s| s.parse().ok())
+                    .context("--seed takes a number")?;
+            }
+            "--repo" => {
+                i += 1;
+                o.repo = PathBuf::from(args.get(i).context("--repo takes a directory")?);
+            }
+            other => bail!(
+                "unknown argument {other:?}; usage: product-sync-chaos [--short] [--seed S] [--repo DIR]"
+            ),
+        }
+        i += 1;
+    }
+    Ok(o)
+}
+
+/// The `product-sync run` processes, by slot.
+/// Produces a command with this id and selector on the request topic.
+async fn send_command(
+    producer: &FutureProducer,
+    settings: &Settings,
+    id: &str,
+    selector: &Value,
+) -> anyhow::Result<()> {
+    let body = json!({"request_id": id, "selector": selector}).to_string();
+    producer
+        .send(
+            FutureRecord::to(&settings.topics.requests)
+                .key(id)
+                .payload(&body),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+/// The keyword of commands aimed at a hostile management system (it matches no product).
+const HOSTILE_KEYWORD: &str = "chaos-hostile";
+
+/// Thirty-odd kinds of malformed command.
+fn bad_commands() -> Vec<(&'static str, Vec<u8>)> {
+    let huge_keyword = format!(
+        r#"{{"request_id":"bad-huge","selector":{{"keyword":"{}"}}}}"#,
+        "大".repeat(500)
+    );
+    let too_large = format!(
+        r#"{{"request_id":"bad-too-large","selector":{{"keyword":"x"}},"pad":"{}"}}"#,
+        "x".repeat(70_000)
+    );
+    let many_codes = format!(
+        r#"{{"request_id":"bad-many-codes","selector":{{"product_codes":[{}]}}}}"#,
+        (0..1001)
+            .map(|i| format!("\"C{i}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    vec![
+        ("bad-json", b"{not json".to_vec()),
+        ("bad-utf8", b"\xff\xfe\xfd\xfc".to_vec()),
+        (
+            "bad-utf8-in-string",
+            b"{\"request_id\":\"\xc3\x28\",\"selector\":{\"keyword\":\"k\"}}".to_vec(),
+        ),
+        ("bad-empty", Vec::new()),
+        ("bad-whitespace", b"   ".to_vec()),
+        ("bad-null", b"null".to_vec()),
+        ("bad-array", b"[1,2,3]".to_vec()),
+        ("bad-string", b"\"just a string\"".to_vec()),
+        ("bad-number", b"42".to_vec()),
+        (
+            "bad-missing-id",
+            br#"{"selector":{"keyword":"k"}}"#.to_vec(),
+        ),
+        (
+            "bad-missing-selector",
+            br#"{"request_id":"bad-missing-selector"}"#.to_vec(),
+        ),
+        (
+            "bad-id-type",
+            br#"{"request_id":7,"selector":{"keyword":"k"}}"#.to_vec(),
+        ),
+        (
+            "bad-id-empty",
+            br#"{"request_id":"","selector":{"keyword":"k"}}"#.to_vec(),
+        ),
+        (
+            "bad-id-spaces",
+            br#"{"request_id":"a b","selector":{"keyword":"k"}}"#.to_vec(),
+        ),
+        (
+            "bad-id-long",
+            format!(
+                r#"{{"request_id":"{}","selector":{{"keyword":"k"}}}}"#,
+                "i".repeat(200)
+            )
+            .into_bytes(),
+        ),
+        (
+            "bad-unknown-field",
+            br#"{"request_id":"bad-unknown-field","selector":{"keyword":"k"},"extra":1}"#.to_vec(),
+        ),
+        (
+            "bad-selector-typo",
+            br#"{"request_id":"bad-selector-typo","selector":{"kyeword":"k"}}"#.to_vec(),
+        ),
+        (
+            "bad-selector-empty",
+            br#"{"request_id":"bad-selector-empty","selector":{}}"#.to_vec(),
+        ),
+        (
+            "bad-selector-null",
+            br#"{"request_id":"bad-selector-null","selector":null}"#.to_vec(),
+        ),
+        (
+            "bad-selector-array",
+            br#"{"request_id":"bad-selector-array","selector":[]}"#.to_vec(),
+        ),
+        (
+            "bad-codes-string",
+            br#"{"request_id":"bad-codes-string","selector":{"product_codes":"A"}}"#.to_vec(),
+        ),
+        (
+            "bad-codes-numbers",
+            br#"{"request_id":"bad-codes-numbers","selector":{"product_codes":[1,2]}}"#.to_vec(),
+        ),
+        (
+            "bad-code-comma",
+            br#"{"request_id":"bad-code-comma","selector":{"product_codes":["A,B"]}}"#.to_vec(),
+        ),
+        (
+            "bad-code-empty",
+            br#"{"request_id":"bad-code-empty","selector":{"product_codes":[""]}}"#.to_vec(),
+        ),
+        ("bad-many-codes", many_codes.into_bytes()),
+        (
+            "bad-keyword-blank",
+            br#"{"request_id":"bad-keyword-blank","selector":{"keyword":"  "}}"#.to_vec(),
+        ),
+        ("bad-huge", huge_keyword.into_bytes()),
+        ("bad-too-large", too_large.into_bytes()),
+        (
+            "bad-since",
+            br#"{"request_id":"bad-since","selector":{"updated_since":"yesterday"}}"#.to_vec(),
+        ),
+        (
+            "bad-since-type",
+            br#"{"request_id":"bad-since-type","selector":{"updated_since":12}}"#.to_vec(),
+        ),
+        (
+            "bad-system",
+            br#"{"request_id":"bad-system","system":"other-wms","selector":{"keyword":"k"}}"#
+                .to_vec(),
+        ),
+        (
+            "bad-category-type",
+            br#"{"request_id":"bad-category-type","selector":{"category":5}}"#.to_vec(),
+        ),
+        (
+            "bad-truncated",
+            br#"{"request_id":"bad-truncated","selector":{"keyw"#.to_vec(),
+        ),
+    ]
+}
+
+fn selectors() -> Vec<Value> {
+    let mut s: Vec<Value> = product_sync::sim::catalogue::KEYWORDS
+        .iter()
+        .map(|k| json!({"keyword": k}))
+        .collect();
+    for c in ["fixed_income", "equity", "mixed", "cash", "structured"] {
+        s.push(json!({"category": c}));
+    }
+    for start in [1usize, 400, 900] {
+        s.push(json!({"product_codes": (start..start + 300).map(|i| format!("WM{i:07}")).collect::<Vec<_>>()}));
+    }
+    s.push(json!({"keyword": "稳健", "category": "fixed_income"}));
+    s
+}
+
+/// Every record of a topic from its start up to its end now.
+fn read_all(settings: &Settings, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
+    let consumer: BaseConsumer = client_config(&settings.kafka)
+        .set(
+            "group.id",
+            format!("chaos-reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()?;
+    Ok(product_sync::dlq::read_until_end(&consumer, topic, false)?)
+}
+
+fn json_of(m: &OwnedMessage) -> Value {
+    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    let run = RunPlan::of(&o);
+    let world = world::World::set_up(&o, run.products).await?;
+    let mut instances = world.instances()?;
+    for slot in 0..3 {
+        instances.start(slot)?;
+    }
+    let producer: FutureProducer = client_config(&world.settings.kafka)
+        .set("enable.idempotence", "true")
+        .create()?;
+    let stream = world::CommandStream::spawn(&world, &producer, o.seed);
+    let mut faults = schedule::Schedule::new(&o, &run);
+    faults
+        .run(&world, &mut instances, &producer, run.run_for)
+        .await?;
+    let (mut good, bad_sent) = stream.stop().await?;
+    world.sim.set_faults(Faults::default());
+    for slot in 0..3 {
+        instances.start(slot)?;
+    }
+    // Upstream settles; a last round asks for every selector once more, so the store's final
+    // state can be compared with the final truth.
+    for (i, selector) in selectors().iter().enumerate() {
+        let id = format!("chaos-final-{i}");
+        send_command(&producer, &world.settings, &id, selector).await?;
+        good.push(id);
+    }
+    let results = drain(&world.settings, &good, run.drain).await?;
+    // Let the relay finish, then stop the instances cleanly.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for slot in 0..3 {
+        instances.signal(slot, "TERM");
+        instances.reap(slot, Duration::from_secs(60));
+    }
+    let sent = checks::Sent {
+        good: &good,
+        bad: &bad_sent,
+        hostile: &faults.hostile_ids,
+    };
+    let verdict = checks::Verdict::of(&world, &sent, &results).await?;
+    world.sim_stop.cancel();
+    println!(
+        "chaos: seed={} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={}",
+        o.seed,
+        faults.kills,
+        faults.sigterms,
+        faults.broker_restarts,
+        faults.db_restarts,
+        bad_sent.len(),
+        faults.hostile_ids.len(),
+        verdict.products,
+        verdict.lost,
+        verdict.doubled,
+        verdict.gaps,
+        verdict.stalled,
+        verdict.leaked_secrets,
+    );
+    eprintln!(
+        "chaos: scale changes {}, good commands {}, change events {}, logs in {}",
+        faults.scale_changes,
+        good.len(),
+        verdict.events,
+        world.dir.display()
+    );
+    if !verdict.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// How long and how large this run is.
+struct RunPlan {
+    products: usize,
+    /// How long faults are scheduled (then any kind left out is forced once).
+    run_for: Duration,
+    min_kills: u32,
+    /// How long the system may take to settle once the faults stop.
+    drain: Duration,
+}
+
+impl RunPlan {
+    fn of(o: &Options) -> Self {
+        if o.short {
+            RunPlan {
+                products: 5_000,
+                run_for: Duration::from_secs(150),
+                min_kills: 6,
+                drain: Duration::from_secs(600),
+            }
+        } else {
+            RunPlan {
+                products: 50_000,
+                run_for: Duration::from_secs(900),
+                min_kills: 20,
+                drain: Duration::from_secs(1800),
+            }
+        }
+    }
+}
+
+/// Waits until every good command has a completed result (failed ones are replayed from the
+/// DLQ, as an operator would) or `within` passes; returns every result read.
+async fn drain(
+    settings: &Settings,
+    good: &[String],
+    within: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let deadline = Instant::now() + within;
+    let mut last_replay = Instant::now() - Duration::from_secs(60);
+    loop {
+        let results: Vec<Value> = read_all(settings, &settings.topics.results)?
+            .iter()
+            .map(json_of)
+            .collect();
+        let completed = with_status(&results, &["completed"]);
+        if good.iter().all(|id| completed.contains(id.as_str())) || Instant::now() > deadline {
+            return Ok(results);
+        }
+        // Each DLQ record is replayed once: replay remembers its place.
+        if results.iter().any(|r| r["status"] == "failed")
+            && last_replay.elapsed() > Duration::from_secs(20)
+        {
+            let n = product_sync::dlq::replay(settings, Some("transient")).await?;
+            if n > 0 {
+                eprintln!("chaos: replayed {n} failed command(s) from the DLQ");
+            }
+            last_replay = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+/// The request ids of the results with one of these statuses.
+fn with_status<'a>(results: &'a [Value], statuses: &[&str]) -> BTreeSet<&'a str> {
+    results
+        .iter()
+        .filter(|r| statuses.iter().any(|s| r["status"] == *s))
+        .filter_map(|r| r["request_id"].as_str())
+        .collect()
+}

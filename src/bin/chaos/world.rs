@@ -1,0 +1,357 @@
+//! The chaos run's world: the simulator in this process, a database and topics of the run's
+//! own, the three instances, and the stream of commands.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use product_sync::config::{self, Settings, Sources};
+use product_sync::kafka::{TopicSpec, ensure_topics};
+use product_sync::sim::{Catalogue, Sim, SimConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Options, SECRET, bad_commands, selectors};
+
+/// Everything the run set up.
+pub struct World {
+    pub dir: PathBuf,
+    pub repo: PathBuf,
+    pub sim: Sim,
+    pub sim_stop: CancellationToken,
+    pub db_url: url::Url,
+    pub settings: Settings,
+    env: HashMap<String, String>,
+    binary: PathBuf,
+}
+
+impl World {
+    pub async fn set_up(o: &Options, products: usize) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "product-sync-chaos-{}-{}",
+            o.seed,
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let binary = std::env::current_exe()?.with_file_name("product-sync");
+        if !binary.is_file() {
+            bail!(
+                "{} is missing: build it first (cargo build --release --bins)",
+                binary.display()
+            );
+        }
+        eprintln!(
+            "chaos: seed {} ({}), {products} products, logs in {}",
+            o.seed,
+            if o.short { "short" } else { "full" },
+            dir.display()
+        );
+        // The management system, in this process, with the secret the logs are searched for.
+        let sim = Sim::new(
+            SimConfig {
+                client_secret: SECRET.to_owned(),
+                seed: o.seed,
+                ..SimConfig::default()
+            },
+            Catalogue::generate(products, o.seed),
+        );
+        let sim_stop = CancellationToken::new();
+        let sim_addr = sim
+            .clone()
+            .spawn("127.0.0.1:0".parse()?, sim_stop.clone())
+            .await?;
+        let db_url = own_database(o.seed).await?;
+        let env = environment(o, &db_url, &format!("http://{sim_addr}"));
+        let settings = config::load(&Sources {
+            dir: Some(o.repo.join("config")),
+            env_name: None,
+            file: None,
+            vars: Some(env.clone()),
+        })?;
+        own_topics(&settings).await?;
+        Ok(World {
+            dir,
+            repo: o.repo.clone(),
+            sim,
+            sim_stop,
+            db_url,
+            settings,
+            env,
+            binary,
+        })
+    }
+
+    /// The three instances' slots, none started.
+    pub fn instances(&self) -> anyhow::Result<Instances> {
+        Ok(Instances {
+            binary: self.binary.clone(),
+            dir: self.dir.clone(),
+            env: self.env.clone(),
+            slots: vec![None, None, None],
+            started: 0,
+        })
+    }
+}
+
+/// A database of this run's own; returns its URL.
+async fn own_database(seed: u64) -> anyhow::Result<url::Url> {
+    let admin_url = std::env::var("PRODUCT_SYNC_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://product_sync:product_sync@127.0.0.1:5432/product_sync".to_owned()
+    });
+    let db_name = format!("ps_chaos_{seed}_{}", std::process::id());
+    let admin = Database::connect(admin_url.clone())
+        .await
+        .context("PostgreSQL (deploy/local/postgres.sh up)")?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {db_name}"))
+        .await?;
+    let mut db_url = url::Url::parse(&admin_url)?;
+    db_url.set_path(&format!("/{db_name}"));
+    Ok(db_url)
+}
+
+/// Topics of this run's own, 12 partitions each.
+async fn own_topics(settings: &Settings) -> anyhow::Result<()> {
+    let t = &settings.topics;
+    let specs: Vec<TopicSpec> = [&t.requests, &t.changes, &t.results, &t.dlq]
+        .into_iter()
+        .map(|n| TopicSpec {
+            name: n.clone(),
+            partitions: 12,
+            replication_factor: 1,
+        })
+        .collect();
+    ensure_topics(&settings.kafka, &specs)
+        .await
+        .context("the broker (deploy/local/kafka.sh up)")
+}
+
+/// The instances' environment: this run's database, topics, group and simulator; short
+/// session and drain timeouts so that faults show quickly.
+fn environment(o: &Options, db_url: &url::Url, sim_url: &str) -> HashMap<String, String> {
+    let prefix = format!("chaos-{}-{}", o.seed, std::process::id());
+    let log = "debug,rdkafka=info,librdkafka=info,sqlx=warn,hyper=info,reqwest=info";
+    [
+        ("PRODUCT_SYNC_ENV", "local".to_owned()),
+        (
+            "PRODUCT_SYNC_CONFIG_DIR",
+            o.repo.join("config").display().to_string(),
+        ),
+        (
+            "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS",
+            "127.0.0.1:9092".to_owned(),
+        ),
+        ("PRODUCT_SYNC__KAFKA__GROUP_ID", format!("{prefix}-group")),
+        (
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SESSION_TIMEOUT_MS",
+            "6000".to_owned(),
+        ),
+        (
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__HEARTBEAT_INTERVAL_MS",
+            "1000".to_owned(),
+        ),
+        (
+            "PRODUCT_SYNC__TOPICS__REQUESTS",
+            format!("{prefix}.requests"),
+        ),
+        ("PRODUCT_SYNC__TOPICS__CHANGES", format!("{prefix}.changes")),
+        ("PRODUCT_SYNC__TOPICS__RESULTS", format!("{prefix}.results")),
+        ("PRODUCT_SYNC__TOPICS__DLQ", format!("{prefix}.dlq")),
+        ("PRODUCT_SYNC__TOPICS__PARTITIONS", "12".to_owned()),
+        ("PRODUCT_SYNC__DATABASE__URL", db_url.to_string()),
+        ("PRODUCT_SYNC__DATABASE__MAX_CONNECTIONS", "6".to_owned()),
+        (
+            "PRODUCT_SYNC__DATABASE__CONNECT_TIMEOUT_MS",
+            "120000".to_owned(),
+        ),
+        ("PRODUCT_SYNC__UPSTREAM__BASE_URL", sim_url.to_owned()),
+        ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", SECRET.to_owned()),
+        (
+            "PRODUCT_SYNC__UPSTREAM__RETRY_MAX_ELAPSED_MS",
+            "60000".to_owned(),
+        ),
+        ("PRODUCT_SYNC__GOVERNANCE__ENABLED", "true".to_owned()),
+        ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", sim_url.to_owned()),
+        (
+            "PRODUCT_SYNC__PIPELINE__DRAIN_TIMEOUT_MS",
+            "3000".to_owned(),
+        ),
+        (
+            "PRODUCT_SYNC__PIPELINE__BROKER_WAIT_MS",
+            "120000".to_owned(),
+        ),
+        ("PRODUCT_SYNC__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        ("PRODUCT_SYNC__LOG__LEVEL", log.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// The background stream of commands: good ones on random selectors, every third step a
+/// malformed one (each kind twice), and every fifth step a burst of upstream changes.
+pub struct CommandStream {
+    stop: CancellationToken,
+    task: JoinHandle<(Vec<String>, Vec<String>)>,
+}
+
+impl CommandStream {
+    pub fn spawn(world: &World, producer: &FutureProducer, seed: u64) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(stream(
+            producer.clone(),
+            world.settings.topics.requests.clone(),
+            world.sim.clone(),
+            seed,
+            stop.clone(),
+        ));
+        CommandStream { stop, task }
+    }
+
+    /// Stops the stream; returns the good commands' ids and the bad ones' keys.
+    pub async fn stop(self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        self.stop.cancel();
+        Ok(self.task.await?)
+    }
+}
+
+async fn stream(
+    producer: FutureProducer,
+    topic: String,
+    sim: Sim,
+    seed: u64,
+    stop: CancellationToken,
+) -> (Vec<String>, Vec<String>) {
+    let (selectors, bad) = (selectors(), bad_commands());
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let (mut good, mut bad_sent) = (Vec::new(), Vec::new());
+    let send = |key: String, payload: Vec<u8>| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            producer
+                .send(record, Duration::from_secs(120))
+                .await
+                .is_ok()
+                .then_some(key)
+        }
+    };
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let id = format!("chaos-{n}");
+        let selector = &selectors[rng.gen_range(0..selectors.len())];
+        let body = json!({"request_id": id, "selector": selector}).to_string();
+        good.extend(send(id, body.into_bytes()).await);
+        if n.is_multiple_of(3) && bad_sent.len() < bad.len() * 2 {
+            let (key, bytes) = &bad[bad_sent.len() % bad.len()];
+            bad_sent.extend(send(format!("{key}-{n}"), bytes.clone()).await);
+        }
+        if n.is_multiple_of(5) {
+            sim.mutate(rng.gen_range(10..60), rng.r#gen());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1200))) => {}
+        }
+    }
+    (good, bad_sent)
+}
+
+/// The three `product-sync run` processes, by slot.
+pub struct Instances {
+    binary: PathBuf,
+    dir: PathBuf,
+    env: HashMap<String, String>,
+    pub slots: Vec<Option<Child>>,
+    started: usize,
+}
+
+impl Instances {
+    pub fn start(&mut self, slot: usize) -> anyhow::Result<()> {
+        if self.slots[slot].is_some() {
+            return Ok(());
+        }
+        self.started += 1;
+        let log = std::fs::File::create(
+            self.dir
+                .join(format!("instance-{slot}-{}.log", self.started)),
+        )?;
+        let child = Command::new(&self.binary)
+            .arg("run")
+            .current_dir(&self.dir)
+            .env_remove("RUST_LOG")
+            .envs(&self.env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting product-sync run")?;
+        self.slots[slot] = Some(child);
+        Ok(())
+    }
+
+    pub fn signal(&mut self, slot: usize, signal: &str) {
+        if let Some(child) = &self.slots[slot] {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
+    /// Waits (bounded) for a signalled instance to exit; returns its exit status code.
+    pub fn reap(&mut self, slot: usize, within: Duration) -> Option<i32> {
+        let child = self.slots[slot].as_mut()?;
+        let until = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.slots[slot] = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.slots[slot] = None;
+                return Some(-1);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn alive(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|s| self.slots[*s].is_some())
+            .collect()
+    }
+}
+
+impl Drop for Instances {
+    fn drop(&mut self) {
+        for child in self.slots.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn script(repo: &Path, name: &str, action: &str) -> anyhow::Result<()> {
+    let status = Command::new("bash")
+        .arg(repo.join("deploy/local").join(name))
+        .arg(action)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("running {name} {action}"))?;
+    if !status.success() {
+        bail!("{name} {action} failed");
+    }
+    Ok(())
+}
