@@ -538,11 +538,24 @@ impl Settings {
     /// Checks what types alone cannot: URL schemes, ranges, non-empty names.
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let tree = tree_of(config);
-        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        let invalid = |(key, reason): (&str, String)| ConfigError::Invalid {
             key: key.to_owned(),
             origin: origin_of(&tree, key),
             reason,
         };
+        self.check_names().map_err(invalid)?;
+        self.check_transport().map_err(invalid)?;
+        self.check_bounds().map_err(invalid)?;
+        self.check_drain().map_err(invalid)?;
+        self.check_topics().map_err(invalid)?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid(("log.level", e.to_string())));
+        }
+        Ok(())
+    }
+
+    /// Required names are set, and usable in event keys.
+    fn check_names(&self) -> Result<(), (&'static str, String)> {
         let non_empty = [
             ("kafka.bootstrap_servers", &self.kafka.bootstrap_servers),
             ("kafka.group_id", &self.kafka.group_id),
@@ -556,21 +569,26 @@ impl Settings {
         ];
         for (key, value) in non_empty {
             if value.trim().is_empty() {
-                return Err(invalid(key, "must not be empty".to_owned()));
+                return Err((key, "must not be empty".to_owned()));
             }
         }
         if self.upstream.system.contains('/') {
-            return Err(invalid(
+            return Err((
                 "upstream.system",
                 "must not contain '/' (it is part of event keys)".to_owned(),
             ));
         }
+        Ok(())
+    }
+
+    /// The store, the broker and the HTTP peers are reached the way the settings demand (TLS, no plain http in production).
+    fn check_transport(&self) -> Result<(), (&'static str, String)> {
         let url = self.database.url.expose_secret();
         if !(url.starts_with("postgres://")
             || url.starts_with("postgresql://")
             || url.starts_with("sqlite:"))
         {
-            return Err(invalid(
+            return Err((
                 "database.url",
                 format!(
                     "{} is neither a postgres:// nor a sqlite: URL",
@@ -584,7 +602,7 @@ impl Settings {
                     .any(|(k, v)| k == "sslmode" && (v == "verify-full" || v == "verify-ca"))
             });
             if !verified {
-                return Err(invalid(
+                return Err((
                     "database.url",
                     format!(
                         "{} does not ask for a verified TLS connection (add ?sslmode=verify-full), \
@@ -602,7 +620,7 @@ impl Settings {
                 .unwrap_or("plaintext")
                 .to_ascii_lowercase();
             if protocol != "ssl" && protocol != "sasl_ssl" {
-                return Err(invalid(
+                return Err((
                     "kafka.librdkafka.security.protocol",
                     format!("is {protocol:?}, but kafka.require_tls is true: use ssl or sasl_ssl"),
                 ));
@@ -626,7 +644,7 @@ impl Settings {
                 Ok(u) if u.scheme() == "https" => {}
                 Ok(u) if u.scheme() == "http" && allow_http => {}
                 Ok(u) if u.scheme() == "http" => {
-                    return Err(invalid(
+                    return Err((
                         key,
                         format!(
                             "{} is plain http: the client secret and tokens would travel in clear \
@@ -636,89 +654,81 @@ impl Settings {
                     ));
                 }
                 _ => {
-                    return Err(invalid(
-                        key,
-                        format!("{} is not an http(s) URL", redact_url(value)),
-                    ));
+                    return Err((key, format!("{} is not an http(s) URL", redact_url(value))));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Sizes, counts and durations within their ranges.
+    fn check_bounds(&self) -> Result<(), (&'static str, String)> {
         if !(1..=1000).contains(&self.upstream.page_size) {
-            return Err(invalid(
+            return Err((
                 "upstream.page_size",
                 "must be between 1 and 1000".to_owned(),
             ));
         }
         if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.upstream.max_page_bytes) {
-            return Err(invalid(
+            return Err((
                 "upstream.max_page_bytes",
                 "must be between 65536 and 1073741824".to_owned(),
             ));
         }
         if !(1024..=64 * 1024 * 1024).contains(&self.upstream.max_record_bytes) {
-            return Err(invalid(
+            return Err((
                 "upstream.max_record_bytes",
                 "must be between 1024 and 67108864".to_owned(),
             ));
         }
         if self.upstream.max_pages == 0 {
-            return Err(invalid(
-                "upstream.max_pages",
-                "must be at least 1".to_owned(),
-            ));
+            return Err(("upstream.max_pages", "must be at least 1".to_owned()));
         }
         if self.upstream.command_timeout.is_zero() {
-            return Err(invalid(
-                "upstream.command_timeout_ms",
-                "must be above 0".to_owned(),
-            ));
+            return Err(("upstream.command_timeout_ms", "must be above 0".to_owned()));
         }
         if self.upstream.timeout.is_zero() {
-            return Err(invalid("upstream.timeout_ms", "must be above 0".to_owned()));
+            return Err(("upstream.timeout_ms", "must be above 0".to_owned()));
         }
         if self.database.max_connections == 0 {
-            return Err(invalid(
-                "database.max_connections",
-                "must be above 0".to_owned(),
-            ));
+            return Err(("database.max_connections", "must be above 0".to_owned()));
         }
         if self.pipeline.max_in_flight == 0 {
-            return Err(invalid(
-                "pipeline.max_in_flight",
-                "must be at least 1".to_owned(),
-            ));
+            return Err(("pipeline.max_in_flight", "must be at least 1".to_owned()));
         }
         if self.pipeline.relay_batch_size == 0 {
-            return Err(invalid(
-                "pipeline.relay_batch_size",
-                "must be at least 1".to_owned(),
-            ));
+            return Err(("pipeline.relay_batch_size", "must be at least 1".to_owned()));
         }
         if !(1..=1024).contains(&self.pipeline.relay_shards) {
-            return Err(invalid(
+            return Err((
                 "pipeline.relay_shards",
                 "must be between 1 and 1024".to_owned(),
             ));
         }
         if !(4_096..=100_000_000).contains(&self.pipeline.max_event_bytes) {
-            return Err(invalid(
+            return Err((
                 "pipeline.max_event_bytes",
                 "must be between 4096 and 100000000".to_owned(),
             ));
         }
+        Ok(())
+    }
+
+    /// A revoke waits up to the drain timeout before the group moves on: past the session timeout the broker would have expelled this instance while it drained.
+    fn check_drain(&self) -> Result<(), (&'static str, String)> {
         // A revoke waits up to the drain timeout before the group moves on; past the session
         // timeout the broker would have expelled this instance while it drained.
         let session = match self.kafka.librdkafka.get("session.timeout.ms") {
             None => DEFAULT_SESSION_TIMEOUT,
             Some(ms) => ms.parse::<u64>().map(Duration::from_millis).map_err(|_| {
-                invalid(
+                (
                     "kafka.librdkafka.session.timeout.ms",
                     "must be a number of milliseconds".to_owned(),
                 )
             })?,
         };
         if self.pipeline.drain_timeout >= session {
-            return Err(invalid(
+            return Err((
                 "pipeline.drain_timeout_ms",
                 format!(
                     "is {} ms, not below the consumer's session timeout ({} ms, \
@@ -729,20 +739,16 @@ impl Settings {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Topic creation settings.
+    fn check_topics(&self) -> Result<(), (&'static str, String)> {
         if self.topics.partitions < 1 {
-            return Err(invalid(
-                "topics.partitions",
-                "must be at least 1".to_owned(),
-            ));
+            return Err(("topics.partitions", "must be at least 1".to_owned()));
         }
         if self.topics.replication_factor < 1 {
-            return Err(invalid(
-                "topics.replication_factor",
-                "must be at least 1".to_owned(),
-            ));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(invalid("log.level", e.to_string()));
+            return Err(("topics.replication_factor", "must be at least 1".to_owned()));
         }
         Ok(())
     }
@@ -785,6 +791,15 @@ impl DatabaseSettings {
 impl fmt::Display for Settings {
     /// A human-readable summary with every secret redacted (`product-sync config`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_broker(f)?;
+        self.fmt_peers(f)?;
+        self.fmt_pipeline(f)
+    }
+}
+
+impl Settings {
+    /// `kafka.*` and `topics.*`.
+    fn fmt_broker(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "kafka.bootstrap_servers = {:?}",
@@ -805,6 +820,11 @@ impl fmt::Display for Settings {
             "topics.replication_factor = {}",
             self.topics.replication_factor
         )?;
+        Ok(())
+    }
+
+    /// `database.*`, `upstream.*`, `governance.*`.
+    fn fmt_peers(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "database.url = {:?}", self.database.redacted_url())?;
         writeln!(
             f,
@@ -860,6 +880,11 @@ impl fmt::Display for Settings {
         writeln!(f, "governance.base_url = {:?}", self.governance.base_url)?;
         writeln!(f, "governance.app_id = {:?}", self.governance.app_id)?;
         writeln!(f, "http.listen = \"{}\"", self.http.listen)?;
+        Ok(())
+    }
+
+    /// `pipeline.*`, `http.*`, `log.*`.
+    fn fmt_pipeline(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = &self.pipeline;
         writeln!(f, "pipeline.max_in_flight = {}", p.max_in_flight)?;
         writeln!(
@@ -928,6 +953,34 @@ mod tests {
         assert_eq!(s.kafka.librdkafka.get("security.protocol"), Some("ssl"));
         // The local environment file is layered over the defaults.
         assert_eq!(s.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn durations_are_typed_and_the_drain_must_end_before_the_session_does() {
+        let s = load(&sources(&[(
+            "PRODUCT_SYNC__PIPELINE__DRAIN_TIMEOUT_MS",
+            "1500",
+        )]))
+        .unwrap();
+        assert_eq!(s.pipeline.drain_timeout, Duration::from_millis(1500));
+        let err = load(&sources(&[(
+            "PRODUCT_SYNC__PIPELINE__DRAIN_TIMEOUT_MS",
+            "45000",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("pipeline.drain_timeout_ms"), "{err}");
+        assert!(err.contains("session timeout (45000 ms"), "{err}");
+        let err = load(&sources(&[
+            ("PRODUCT_SYNC__PIPELINE__DRAIN_TIMEOUT_MS", "7000"),
+            (
+                "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SESSION_TIMEOUT_MS",
+                "6000",
+            ),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("(6000 ms"), "{err}");
     }
 
     #[test]

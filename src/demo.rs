@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,12 +14,13 @@ use anyhow::{Context, bail};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Application;
-use crate::config::{self, Sources};
+use crate::config::{self, Settings, Sources};
 use crate::sim::{Catalogue, Sim, SimConfig};
 use crate::store::fold::load_all;
 
@@ -41,45 +42,129 @@ const TOPICS: [&str; 4] = [
 
 /// Runs the demo to the end.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("product-sync-demo-")
-        .tempdir()
-        .context("creating a temporary directory")?;
-    let db_path: PathBuf = dir.path().join("demo.sqlite");
-    say("product-sync demo: the real pipeline on embedded parts");
-    say("  broker:            librdkafka's in-process mock cluster");
-    say(&format!(
-        "  store:             SQLite at {}",
-        db_path.display()
-    ));
+    let stage = Stage::set_up(&options).await?;
+    let app = Application::build(stage.settings.clone())
+        .await
+        .context("starting the pipeline")?;
+    let db = app.db().clone();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
+    say("  pipeline:          started (registered with the governance platform)\n");
 
-    // The management system (and governance platform), in-process.
-    let sim = Sim::new(
-        SimConfig::default(),
-        Catalogue::generate(options.products, 2026),
-    );
-    let stop_sim = CancellationToken::new();
-    let sim_addr = sim
-        .clone()
-        .spawn("127.0.0.1:0".parse()?, stop_sim.clone())
-        .await?;
-    say(&format!(
-        "  management system: simulator at http://{sim_addr} ({} products)",
-        options.products
-    ));
+    let watcher = Watcher::start(&stage.bootstrap)?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stage.bootstrap)
+        .create()
+        .context("demo producer")?;
+    let pension = act_one(&producer, &watcher, &db).await?;
+    let (expected, updated) = act_two(&stage.sim, &producer, &watcher, &db, &pension).await?;
 
-    // The broker.
-    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
-    for topic in TOPICS {
-        cluster
-            .create_topic(topic, 3, 1)
-            .context("creating a mock topic")?;
+    let stored = load_all(&db, "wms").await.context("reading the store")?;
+    stop.cancel();
+    running
+        .await
+        .context("pipeline task")?
+        .context("pipeline")?;
+    // Every client goes before the mock cluster does.
+    watcher.task.abort();
+    drop(watcher);
+    drop(producer);
+    say(&format!("\nThe store now holds {} products.", stored.len()));
+    if updated != expected {
+        bail!("expected {expected} updated events, saw {updated}");
     }
-    let bootstrap = cluster.bootstrap_servers();
+    stage.finish(options.keep);
+    Ok(())
+}
 
-    // The same configuration loader as `run`, pointed at the embedded parts.
-    let vars: HashMap<String, String> = [
-        ("PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+/// The embedded parts: a temporary SQLite store, the simulator, the mock broker, and the
+/// settings that point `run`'s configuration at them.
+struct Stage {
+    dir: tempfile::TempDir,
+    sim: Sim,
+    stop_sim: CancellationToken,
+    cluster: MockCluster<'static, DefaultProducerContext>,
+    bootstrap: String,
+    settings: Settings,
+}
+
+impl Stage {
+    async fn set_up(options: &DemoOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("product-sync-demo-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let db_path: PathBuf = dir.path().join("demo.sqlite");
+        say("product-sync demo: the real pipeline on embedded parts");
+        say("  broker:            librdkafka's in-process mock cluster");
+        say(&format!(
+            "  store:             SQLite at {}",
+            db_path.display()
+        ));
+        // The management system (and governance platform), in-process.
+        let sim = Sim::new(
+            SimConfig::default(),
+            Catalogue::generate(options.products, 2026),
+        );
+        let stop_sim = CancellationToken::new();
+        let sim_addr = sim
+            .clone()
+            .spawn("127.0.0.1:0".parse()?, stop_sim.clone())
+            .await?;
+        say(&format!(
+            "  management system: simulator at http://{sim_addr} ({} products)",
+            options.products
+        ));
+        let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+        for topic in TOPICS {
+            cluster
+                .create_topic(topic, 3, 1)
+                .context("creating a mock topic")?;
+        }
+        let bootstrap = cluster.bootstrap_servers();
+        let vars = overrides(&bootstrap, &db_path, &format!("http://{sim_addr}"));
+        // A directory without files: the built-in defaults, then these overrides.
+        let settings = config::load(&Sources {
+            dir: Some(dir.path().join("no-config-files")),
+            env_name: None,
+            file: None,
+            vars: Some(vars),
+        })
+        .context("demo configuration")?;
+        Ok(Stage {
+            dir,
+            sim,
+            stop_sim,
+            cluster,
+            bootstrap,
+            settings,
+        })
+    }
+
+    /// Stops the simulator and the broker; keeps the store if asked.
+    fn finish(self, keep: bool) {
+        self.stop_sim.cancel();
+        drop(self.cluster);
+        if keep {
+            let kept = self.dir.keep().join("demo.sqlite");
+            say(&format!(
+                "The SQLite store is kept at {} — try: sqlite3 {} 'select product_code, nav, revision from products limit 5'",
+                kept.display(),
+                kept.display()
+            ));
+        } else {
+            say("The SQLite store was temporary (run with --keep to keep it).");
+        }
+    }
+}
+
+/// The same configuration loader as `run`, pointed at the embedded parts.
+fn overrides(bootstrap: &str, db_path: &Path, sim_url: &str) -> HashMap<String, String> {
+    [
+        (
+            "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS",
+            bootstrap.to_owned(),
+        ),
         (
             "PRODUCT_SYNC__KAFKA__GROUP_ID",
             "product-sync-demo".to_owned(),
@@ -89,20 +174,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             "PRODUCT_SYNC__DATABASE__URL",
             format!("sqlite://{}?mode=rwc", db_path.display()),
         ),
-        (
-            "PRODUCT_SYNC__UPSTREAM__BASE_URL",
-            format!("http://{sim_addr}"),
-        ),
+        ("PRODUCT_SYNC__UPSTREAM__BASE_URL", sim_url.to_owned()),
         (
             "PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET",
             "local-dev-secret".to_owned(),
         ),
         ("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "50".to_owned()),
         ("PRODUCT_SYNC__GOVERNANCE__ENABLED", "true".to_owned()),
-        (
-            "PRODUCT_SYNC__GOVERNANCE__BASE_URL",
-            format!("http://{sim_addr}"),
-        ),
+        ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", sim_url.to_owned()),
         ("PRODUCT_SYNC__PIPELINE__RELAY_INTERVAL_MS", "50".to_owned()),
         ("PRODUCT_SYNC__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
         (
@@ -112,31 +191,16 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    // A directory without files: the built-in defaults, then these overrides.
-    let settings = config::load(&Sources {
-        dir: Some(dir.path().join("no-config-files")),
-        env_name: None,
-        file: None,
-        vars: Some(vars),
-    })
-    .context("demo configuration")?;
+    .collect()
+}
 
-    let app = Application::build(settings.clone())
-        .await
-        .context("starting the pipeline")?;
-    let db = app.db().clone();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
-    say("  pipeline:          started (registered with the governance platform)\n");
-
-    let watcher = Watcher::start(&bootstrap)?;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .context("demo producer")?;
-
-    // Act 1: two requests.
+/// Act 1: two requests, their results, and two of the `created` events. Returns the first
+/// request's selector (asked again in act 2).
+async fn act_one(
+    producer: &FutureProducer,
+    watcher: &Watcher,
+    db: &DatabaseConnection,
+) -> anyhow::Result<Value> {
     say("1) Two product requests arrive on `product-requests`:");
     let first = [
         (
@@ -151,11 +215,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         ),
     ];
     for (id, selector, what) in &first {
-        send(&producer, id, selector).await?;
+        send(producer, id, selector).await?;
         say(&format!("   → {id:<20} {what}"));
     }
-    watcher.wait_results(&db, &[first[0].0, first[1].0]).await?;
-    print_results(&watcher, &[first[0].0, first[1].0]);
+    watcher.wait_results(db, &[first[0].0, first[1].0]).await?;
+    print_results(watcher, &[first[0].0, first[1].0]);
     let created = watcher.changes_of("created");
     say(&format!(
         "   {} `created` events on `product-changes`. Two of them in full:",
@@ -164,26 +228,35 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     for e in created.iter().take(2) {
         print_event(e);
     }
+    Ok(first[0].1.clone())
+}
 
-    // Act 2: the management system changes some products.
+/// Act 2: the management system changes some products; the pension keyword is asked again
+/// and only the changed products make `updated` events. Returns (expected, seen) updates.
+async fn act_two(
+    sim: &Sim,
+    producer: &FutureProducer,
+    watcher: &Watcher,
+    db: &DatabaseConnection,
+    pension: &Value,
+) -> anyhow::Result<(usize, usize)> {
     let changed = sim.mutate(40, 11);
-    let pension: Vec<_> = changed
+    let expected = changed
         .iter()
         .filter(|p| {
             p.content.keywords.iter().any(|k| k == "养老")
                 || p.content.product_name.contains("养老")
         })
-        .collect();
+        .count();
     say(&format!(
-        "\n2) Upstream, {} products change (NAV and expected yield); {} of them carry the keyword 养老.",
+        "\n2) Upstream, {} products change (NAV and expected yield); {expected} of them carry the keyword 养老.",
         changed.len(),
-        pension.len()
     ));
     let second = "demo-pension-again";
-    send(&producer, second, &first[0].1).await?;
+    send(producer, second, pension).await?;
     say(&format!("   → {second:<20} the same keyword again"));
-    watcher.wait_results(&db, &[second]).await?;
-    print_results(&watcher, &[second]);
+    watcher.wait_results(db, &[second]).await?;
+    print_results(watcher, &[second]);
     let updated = watcher.changes_of("updated");
     say(&format!(
         "   {} `updated` events — exactly the changed products; the {} unchanged ones emitted nothing.",
@@ -196,39 +269,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     for e in updated.iter().take(2) {
         print_event(e);
     }
-
-    let stored = load_all(&db, "wms").await.context("reading the store")?;
-    stop.cancel();
-    running
-        .await
-        .context("pipeline task")?
-        .context("pipeline")?;
-    stop_sim.cancel();
-    // Every client goes before the mock cluster does.
-    watcher.task.abort();
-    drop(watcher);
-    drop(producer);
-    drop(cluster);
-
-    say(&format!("\nThe store now holds {} products.", stored.len()));
-    if updated.len() != pension.len() {
-        bail!(
-            "expected {} updated events, saw {}",
-            pension.len(),
-            updated.len()
-        );
-    }
-    if options.keep {
-        let kept = dir.keep();
-        say(&format!(
-            "The SQLite store is kept at {} — try: sqlite3 {} 'select product_code, nav, revision from products limit 5'",
-            kept.join("demo.sqlite").display(),
-            kept.join("demo.sqlite").display()
-        ));
-    } else {
-        say("The SQLite store was temporary (run with --keep to keep it).");
-    }
-    Ok(())
+    Ok((expected, updated.len()))
 }
 
 fn say(line: &str) {
