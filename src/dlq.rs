@@ -14,7 +14,7 @@ use rdkafka::util::Timeout;
 
 use crate::config::Settings;
 use crate::kafka::{KafkaError, client_config, header_text as header};
-use crate::wire::{self, dlq};
+use crate::wire::{self, FailureClass, dlq};
 
 /// One DLQ record, for people.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -137,7 +137,10 @@ pub async fn list(settings: &Settings) -> Result<Vec<DlqEntry>, KafkaError> {
 
 /// Puts every not-yet-replayed DLQ record back on the request topic; returns how many.
 /// `only_class` limits it to `transient` or `permanent` failures.
-pub async fn replay(settings: &Settings, only_class: Option<&str>) -> Result<usize, KafkaError> {
+pub async fn replay(
+    settings: &Settings,
+    only_class: Option<FailureClass>,
+) -> Result<usize, KafkaError> {
     let s = settings.clone();
     let records = tokio::task::spawn_blocking(
         move || -> Result<(BaseConsumer, Vec<OwnedMessage>), KafkaError> {
@@ -161,8 +164,8 @@ pub async fn replay(settings: &Settings, only_class: Option<&str>) -> Result<usi
     let mut replayed = 0;
     let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for m in &records {
-        let class = header(m, dlq::ERROR_CLASS);
-        if only_class.is_none() || class.as_deref() == only_class {
+        let class = header(m, dlq::ERROR_CLASS).and_then(|c| FailureClass::parse(&c));
+        if only_class.is_none() || class == only_class {
             let headers = wire::without_dlq(m.headers());
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&settings.topics.requests).headers(headers);

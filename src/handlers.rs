@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use product_sync::app::Application;
 use product_sync::config::Settings;
+use product_sync::wire::FailureClass;
 use product_sync::{store, tools};
 use tokio_util::sync::CancellationToken;
 
@@ -239,9 +240,12 @@ pub async fn dlq(settings: Settings, command: DlqCommand) -> ExitCode {
                     eprintln!("{} record(s) in {dlq}", entries.len());
                 }
                 DlqCommand::Replay { only } => {
-                    let n = product_sync::dlq::replay(&settings, only.as_deref())
-                        .await
-                        .context("replaying the DLQ")?;
+                    let n = product_sync::dlq::replay(
+                        &settings,
+                        only.as_deref().and_then(FailureClass::parse),
+                    )
+                    .await
+                    .context("replaying the DLQ")?;
                     println!("replayed {n} record(s) from {dlq} to {requests}");
                 }
             }

@@ -240,98 +240,28 @@ impl Product {
         let obj = value
             .as_object()
             .ok_or_else(|| RecordError::new("(record)", "is not a JSON object"))?;
-        let mut known: Vec<&str> = CONTENT_FIELDS.to_vec();
-        known.extend(["version", "updated_at"]);
-
-        let product_code = opt_string(obj, "product_code")?;
-        let product_name = opt_string(obj, "product_name")?.unwrap_or_default();
-        let currency = opt_string(obj, "currency")?;
-        let mut attributes: BTreeMap<String, Value> = match obj.get("attributes") {
-            None | Some(Value::Null) => BTreeMap::new(),
-            Some(Value::Object(m)) => m.clone().into_iter().collect(),
-            Some(_) => return Err(RecordError::new("attributes", "must be an object")),
-        };
-        for (key, value) in obj {
-            if known.contains(&key.as_str()) {
-                continue;
-            }
-            match attributes.get(key) {
-                Some(existing) if existing != value => {
-                    return Err(RecordError::new(
-                        key.clone(),
-                        "unknown field also present in attributes with another value",
-                    ));
-                }
-                _ => {
-                    attributes.insert(key.clone(), value.clone());
-                }
-            }
-        }
-        let term_days = match obj.get("term_days") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(
-                n.as_i64()
-                    .and_then(|v| i32::try_from(v).ok())
-                    .filter(|v| *v >= 0)
-                    .ok_or_else(|| {
-                        RecordError::new("term_days", "must be a non-negative whole number")
-                    })?,
-            ),
-            Some(_) => return Err(RecordError::new("term_days", "must be a number")),
-        };
-        let keywords = match obj.get("keywords") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|k| k.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| RecordError::new("keywords", "must be an array of strings"))?,
-            Some(_) => return Err(RecordError::new("keywords", "must be an array of strings")),
-        };
-        let version = match obj.get("version") {
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .filter(|v| *v >= 0)
-                .ok_or_else(|| RecordError::new("version", "must be a non-negative integer"))?,
-            None | Some(Value::Null) => return Err(RecordError::new("version", "is required")),
-            Some(_) => return Err(RecordError::new("version", "must be an integer")),
-        };
-        let updated_at = opt_string(obj, "updated_at")?
-            .map(|s| {
-                // Stores keep microseconds (PostgreSQL timestamptz): finer digits are dropped
-                // here, so what is stored is exactly what was parsed.
-                DateTime::parse_from_rfc3339(&s)
-                    .map(|d| d.with_timezone(&Utc).trunc_subsecs(6))
-                    .map_err(|e| {
-                        RecordError::new("updated_at", format!("{s:?} is not RFC 3339: {e}"))
-                    })
-            })
-            .transpose()?;
-        let sale_start = opt_date(obj, "sale_start")?;
-        let sale_end = opt_date(obj, "sale_end")?;
-
         let content = Content {
-            product_code,
-            product_name,
+            product_code: opt_string(obj, "product_code")?,
+            product_name: opt_string(obj, "product_name")?.unwrap_or_default(),
             category: opt_string(obj, "category")?,
             risk_level: opt_parsed(obj, "risk_level")?,
-            currency,
+            currency: opt_string(obj, "currency")?,
             issuer: opt_string(obj, "issuer")?,
             status: opt_parsed(obj, "status")?,
             nav: opt_decimal(obj, "nav")?,
             expected_yield: opt_decimal(obj, "expected_yield")?,
             min_investment: opt_decimal(obj, "min_investment")?,
-            term_days,
-            sale_start,
-            sale_end,
-            keywords,
-            attributes,
+            term_days: term_days(obj)?,
+            sale_start: opt_date(obj, "sale_start")?,
+            sale_end: opt_date(obj, "sale_end")?,
+            keywords: keywords(obj)?,
+            attributes: attributes(obj)?,
         };
         content.validate()?;
         Ok(Product {
             content,
-            version,
-            updated_at,
+            version: version(obj)?,
+            updated_at: updated_at(obj)?,
         })
     }
 
@@ -533,6 +463,81 @@ impl serde::Serialize for Canonical<'_> {
         m.serialize_entry("term_days", &c.term_days)?;
         m.end()
     }
+}
+
+/// `attributes`, with every field the contract does not name folded in (an unknown field
+/// that contradicts an attribute of the same name is refused).
+fn attributes(obj: &Map<String, Value>) -> Result<BTreeMap<String, Value>, RecordError> {
+    let mut attributes: BTreeMap<String, Value> = match obj.get("attributes") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m.clone().into_iter().collect(),
+        Some(_) => return Err(RecordError::new("attributes", "must be an object")),
+    };
+    let known =
+        |key: &str| CONTENT_FIELDS.contains(&key) || key == "version" || key == "updated_at";
+    for (key, value) in obj.iter().filter(|(k, _)| !known(k)) {
+        match attributes.get(key) {
+            Some(existing) if existing != value => {
+                return Err(RecordError::new(
+                    key.clone(),
+                    "unknown field also present in attributes with another value",
+                ));
+            }
+            _ => {
+                attributes.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Ok(attributes)
+}
+
+fn term_days(obj: &Map<String, Value>) -> Result<Option<i32>, RecordError> {
+    match obj.get("term_days") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .and_then(|v| i32::try_from(v).ok())
+            .filter(|v| *v >= 0)
+            .map(Some)
+            .ok_or_else(|| RecordError::new("term_days", "must be a non-negative whole number")),
+        Some(_) => Err(RecordError::new("term_days", "must be a number")),
+    }
+}
+
+fn keywords(obj: &Map<String, Value>) -> Result<Vec<String>, RecordError> {
+    let not_strings = || RecordError::new("keywords", "must be an array of strings");
+    match obj.get("keywords") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|k| k.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(not_strings),
+        Some(_) => Err(not_strings()),
+    }
+}
+
+fn version(obj: &Map<String, Value>) -> Result<i64, RecordError> {
+    match obj.get("version") {
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .filter(|v| *v >= 0)
+            .ok_or_else(|| RecordError::new("version", "must be a non-negative integer")),
+        None | Some(Value::Null) => Err(RecordError::new("version", "is required")),
+        Some(_) => Err(RecordError::new("version", "must be an integer")),
+    }
+}
+
+/// Stores keep microseconds (PostgreSQL timestamptz): finer digits are dropped here, so what
+/// is stored is exactly what was parsed.
+fn updated_at(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, RecordError> {
+    opt_string(obj, "updated_at")?
+        .map(|s| {
+            DateTime::parse_from_rfc3339(&s)
+                .map(|d| d.with_timezone(&Utc).trunc_subsecs(6))
+                .map_err(|e| RecordError::new("updated_at", format!("{s:?} is not RFC 3339: {e}")))
+        })
+        .transpose()
 }
 
 fn opt_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, RecordError> {

@@ -1,12 +1,17 @@
 //! Retries: the one place where transient failures are retried — exponential backoff with
-//! jitter from the `backoff` crate, bounded by a maximum elapsed time. Each boundary's error
-//! type says whether it is transient; permanent errors stop at once.
+//! jitter from the `backoff` crate. Each boundary's error type says whether it is transient;
+//! permanent errors stop at once. Two shapes:
+//! - [`retry`]: one call, retried within a budget (then the last error surfaces);
+//! - [`Backoff`]: the waits of a loop that retries until the failure heals or the loop is
+//!   cancelled (a command's store writes, the relay's rounds, a consumer's errors).
 
 use std::fmt::Display;
 use std::future::Future;
 use std::time::Duration;
 
 use backoff::ExponentialBackoff;
+use backoff::backoff::Backoff as _;
+use tokio_util::sync::CancellationToken;
 
 /// What every boundary error answers: may the same call succeed later?
 pub trait Transient {
@@ -39,12 +44,22 @@ impl RetryPolicy {
         }
     }
 
+    /// A policy without a budget for loops that retry until healed or cancelled: 200 ms
+    /// doubling to `max_interval`.
+    pub const fn until_cancelled(max_interval: Duration) -> Self {
+        Self {
+            initial: Duration::from_millis(200),
+            max_interval,
+            max_elapsed: Duration::MAX,
+        }
+    }
+
     fn backoff(&self) -> ExponentialBackoff {
         ExponentialBackoff {
             initial_interval: self.initial,
             current_interval: self.initial,
             max_interval: self.max_interval,
-            max_elapsed_time: Some(self.max_elapsed),
+            max_elapsed_time: (self.max_elapsed != Duration::MAX).then_some(self.max_elapsed),
             randomization_factor: 0.5,
             multiplier: 2.0,
             ..ExponentialBackoff::default()
@@ -90,6 +105,42 @@ where
         },
     )
     .await
+}
+
+/// The waits of a loop that retries until the failure heals or the loop is cancelled.
+pub struct Backoff {
+    policy: RetryPolicy,
+    inner: ExponentialBackoff,
+}
+
+/// The loop was cancelled while it waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl Backoff {
+    pub fn new(policy: RetryPolicy) -> Self {
+        Backoff {
+            policy,
+            inner: policy.backoff(),
+        }
+    }
+
+    /// After a success: the next failure waits the shortest time again.
+    pub fn reset(&mut self) {
+        self.inner = self.policy.backoff();
+    }
+
+    /// Sleeps the next wait; `Err(Cancelled)` as soon as `cancel` fires.
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> Result<(), Cancelled> {
+        let wait = self
+            .inner
+            .next_backoff()
+            .unwrap_or(self.policy.max_interval);
+        tokio::select! {
+            _ = cancel.cancelled() => Err(Cancelled),
+            _ = tokio::time::sleep(wait) => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +190,24 @@ mod tests {
         .await;
         assert!(out.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_backoff_grows_resets_and_stops_on_cancel() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(1),
+            max_interval: Duration::from_millis(4),
+            max_elapsed: Duration::MAX,
+        };
+        let mut b = Backoff::new(policy);
+        for _ in 0..20 {
+            assert_eq!(b.wait(&CancellationToken::new()).await, Ok(()));
+        }
+        b.reset();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let long = RetryPolicy::until_cancelled(Duration::from_secs(3600));
+        assert_eq!(Backoff::new(long).wait(&cancel).await, Err(Cancelled));
     }
 
     #[tokio::test]

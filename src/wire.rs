@@ -38,15 +38,70 @@ pub mod dlq {
     pub const FAILED_AT: &str = "dlq.failed_at";
 }
 
+/// Whether a dead-lettered command may succeed when replayed: `dlq.error_class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The cause may heal (the management system was down, throttled…): worth a replay.
+    Transient,
+    /// Replaying the same bytes fails the same way (a malformed command, a refused record).
+    Permanent,
+}
+
+impl FailureClass {
+    pub fn of(transient: bool) -> Self {
+        if transient {
+            FailureClass::Transient
+        } else {
+            FailureClass::Permanent
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Transient => "transient",
+            FailureClass::Permanent => "permanent",
+        }
+    }
+
+    /// The class a header value names.
+    pub fn parse(value: &str) -> Option<Self> {
+        [FailureClass::Transient, FailureClass::Permanent]
+            .into_iter()
+            .find(|c| c.as_str() == value)
+    }
+}
+
+/// What failed: `dlq.error_kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The management system (after its retries), or what it sent.
+    Upstream,
+    /// The store refused the command's writes for good.
+    Store,
+    /// product-sync itself (a caught panic: a bug).
+    Panic,
+    /// The command could not be read; the kind of its parse error (`malformed_json`, …).
+    Command(&'static str),
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Upstream => "upstream",
+            FailureKind::Store => "store",
+            FailureKind::Panic => "panic",
+            FailureKind::Command(kind) => kind,
+        }
+    }
+}
+
 /// What the DLQ headers say about a dead-lettered record.
 #[derive(Debug, Clone, Copy)]
 pub struct DeadLetter<'a> {
     /// Why; cut to [`DLQ_REASON_CHARS`] characters.
     pub reason: &'a str,
-    /// `transient` or `permanent`.
-    pub class: &'a str,
-    /// The error kind (`malformed_json`, `upstream`, …).
-    pub kind: &'a str,
+    pub class: FailureClass,
+    pub kind: FailureKind,
     pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
@@ -65,8 +120,8 @@ impl DeadLetter<'_> {
         let (partition, offset) = (self.partition.to_string(), self.offset.to_string());
         let pairs = [
             (dlq::REASON, reason.as_str()),
-            (dlq::ERROR_CLASS, self.class),
-            (dlq::ERROR_KIND, self.kind),
+            (dlq::ERROR_CLASS, self.class.as_str()),
+            (dlq::ERROR_KIND, self.kind.as_str()),
             (dlq::ORIGINAL_TOPIC, self.topic),
             (dlq::ORIGINAL_PARTITION, partition.as_str()),
             (dlq::ORIGINAL_OFFSET, offset.as_str()),

@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::metrics;
+use crate::retry::{Backoff, RetryPolicy};
 use crate::store::StoreError;
 use crate::wire::{self, CloudEvent};
 use queue::{Kind, Outgoing};
@@ -160,7 +161,7 @@ impl Relay {
     /// `stop` it lands what is in flight, publishes what is left in its shards (bounded), and
     /// releases them.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(RetryPolicy::until_cancelled(Duration::from_secs(5)));
         let mut next_refresh = Instant::now();
         while !stop.is_cancelled() {
             if Instant::now() >= next_refresh {
@@ -179,7 +180,7 @@ impl Relay {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = refreshed {
-                    failures = self.failed(&stop, failures, &e).await;
+                    self.failed(&stop, &mut backoff, &e).await;
                     continue;
                 }
             }
@@ -188,13 +189,13 @@ impl Relay {
                 continue;
             }
             match self.step().await {
-                Ok(true) => failures = 0,
+                Ok(true) => backoff.reset(),
                 Ok(false) => {
-                    failures = 0;
+                    backoff.reset();
                     let until = (Instant::now() + self.settings.interval).min(next_refresh);
                     self.idle(&stop, until).await;
                 }
-                Err(e) => failures = self.failed(&stop, failures, &e).await,
+                Err(e) => self.failed(&stop, &mut backoff, &e).await,
             }
         }
         match self.drain().await {
@@ -212,18 +213,14 @@ impl Relay {
     }
 
     /// Logs a failure, lands what can be landed, waits a backoff; the read restarts at the head.
-    async fn failed(&mut self, stop: &CancellationToken, failures: u32, e: &RelayError) -> u32 {
+    async fn failed(&mut self, stop: &CancellationToken, backoff: &mut Backoff, e: &RelayError) {
         tracing::warn!(error = %e, "relay failed; rows not acked stay queued, retrying");
         if let Err(e) = self.land_all().await {
             tracing::debug!(error = %e, "landing after a failure failed too");
         }
         self.cursor = 0;
-        let wait = backoff(failures);
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-        failures.saturating_add(1)
+        // Cancelled: the loop sees `stop` and drains.
+        let _ = backoff.wait(stop).await;
     }
 
     async fn idle(&self, stop: &CancellationToken, until: Instant) {
@@ -544,10 +541,6 @@ fn is_refusal(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::InvalidTimestamp
         )
     )
-}
-
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis((200u64 << failures.min(5)).min(5_000))
 }
 
 /// Flushes the producer within `wait` (blocking work, off the async workers).

@@ -131,45 +131,14 @@ impl Leases {
         };
         if conn.is_none() {
             self.held.clear();
-            // Named, so `pg_stat_activity` and `pg_locks` show which instance holds which shard.
-            let options = PgConnectOptions::from_str(url.expose_secret())
-                .map_err(lease_err)?
-                .application_name(&format!("{APPLICATION_NAME_PREFIX}{instance_id}"));
-            *conn = Some(
-                PgConnection::connect_with(&options)
-                    .await
-                    .map_err(lease_err)?,
-            );
+            *conn = Some(connect(url, instance_id).await?);
         }
         let Some(c) = conn.as_mut() else {
             return Ok(());
         };
-        // The database's clock for every member, so skewed hosts agree on who is live.
-        sqlx::query(
-            "INSERT INTO relay_members (instance_id, heartbeat_at) VALUES ($1, now()) \
-             ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()",
-        )
-        .bind(instance_id.as_str())
-        .execute(&mut *c)
-        .await
-        .map_err(lease_err)?;
-        let members: Vec<(String,)> = sqlx::query_as(
-            "SELECT instance_id FROM relay_members \
-             WHERE heartbeat_at > now() - make_interval(secs => $1) ORDER BY instance_id",
-        )
-        .bind(MEMBER_TTL.as_secs_f64())
-        .fetch_all(&mut *c)
-        .await
-        .map_err(lease_err)?;
-        let members: Vec<String> = members.into_iter().map(|(m,)| m).collect();
-        // Members that died without leaving (kill -9) are forgotten after an hour.
         self.refreshes += 1;
-        if self.refreshes % 60 == 1 && members.first().is_some_and(|first| first == instance_id) {
-            sqlx::query("DELETE FROM relay_members WHERE heartbeat_at < now() - interval '1 hour'")
-                .execute(&mut *c)
-                .await
-                .map_err(lease_err)?;
-        }
+        let sweep = self.refreshes % 60 == 1;
+        let members = live_members(c, instance_id, sweep).await?;
         let wanted = wanted(&members, instance_id, self.shards);
         let release: Vec<i32> = self.held.difference(&wanted).map(|s| *s as i32).collect();
         if !release.is_empty() {
@@ -243,6 +212,51 @@ pub fn wanted(members: &[String], me: &str, shards: u32) -> BTreeSet<u32> {
 
 fn lease_err(e: sqlx::Error) -> LeaseError {
     LeaseError(e.to_string())
+}
+
+/// The relay's own connection, named so `pg_stat_activity` and `pg_locks` show which
+/// instance holds which shard.
+async fn connect(url: &SecretString, instance_id: &str) -> Result<PgConnection, LeaseError> {
+    let options = PgConnectOptions::from_str(url.expose_secret())
+        .map_err(lease_err)?
+        .application_name(&format!("{APPLICATION_NAME_PREFIX}{instance_id}"));
+    PgConnection::connect_with(&options)
+        .await
+        .map_err(lease_err)
+}
+
+/// Heartbeats this member and returns the live ones in id order (the database's clock for
+/// every member, so skewed hosts agree on who is live). With `sweep`, the first live member
+/// forgets members that died without leaving (kill -9) over an hour ago.
+async fn live_members(
+    c: &mut PgConnection,
+    instance_id: &str,
+    sweep: bool,
+) -> Result<Vec<String>, LeaseError> {
+    sqlx::query(
+        "INSERT INTO relay_members (instance_id, heartbeat_at) VALUES ($1, now()) \
+         ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()",
+    )
+    .bind(instance_id)
+    .execute(&mut *c)
+    .await
+    .map_err(lease_err)?;
+    let members: Vec<(String,)> = sqlx::query_as(
+        "SELECT instance_id FROM relay_members \
+         WHERE heartbeat_at > now() - make_interval(secs => $1) ORDER BY instance_id",
+    )
+    .bind(MEMBER_TTL.as_secs_f64())
+    .fetch_all(&mut *c)
+    .await
+    .map_err(lease_err)?;
+    let members: Vec<String> = members.into_iter().map(|(m,)| m).collect();
+    if sweep && members.first().is_some_and(|first| first == instance_id) {
+        sqlx::query("DELETE FROM relay_members WHERE heartbeat_at < now() - interval '1 hour'")
+            .execute(&mut *c)
+            .await
+            .map_err(lease_err)?;
+    }
+    Ok(members)
 }
 
 #[cfg(test)]

@@ -51,6 +51,7 @@ use tracing::Instrument;
 use crate::config::KafkaSettings;
 use crate::kafka::client_config;
 use crate::metrics::metrics;
+use crate::retry::{Backoff, RetryPolicy};
 
 pub mod process;
 
@@ -426,6 +427,7 @@ struct PartitionTask {
 
 impl PartitionTask {
     async fn run(self) {
+        let mut backoff = Backoff::new(RetryPolicy::until_cancelled(Duration::from_secs(5)));
         loop {
             let received = tokio::select! {
                 biased;
@@ -433,10 +435,15 @@ impl PartitionTask {
                 m = self.queue.recv() => m.map(|m| m.detach()),
             };
             let message = match received {
-                Ok(message) => message,
+                Ok(message) => {
+                    backoff.reset();
+                    message
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, topic = %self.key.0, partition = self.key.1, "partition queue error; continuing");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if backoff.wait(&self.stop_taking).await.is_err() {
+                        break;
+                    }
                     continue;
                 }
             };

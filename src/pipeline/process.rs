@@ -18,14 +18,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::command::{Command, CommandError, valid_traceparent};
 use crate::metrics::metrics;
-use crate::retry::RetryPolicy;
+use crate::retry::{Backoff, RetryPolicy};
 use crate::store::fold::{FoldContext, FoldOutcome, fold_page};
 use crate::store::{StoreError, requests};
-use crate::upstream::ProductClient;
-use crate::wire::{self, CloudEvent, ResultEvent};
+use crate::upstream::{ProductClient, UpstreamError};
+use crate::wire::{self, CloudEvent, FailureClass, FailureKind, ResultEvent};
 
 /// Header names of DLQ records (defined in [`crate::wire::dlq`]).
 pub use crate::wire::dlq as dlq_headers;
+
+/// Waits between attempts at a command while the store or the broker is failing (until it
+/// heals or the command is abandoned).
+const UNTIL_HEALED: RetryPolicy = RetryPolicy::until_cancelled(Duration::from_secs(10));
 
 /// Pages of one command folded at once (each holds one store connection while it folds).
 const FOLDS_IN_FLIGHT: usize = 2;
@@ -64,6 +68,33 @@ pub struct Processor {
     pub relay_wake: Arc<Notify>,
 }
 
+/// Why a command failed, as its DLQ record and `failed` result say.
+struct Failure {
+    reason: String,
+    class: FailureClass,
+    kind: FailureKind,
+}
+
+/// How far a command got before it failed.
+#[derive(Clone, Copy)]
+struct Progress<'a> {
+    outcome: &'a FoldOutcome,
+    pages: i32,
+}
+
+impl Progress<'_> {
+    const NONE: Progress<'static> = Progress {
+        outcome: &FoldOutcome {
+            fetched: 0,
+            created: 0,
+            updated: 0,
+            unchanged: 0,
+            stale: 0,
+        },
+        pages: 0,
+    };
+}
+
 impl Processor {
     /// Handles one message until its offset may be stored. Transient failures of the store or
     /// the broker are retried (with backoff) until they heal or `abandon` fires.
@@ -90,23 +121,25 @@ impl Processor {
         if std::env::var("PRODUCT_SYNC_DEBUG_PANIC_ON").is_ok_and(|id| id == command.request_id()) {
             panic!("injected panic for request {}", command.request_id());
         }
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(UNTIL_HEALED);
         loop {
             match self.attempt(msg, &command, traceparent.as_deref()).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, attempt = failures + 1, "command interrupted by a transient failure; retrying");
-                    wait(abandon, failures).await?;
-                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "command interrupted by a transient failure; retrying");
+                    backoff.wait(abandon).await.map_err(|_| Abandoned)?;
                 }
                 Err(e) => {
                     // A permanent store failure (e.g. an unreadable stored row): fail the command.
-                    let reason = e.to_string();
-                    tracing::error!(error = %reason, "command failed permanently");
-                    let nothing = FoldOutcome::default();
+                    let failure = Failure {
+                        reason: e.to_string(),
+                        class: FailureClass::Permanent,
+                        kind: FailureKind::Store,
+                    };
+                    tracing::error!(error = %failure.reason, "command failed permanently");
                     return self
                         .persist(abandon, || {
-                            self.fail(msg, &command, &nothing, 0, &reason, "permanent", "store")
+                            self.fail(msg, &command, Progress::NONE, &failure)
                         })
                         .await;
                 }
@@ -128,13 +161,16 @@ impl Processor {
         );
         tracing::error!(error = %reason, "a command handler panicked; failing the command");
         metrics().commands.with_label_values(&["panicked"]).inc();
+        let failure = Failure {
+            reason,
+            class: FailureClass::Permanent,
+            kind: FailureKind::Panic,
+        };
         match Command::parse(msg.payload(), &self.system) {
             Ok(command) => {
-                let nothing = FoldOutcome::default();
                 self.persist(abandon, || async {
                     requests::begin(&self.db, &command, None, Utc::now()).await?;
-                    self.fail(msg, &command, &nothing, 0, &reason, "permanent", "panic")
-                        .await
+                    self.fail(msg, &command, Progress::NONE, &failure).await
                 })
                 .await
             }
@@ -152,19 +188,21 @@ impl Processor {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), AttemptError>>,
     {
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(UNTIL_HEALED);
         loop {
             match step().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record a command's outcome; retrying");
-                    wait(abandon, failures).await?;
-                    failures = failures.saturating_add(1);
+                    backoff.wait(abandon).await.map_err(|_| Abandoned)?;
                 }
             }
         }
     }
 
+    /// One attempt at a command: skipped (its result emitted again) if already completed,
+    /// else every page fetched and folded, then the request row finished — completed, or
+    /// failed and dead-lettered when the management system failed it.
     async fn attempt(
         &self,
         msg: &OwnedMessage,
@@ -186,56 +224,20 @@ impl Processor {
             request_id: Some(command.request_id()),
             traceparent,
         };
-        let mut outcome = FoldOutcome::default();
-        let mut pages = 0i32;
-        // Pages are folded FOLDS_IN_FLIGHT at a time, and the next page is fetched while they
-        // fold: a command takes about the longer of its fetches and its folds, and the store
-        // works on two transactions at once. Concurrent folds of pages that share a product
-        // are safe (conditional writes, see `store::fold`); outcomes are taken in page order.
-        let ctx = &ctx;
-        let folds = self
-            .client
-            .pages(command.selector().clone())
-            .map(|page| async move {
-                let page = page?;
-                let started = Instant::now();
-                let folded = fold_page(&self.db, ctx, &page.items, &self.fold_policy).await;
-                metrics()
-                    .fold_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                Ok::<_, crate::upstream::UpstreamError>((page.number, page.items.len(), folded))
-            })
-            .buffered(FOLDS_IN_FLIGHT);
-        let mut folds = std::pin::pin!(folds);
-        while let Some(next) = folds.next().await {
-            match next {
-                Ok((number, items, folded)) => {
-                    let folded = folded?;
-                    record_fold(&folded);
-                    outcome.add(folded);
-                    pages += 1;
-                    tracing::debug!(page = number, items, "page folded");
-                }
-                Err(e) => {
-                    let class = if e.is_transient() {
-                        "transient"
-                    } else {
-                        "permanent"
-                    };
-                    tracing::error!(error = %e, class, "the management system failed this command");
-                    return self
-                        .fail(
-                            msg,
-                            command,
-                            &outcome,
-                            pages,
-                            &e.to_string(),
-                            class,
-                            "upstream",
-                        )
-                        .await;
-                }
-            }
+        let (outcome, pages, upstream_failed) = self.fold_pages(command, &ctx).await?;
+        let progress = Progress {
+            outcome: &outcome,
+            pages,
+        };
+        if let Some(e) = upstream_failed {
+            let failure = Failure {
+                reason: e.to_string(),
+                class: FailureClass::of(e.is_transient()),
+                kind: FailureKind::Upstream,
+            };
+            let class = failure.class.as_str();
+            tracing::error!(error = %e, class, "the management system failed this command");
+            return self.fail(msg, command, progress, &failure).await;
         }
         requests::finish(
             &self.db,
@@ -261,26 +263,64 @@ impl Processor {
         Ok(())
     }
 
+    /// Fetches and folds every page of the command's selector. Pages are folded
+    /// FOLDS_IN_FLIGHT at a time, and the next page is fetched while they fold: a command
+    /// takes about the longer of its fetches and its folds, and the store works on two
+    /// transactions at once. Concurrent folds of pages that share a product are safe
+    /// (conditional writes, see `store::fold`); outcomes are taken in page order. Returns what
+    /// was folded, the pages, and the management system's failure if paging stopped on one.
+    async fn fold_pages(
+        &self,
+        command: &Command,
+        ctx: &FoldContext<'_>,
+    ) -> Result<(FoldOutcome, i32, Option<UpstreamError>), AttemptError> {
+        let mut outcome = FoldOutcome::default();
+        let mut pages = 0i32;
+        let folds = self
+            .client
+            .pages(command.selector().clone())
+            .map(|page| async move {
+                let page = page?;
+                let started = Instant::now();
+                let folded = fold_page(&self.db, ctx, &page.items, &self.fold_policy).await;
+                metrics()
+                    .fold_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok::<_, UpstreamError>((page.number, page.items.len(), folded))
+            })
+            .buffered(FOLDS_IN_FLIGHT);
+        let mut folds = std::pin::pin!(folds);
+        while let Some(next) = folds.next().await {
+            let (number, items, folded) = match next {
+                Ok(folded) => folded,
+                Err(e) => return Ok((outcome, pages, Some(e))),
+            };
+            let folded = folded?;
+            record_fold(&folded);
+            outcome.add(folded);
+            pages += 1;
+            tracing::debug!(page = number, items, "page folded");
+        }
+        Ok((outcome, pages, None))
+    }
+
     /// Records a failed command and dead-letters it.
-    #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
         msg: &OwnedMessage,
         command: &Command,
-        outcome: &FoldOutcome,
-        pages: i32,
-        reason: &str,
-        class: &str,
-        kind: &str,
+        progress: Progress<'_>,
+        failure: &Failure,
     ) -> Result<(), AttemptError> {
-        self.dead_letter(msg, reason, class, kind).await?;
+        self.dead_letter(msg, &failure.reason, failure.class, failure.kind)
+            .await?;
         requests::finish(
             &self.db,
             command.request_id(),
             requests::Status::Failed,
-            outcome,
-            pages,
-            Some(reason),
+            progress.outcome,
+            progress.pages,
+            Some(&failure.reason),
             Utc::now(),
         )
         .await?;
@@ -297,7 +337,8 @@ impl Processor {
         error: &CommandError,
         traceparent: Option<&str>,
     ) -> Result<(), AttemptError> {
-        self.dead_letter(msg, &error.to_string(), "permanent", error.kind())
+        let kind = FailureKind::Command(error.kind());
+        self.dead_letter(msg, &error.to_string(), FailureClass::Permanent, kind)
             .await?;
         let request_id = best_effort_request_id(msg);
         let now = Utc::now();
@@ -330,8 +371,8 @@ impl Processor {
         &self,
         msg: &OwnedMessage,
         reason: &str,
-        class: &str,
-        kind: &str,
+        class: FailureClass,
+        kind: FailureKind,
     ) -> Result<(), AttemptError> {
         let failed_at = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let headers = wire::DeadLetter {
@@ -356,7 +397,12 @@ impl Processor {
             .send(record, Timeout::After(Duration::from_secs(30)))
             .await
             .map_err(|(e, _)| AttemptError::Kafka(e))?;
-        tracing::info!(topic = %self.dlq_topic, kind, class, "command dead-lettered");
+        tracing::info!(
+            topic = %self.dlq_topic,
+            kind = kind.as_str(),
+            class = class.as_str(),
+            "command dead-lettered"
+        );
         Ok(())
     }
 }
@@ -388,15 +434,6 @@ fn best_effort_request_id(msg: &OwnedMessage) -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| format!("{}:{}:{}", msg.topic(), msg.partition(), msg.offset()))
-}
-
-/// Backoff between attempts: 200 ms doubling to 10 s, cut short by `abandon`.
-async fn wait(abandon: &CancellationToken, failures: u32) -> Result<(), Abandoned> {
-    let delay = Duration::from_millis((200u64 << failures.min(6)).min(10_000));
-    tokio::select! {
-        _ = abandon.cancelled() => Err(Abandoned),
-        _ = tokio::time::sleep(delay) => Ok(()),
-    }
 }
 
 /// Counts the outcome of one folded page.

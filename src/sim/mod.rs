@@ -310,6 +310,13 @@ impl Sim {
     }
 
     /// The fault, if any, for this products request.
+    fn count_fault(&self) {
+        self.inner
+            .stats
+            .faults_injected
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     fn next_fault(&self) -> Option<Fault> {
         let mut faults = lock(&self.inner.faults);
         if let Some(f) = faults.script.pop_front() {
@@ -569,38 +576,56 @@ async fn products(
             "missing, unknown or expired token",
         );
     }
+    let cursor = q.cursor.clone();
+    let (selector, page_size, offset) = match parse_query(q) {
+        Ok(parsed) => parsed,
+        Err(reason) => return json_error(StatusCode::BAD_REQUEST, "invalid_request", reason),
+    };
+    let fault = sim.next_fault();
+    if fault.is_some() {
+        sim.count_fault();
+    }
+    if let Some(response) = fault.and_then(|f| injected_failure(&sim, f)) {
+        return response;
+    }
+    if let Some(hostile) = sim.hostile_for(selector.keyword.as_deref())
+        && let Some(response) = hostile_answer(&sim, hostile, cursor.as_deref(), page_size)
+    {
+        sim.count_fault();
+        return response;
+    }
+    let bad_record = fault == Some(Fault::BadRecord);
+    let body = render_page(&sim, &selector, offset, page_size, bad_record);
+    if fault == Some(Fault::Drop) {
+        return dropped(body);
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// The selector, page size and catalogue offset a products request asks for, or why it is
+/// refused.
+fn parse_query(q: ProductQuery) -> Result<(Selector, usize, usize), &'static str> {
     let page_size = match q.page_size.as_deref().map(str::parse::<usize>) {
         None => 100,
         Some(Ok(n)) if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-        _ => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "page_size must be 1..=1000",
-            );
-        }
+        _ => return Err("page_size must be 1..=1000"),
     };
     let offset = match q.cursor.as_deref() {
         None | Some("") => 0,
-        Some(c) => match decode_cursor(c) {
-            Some(o) => o,
-            None => {
-                return json_error(StatusCode::BAD_REQUEST, "invalid_request", "unknown cursor");
-            }
-        },
+        Some(c) => decode_cursor(c).ok_or("unknown cursor")?,
     };
     let updated_since = match q.updated_since.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => match DateTime::parse_from_rfc3339(s) {
-            Ok(t) => Some(t.with_timezone(&Utc)),
-            Err(_) => {
-                return json_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "updated_since must be RFC 3339",
-                );
-            }
-        },
+        Some(s) => Some(
+            DateTime::parse_from_rfc3339(s)
+                .map_err(|_| "updated_since must be RFC 3339")?
+                .with_timezone(&Utc),
+        ),
     };
     let selector = Selector {
         keyword: q.keyword.filter(|s| !s.is_empty()),
@@ -617,113 +642,94 @@ async fn products(
         category: q.category.filter(|s| !s.is_empty()),
         updated_since,
     };
+    Ok((selector, page_size, offset))
+}
 
-    let fault = sim.next_fault();
-    if fault.is_some() {
-        sim.inner
-            .stats
-            .faults_injected
-            .fetch_add(1, Ordering::Relaxed);
-    }
-    match fault {
-        Some(Fault::Error500) => {
-            return json_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "injected",
-            );
-        }
-        Some(Fault::Throttle) => {
+/// The answer of a fault that replaces the page, if this one does.
+fn injected_failure(sim: &Sim, fault: Fault) -> Option<Response> {
+    Some(match fault {
+        Fault::Error500 => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "injected",
+        ),
+        Fault::Throttle => {
             let wait = lock(&sim.inner.faults).retry_after_s;
             let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "throttled", "injected");
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(wait));
-            return r;
+            r
         }
-        Some(Fault::Unauthorized) => {
-            return json_error(StatusCode::UNAUTHORIZED, "invalid_token", "injected");
-        }
-        Some(Fault::Forbidden) => {
-            return json_error(StatusCode::FORBIDDEN, "forbidden", "injected");
-        }
-        Some(Fault::Malformed) => {
-            return (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                "<html>oops</html>",
-            )
-                .into_response();
-        }
-        _ => {}
-    }
-
-    if let Some(hostile) = sim.hostile_for(selector.keyword.as_deref())
-        && let Some(response) = hostile_answer(&sim, hostile, q.cursor.as_deref(), page_size)
-    {
-        sim.inner
-            .stats
-            .faults_injected
-            .fetch_add(1, Ordering::Relaxed);
-        return response;
-    }
-
-    // The cursor is the catalogue position to scan on from: a page costs its own size, not
-    // the pages before it (a million-product catalogue is paged in linear time).
-    let body = {
-        let catalogue = read(&sim.inner.catalogue);
-        let mut matching = catalogue
-            .products()
-            .iter()
-            .enumerate()
-            .skip(offset)
-            .filter(|(_, p)| catalogue::matches(p, &selector));
-        let mut body = String::with_capacity(page_size * 1600 + 64);
-        body.push_str("{\"items\":[");
-        let mut next = offset;
-        for (n, (i, _)) in matching.by_ref().take(page_size).enumerate() {
-            if n > 0 {
-                body.push(',');
-            }
-            let item = catalogue.rendered(i);
-            if n == 0 && fault == Some(Fault::BadRecord) {
-                // A float where the contract wants a decimal string.
-                let mut first: Value = serde_json::from_str(item).unwrap_or(Value::Null);
-                first["nav"] = json!(1.25);
-                body.push_str(&first.to_string());
-            } else {
-                body.push_str(item);
-            }
-            next = i + 1;
-        }
-        let more = matching.next().is_some();
-        let next_cursor = more.then(|| encode_cursor(next));
-        body.push_str("],\"next_cursor\":");
-        body.push_str(&json!(next_cursor).to_string());
-        body.push('}');
-        body
-    };
-    if fault == Some(Fault::Drop) {
-        // Half the body, then a broken connection.
-        let bytes = Bytes::from(body.into_bytes());
-        let half = bytes.slice(..bytes.len() / 2);
-        let stream = futures::stream::iter(vec![
-            Ok::<Bytes, std::io::Error>(half),
-            Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "injected drop",
-            )),
-        ]);
-        return (
+        Fault::Unauthorized => json_error(StatusCode::UNAUTHORIZED, "invalid_token", "injected"),
+        Fault::Forbidden => json_error(StatusCode::FORBIDDEN, "forbidden", "injected"),
+        Fault::Malformed => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
-            Body::from_stream(stream),
+            "<html>oops</html>",
         )
-            .into_response();
+            .into_response(),
+        _ => return None,
+    })
+}
+
+/// One page of the matching products from `offset` on. The cursor is the catalogue position
+/// to scan on from: a page costs its own size, not the pages before it (a million-product
+/// catalogue is paged in linear time). `bad_record`: the first record breaks the contract.
+fn render_page(
+    sim: &Sim,
+    selector: &Selector,
+    offset: usize,
+    page_size: usize,
+    bad_record: bool,
+) -> String {
+    let catalogue = read(&sim.inner.catalogue);
+    let mut matching = catalogue
+        .products()
+        .iter()
+        .enumerate()
+        .skip(offset)
+        .filter(|(_, p)| catalogue::matches(p, selector));
+    let mut body = String::with_capacity(page_size * 1600 + 64);
+    body.push_str("{\"items\":[");
+    let mut next = offset;
+    for (n, (i, _)) in matching.by_ref().take(page_size).enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        let item = catalogue.rendered(i);
+        if n == 0 && bad_record {
+            // A float where the contract wants a decimal string.
+            let mut first: Value = serde_json::from_str(item).unwrap_or(Value::Null);
+            first["nav"] = json!(1.25);
+            body.push_str(&first.to_string());
+        } else {
+            body.push_str(item);
+        }
+        next = i + 1;
     }
+    let more = matching.next().is_some();
+    let next_cursor = more.then(|| encode_cursor(next));
+    body.push_str("],\"next_cursor\":");
+    body.push_str(&json!(next_cursor).to_string());
+    body.push('}');
+    body
+}
+
+/// Half the body, then a broken connection.
+fn dropped(body: String) -> Response {
+    let bytes = Bytes::from(body.into_bytes());
+    let half = bytes.slice(..bytes.len() / 2);
+    let stream = futures::stream::iter(vec![
+        Ok::<Bytes, std::io::Error>(half),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "injected drop",
+        )),
+    ]);
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-        body,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
     )
         .into_response()
 }

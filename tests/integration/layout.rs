@@ -1,5 +1,6 @@
 //! The structure, checked: every module of the library sits in one layer, and a module only
-//! imports from layers below its own (so the import graph has no circle and no upward arrow).
+//! imports from layers below its own (so the import graph has no circle and no upward arrow);
+//! no function of the service is longer than a newcomer can read in one sitting.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,9 @@ const LAYERS: &[&[&str]] = &[
     &["sim"],
     &["demo"],
 ];
+
+/// The longest function body allowed in the service's code, in lines.
+const MAX_FUNCTION_LINES: usize = 80;
 
 fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
@@ -116,5 +120,95 @@ fn every_module_of_the_library_is_in_a_layer() {
     assert_eq!(
         imports("use crate::{a::B, self, c}; crate::d::e()"),
         ["a", "c", "d"].into_iter().map(String::from).collect()
+    );
+}
+
+/// Function bodies longer than the limit, as `file:line name (lines)`. A body is counted
+/// from its `fn` line to the line that closes its braces (braces in strings and comments
+/// are rare enough in this code base to be ignored).
+fn long_functions(text: &str, file: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut long = Vec::new();
+    for (start, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let is_fn = [
+            "fn ",
+            "pub fn ",
+            "async fn ",
+            "pub async fn ",
+            "pub(crate) fn ",
+            "pub(crate) async fn ",
+        ]
+        .iter()
+        .any(|p| t.starts_with(p));
+        if !is_fn || t.ends_with(';') {
+            continue;
+        }
+        let mut depth = 0i64;
+        let mut opened = false;
+        for (end, l) in lines.iter().enumerate().skip(start) {
+            if !opened
+                && end > start
+                && l.trim_end().ends_with(';')
+                && !l.contains('{')
+                && depth == 0
+            {
+                break;
+            }
+            for c in l.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if opened && depth <= 0 {
+                let n = end - start + 1;
+                if n > MAX_FUNCTION_LINES {
+                    let name: String = t
+                        .split("fn ")
+                        .nth(1)
+                        .unwrap_or("")
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    long.push(format!("{file}:{} {name} ({n} lines)", start + 1));
+                }
+                break;
+            }
+        }
+    }
+    long
+}
+
+#[test]
+fn no_function_of_the_service_is_too_long_to_read() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut long = Vec::new();
+    for file in &files {
+        let rel = file.strip_prefix(src()).unwrap().display().to_string();
+        let text = std::fs::read_to_string(file).unwrap();
+        // A migration is a schema written once and never changed: read as a table, not a story.
+        if rel.contains("migration/m") {
+            continue;
+        }
+        // Unit tests are read one at a time; only the code above them counts.
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        long.extend(long_functions(code, &rel));
+    }
+    assert!(
+        long.is_empty(),
+        "functions longer than {MAX_FUNCTION_LINES} lines:\n{}",
+        long.join("\n")
+    );
+    let sample = format!("fn f() {{\n{}}}\n", "    x();\n".repeat(MAX_FUNCTION_LINES));
+    assert_eq!(
+        long_functions(&sample, "sample").len(),
+        1,
+        "the check can fail"
     );
 }

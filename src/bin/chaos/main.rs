@@ -25,6 +25,7 @@ use anyhow::{Context, bail};
 use product_sync::config::Settings;
 use product_sync::kafka::client_config;
 use product_sync::sim::Faults;
+use product_sync::wire::FailureClass;
 use rdkafka::Message;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::OwnedMessage;
@@ -374,7 +375,7 @@ async fn drain(
         if results.iter().any(|r| r["status"] == "failed")
             && last_replay.elapsed() > Duration::from_secs(20)
         {
-            let n = product_sync::dlq::replay(settings, Some("transient")).await?;
+            let n = product_sync::dlq::replay(settings, Some(FailureClass::Transient)).await?;
             if n > 0 {
                 eprintln!("chaos: replayed {n} failed command(s) from the DLQ");
             }
