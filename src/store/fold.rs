@@ -47,6 +47,7 @@ use crate::product::{Content, Identity, Product, parse_decimal};
 use crate::retry::{RetryPolicy, retry};
 use crate::wire::ChangeEvent;
 
+mod columns;
 mod pg;
 mod plan;
 mod sqlite;
@@ -332,38 +333,12 @@ impl FromQueryResult for StoredRowWithRevision {
     }
 }
 
-/// The product columns written from a record (both backends).
-pub(super) const PRODUCT_COLUMNS: [&str; 23] = [
-    "system",
-    "identity",
-    "product_code",
-    "product_name",
-    "category",
-    "risk_level",
-    "currency",
-    "issuer",
-    "status",
-    "nav",
-    "expected_yield",
-    "min_investment",
-    "term_days",
-    "sale_start",
-    "sale_end",
-    "keywords",
-    "attributes",
-    "source_version",
-    "source_updated_at",
-    "content_hash",
-    "revision",
-    "created_at",
-    "updated_at",
-];
-
 /// The columns an update writes: all but the key and the creation time.
 pub(super) fn updated_columns() -> impl Iterator<Item = &'static str> {
-    PRODUCT_COLUMNS
+    columns::Column::ALL
         .into_iter()
-        .filter(|name| !matches!(*name, "system" | "identity" | "created_at"))
+        .filter(|c| c.updated())
+        .map(|c| c.name())
 }
 
 /// The condition of a conditional upsert. A change: the row is still at the revision read and
@@ -373,7 +348,7 @@ pub(super) const UPSERT_GUARD: &str = r#"("products"."revision" = "excluded"."re
     OR ("products"."revision" = "excluded"."revision" AND "products"."content_hash" = "excluded"."content_hash"
         AND "products"."source_version" < "excluded"."source_version")"#;
 
-fn to_json_text<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+pub(super) fn to_json_text<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Db(sea_orm::DbErr::Json(e.to_string())))
 }
 

@@ -11,44 +11,54 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use chrono::{DateTime, NaiveDate, Utc};
-use rust_decimal::Decimal;
+use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, PgConnection, PgPool, Row};
 use sea_orm::{DbErr, RuntimeErr};
 
+use super::columns::{Array, Column, Kind, pg_type};
 use super::plan::{PlannedEvent, StoredHead, Write};
-use super::{
-    CHUNK, FoldContext, UPSERT_GUARD, event_id, render_event, to_json_text, updated_columns,
-};
+use super::{CHUNK, FoldContext, UPSERT_GUARD, event_id, render_event, updated_columns};
 use crate::store::StoreError;
 
-/// The columns written from the record, in the order of the `unnest` arguments.
-const PRODUCT_INSERT: &str = "INSERT INTO products (system, identity, product_code, product_name, \
-     category, risk_level, currency, issuer, status, nav, expected_yield, min_investment, \
-     term_days, sale_start, sale_end, keywords, attributes, source_version, source_updated_at, \
-     content_hash, revision, created_at, updated_at) \
-     SELECT $1, r.identity, r.product_code, r.product_name, r.category, r.risk_level, r.currency, \
-     r.issuer, r.status, r.nav, r.expected_yield, r.min_investment, r.term_days, r.sale_start, \
-     r.sale_end, r.keywords::json, r.attributes::json, r.source_version, r.source_updated_at, \
-     r.content_hash, r.revision, $2, $2 \
-     FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
-     $9::text[], $10::text[], $11::numeric[], $12::numeric[], $13::numeric[], $14::int4[], \
-     $15::date[], $16::date[], $17::text[], $18::text[], $19::int8[], $20::timestamptz[], \
-     $21::text[], $22::int8[]) \
-     AS r(identity, product_code, product_name, category, risk_level, currency, issuer, status, \
-     nav, expected_yield, min_investment, term_days, sale_start, sale_end, keywords, attributes, \
-     source_version, source_updated_at, content_hash, revision) \
-     ON CONFLICT (system, identity) ";
+/// `INSERT INTO products (…) SELECT … FROM unnest(…) … ON CONFLICT (system, identity)`, built
+/// from the column table: `$1` the system, `$2` the fold's time, then one array per column.
+static PRODUCT_INSERT: LazyLock<String> = LazyLock::new(|| {
+    let (mut select, mut args, mut alias) = (Vec::new(), Vec::new(), Vec::new());
+    for column in Column::ALL {
+        let name = column.name();
+        match column.kind() {
+            Kind::System => select.push("$1".to_owned()),
+            Kind::Now => select.push("$2".to_owned()),
+            kind => {
+                let cast = if kind == Kind::Json { "::json" } else { "" };
+                select.push(format!("r.{name}{cast}"));
+                args.push(format!("${}::{}[]", args.len() + 3, pg_type(kind)));
+                alias.push(name);
+            }
+        }
+    }
+    let names: Vec<&str> = Column::ALL.iter().map(|c| c.name()).collect();
+    format!(
+        "INSERT INTO products ({}) SELECT {} FROM unnest({}) AS r({}) ON CONFLICT (system, identity) ",
+        names.join(", "),
+        select.join(", "),
+        args.join(", "),
+        alias.join(", ")
+    )
+});
 
 static INSERT_SQL: LazyLock<String> =
-    LazyLock::new(|| format!("{PRODUCT_INSERT} DO NOTHING RETURNING id, identity"));
+    LazyLock::new(|| format!("{} DO NOTHING RETURNING id, identity", *PRODUCT_INSERT));
 
 static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
     let set = updated_columns()
         .map(|c| format!("{c} = excluded.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
-    format!("{PRODUCT_INSERT} DO UPDATE SET {set} WHERE {UPSERT_GUARD} RETURNING id, identity")
+    format!(
+        "{} DO UPDATE SET {set} WHERE {UPSERT_GUARD} RETURNING id, identity",
+        *PRODUCT_INSERT
+    )
 });
 
 /// The change rows (history, never rewritten) and, in the same statement, their entries in the
@@ -189,33 +199,13 @@ async fn write_products(
     let mut ids = HashMap::with_capacity(writes.len());
     let sql: &str = if existing { &UPSERT_SQL } else { &INSERT_SQL };
     for chunk in writes.chunks(CHUNK) {
-        let c = Columns::of(chunk)?;
-        let rows = sqlx::query(sql)
-            .bind(system)
-            .bind(now)
-            .bind(c.identity)
-            .bind(c.product_code)
-            .bind(c.product_name)
-            .bind(c.category)
-            .bind(c.risk_level)
-            .bind(c.currency)
-            .bind(c.issuer)
-            .bind(c.status)
-            .bind(c.nav)
-            .bind(c.expected_yield)
-            .bind(c.min_investment)
-            .bind(c.term_days)
-            .bind(c.sale_start)
-            .bind(c.sale_end)
-            .bind(c.keywords)
-            .bind(c.attributes)
-            .bind(c.source_version)
-            .bind(c.source_updated_at)
-            .bind(c.content_hash)
-            .bind(c.revision)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        let mut query = sqlx::query(sql).bind(system).bind(now);
+        for column in Column::ALL {
+            if let Some(array) = Array::of(column, chunk)? {
+                query = array.bind(query);
+            }
+        }
+        let rows = query.fetch_all(&mut *conn).await.map_err(db_err)?;
         if rows.len() != chunk.len() {
             // Roll back and fold again from a fresh read.
             return Err(StoreError::Conflict);
@@ -227,83 +217,6 @@ async fn write_products(
         }
     }
     Ok(ids)
-}
-
-/// A chunk of product rows, column by column, borrowed from the records.
-struct Columns<'a> {
-    identity: Vec<&'a str>,
-    product_code: Vec<Option<&'a str>>,
-    product_name: Vec<&'a str>,
-    category: Vec<Option<&'a str>>,
-    risk_level: Vec<Option<&'static str>>,
-    currency: Vec<Option<&'a str>>,
-    issuer: Vec<Option<&'a str>>,
-    status: Vec<Option<&'static str>>,
-    nav: Vec<Option<Decimal>>,
-    expected_yield: Vec<Option<Decimal>>,
-    min_investment: Vec<Option<Decimal>>,
-    term_days: Vec<Option<i32>>,
-    sale_start: Vec<Option<NaiveDate>>,
-    sale_end: Vec<Option<NaiveDate>>,
-    keywords: Vec<String>,
-    attributes: Vec<String>,
-    source_version: Vec<i64>,
-    source_updated_at: Vec<Option<DateTime<Utc>>>,
-    content_hash: Vec<&'a str>,
-    revision: Vec<i64>,
-}
-
-impl<'a> Columns<'a> {
-    fn of(writes: &'a [Write<'a>]) -> Result<Self, StoreError> {
-        let n = writes.len();
-        let mut c = Columns {
-            identity: Vec::with_capacity(n),
-            product_code: Vec::with_capacity(n),
-            product_name: Vec::with_capacity(n),
-            category: Vec::with_capacity(n),
-            risk_level: Vec::with_capacity(n),
-            currency: Vec::with_capacity(n),
-            issuer: Vec::with_capacity(n),
-            status: Vec::with_capacity(n),
-            nav: Vec::with_capacity(n),
-            expected_yield: Vec::with_capacity(n),
-            min_investment: Vec::with_capacity(n),
-            term_days: Vec::with_capacity(n),
-            sale_start: Vec::with_capacity(n),
-            sale_end: Vec::with_capacity(n),
-            keywords: Vec::with_capacity(n),
-            attributes: Vec::with_capacity(n),
-            source_version: Vec::with_capacity(n),
-            source_updated_at: Vec::with_capacity(n),
-            content_hash: Vec::with_capacity(n),
-            revision: Vec::with_capacity(n),
-        };
-        for w in writes {
-            let p = w.record.product;
-            let k = &p.content;
-            c.identity.push(&w.record.key);
-            c.product_code.push(k.product_code.as_deref());
-            c.product_name.push(&k.product_name);
-            c.category.push(k.category.as_deref());
-            c.risk_level.push(k.risk_level.map(|r| r.as_str()));
-            c.currency.push(k.currency.as_deref());
-            c.issuer.push(k.issuer.as_deref());
-            c.status.push(k.status.map(|s| s.as_str()));
-            c.nav.push(k.nav);
-            c.expected_yield.push(k.expected_yield);
-            c.min_investment.push(k.min_investment);
-            c.term_days.push(k.term_days);
-            c.sale_start.push(k.sale_start);
-            c.sale_end.push(k.sale_end);
-            c.keywords.push(to_json_text(&k.keywords)?);
-            c.attributes.push(to_json_text(&k.attributes)?);
-            c.source_version.push(p.version);
-            c.source_updated_at.push(p.updated_at);
-            c.content_hash.push(w.record.hash());
-            c.revision.push(w.revision);
-        }
-        Ok(c)
-    }
 }
 
 /// A driver error as the store's error, so [`StoreError::is_transient`] classifies it the

@@ -2,18 +2,15 @@
 //! multi-row `INSERT … VALUES … ON CONFLICT` statements built with sea-query, in one
 //! transaction with the page's outbox rows and their queue entries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use chrono::{DateTime, NaiveDate, Utc};
-use rust_decimal::Decimal;
+use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Alias, Expr, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
-use serde_json::{Value, json};
 
+use super::columns::{Column, Kind};
 use super::plan::{Plan, PlannedEvent, Write};
-use super::{
-    CHUNK, FoldContext, PRODUCT_COLUMNS, UPSERT_GUARD, event_id, render_event, updated_columns,
-};
+use super::{CHUNK, FoldContext, UPSERT_GUARD, event_id, render_event, updated_columns};
 use crate::store::StoreError;
 use crate::store::entity::{product_changes, products};
 
@@ -44,63 +41,6 @@ pub(super) async fn write(
     Ok(())
 }
 
-/// One product row as written by the SQLite path, borrowed from the record.
-struct ProductRow<'a> {
-    system: &'a str,
-    identity: &'a str,
-    product_code: Option<&'a str>,
-    product_name: &'a str,
-    category: Option<&'a str>,
-    risk_level: Option<&'static str>,
-    currency: Option<&'a str>,
-    issuer: Option<&'a str>,
-    status: Option<&'static str>,
-    nav: Option<Decimal>,
-    expected_yield: Option<Decimal>,
-    min_investment: Option<Decimal>,
-    term_days: Option<i32>,
-    sale_start: Option<NaiveDate>,
-    sale_end: Option<NaiveDate>,
-    keywords: &'a [String],
-    attributes: &'a BTreeMap<String, Value>,
-    source_version: i64,
-    source_updated_at: Option<DateTime<Utc>>,
-    content_hash: &'a str,
-    revision: i64,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
-
-fn product_row<'a>(system: &'a str, w: &'a Write<'a>, now: DateTime<Utc>) -> ProductRow<'a> {
-    let p = w.record.product;
-    let c = &p.content;
-    ProductRow {
-        system,
-        identity: &w.record.key,
-        product_code: c.product_code.as_deref(),
-        product_name: &c.product_name,
-        category: c.category.as_deref(),
-        risk_level: c.risk_level.map(|r| r.as_str()),
-        currency: c.currency.as_deref(),
-        issuer: c.issuer.as_deref(),
-        status: c.status.map(|s| s.as_str()),
-        nav: c.nav,
-        expected_yield: c.expected_yield,
-        min_investment: c.min_investment,
-        term_days: c.term_days,
-        sale_start: c.sale_start,
-        sale_end: c.sale_end,
-        keywords: &c.keywords,
-        attributes: &c.attributes,
-        source_version: p.version,
-        source_updated_at: p.updated_at,
-        content_hash: w.record.hash(),
-        revision: w.revision,
-        created_at: now,
-        updated_at: now,
-    }
-}
-
 /// Writes products. `existing == false`: plain inserts that skip rows another writer created
 /// first; `true`: upserts guarded by [`UPSERT_GUARD`]. Returns the id of every row written,
 /// by identity key; a row not written means another writer got there first: a conflict.
@@ -113,9 +53,8 @@ async fn write_products(
 ) -> Result<HashMap<String, i64>, StoreError> {
     let mut ids = HashMap::with_capacity(writes.len());
     for chunk in writes.chunks(CHUNK) {
-        let rows: Vec<ProductRow<'_>> = chunk.iter().map(|w| product_row(system, w, now)).collect();
         let returned = txn
-            .query_all(&products_statement_values(rows, existing)?)
+            .query_all(&products_statement(system, chunk, now, existing)?)
             .await?;
         if returned.len() != chunk.len() {
             // Another writer got there first: roll back and fold again from a fresh read.
@@ -130,41 +69,29 @@ async fn write_products(
     Ok(ids)
 }
 
-/// Other backends: a multi-row `INSERT … VALUES … ON CONFLICT`.
-fn products_statement_values(
-    rows: Vec<ProductRow<'_>>,
+/// A multi-row `INSERT … VALUES … ON CONFLICT`, its columns and values from the column table.
+fn products_statement(
+    system: &str,
+    writes: &[Write<'_>],
+    now: DateTime<Utc>,
     existing: bool,
 ) -> Result<sea_orm::sea_query::InsertStatement, StoreError> {
     let mut insert = Query::insert();
     insert
         .into_table(products::Entity)
-        .columns(PRODUCT_COLUMNS.iter().map(|name| Alias::new(*name)));
-    for r in rows {
-        let values: Vec<Expr> = vec![
-            r.system.into(),
-            r.identity.into(),
-            r.product_code.map(str::to_owned).into(),
-            r.product_name.into(),
-            r.category.map(str::to_owned).into(),
-            r.risk_level.map(str::to_owned).into(),
-            r.currency.map(str::to_owned).into(),
-            r.issuer.map(str::to_owned).into(),
-            r.status.map(str::to_owned).into(),
-            r.nav.into(),
-            r.expected_yield.into(),
-            r.min_investment.into(),
-            r.term_days.into(),
-            r.sale_start.into(),
-            r.sale_end.into(),
-            json!(r.keywords).into(),
-            json!(r.attributes).into(),
-            r.source_version.into(),
-            r.source_updated_at.into(),
-            r.content_hash.into(),
-            r.revision.into(),
-            r.created_at.into(),
-            r.updated_at.into(),
-        ];
+        .columns(Column::ALL.iter().map(|c| Alias::new(c.name())));
+    for w in writes {
+        let mut values: Vec<Expr> = Vec::with_capacity(Column::ALL.len());
+        for column in Column::ALL {
+            values.push(match column.kind() {
+                Kind::System => system.into(),
+                Kind::Now => now.into(),
+                _ => match column.value(w)? {
+                    Some(value) => Expr::value(sea_orm::Value::from(value)),
+                    None => Expr::value(sea_orm::Value::String(None)),
+                },
+            });
+        }
         insert
             .values(values)
             .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?;
