@@ -10,29 +10,29 @@
 //! ```
 //!
 //! # Layout
-//! The modules follow the flow; the binary (`src/main.rs`) only parses the command line and
-//! calls into this library.
+//! The modules sit in layers; a module uses only modules of lower layers (no circle, no arrow
+//! back up the flow: `tests/integration/layout.rs` checks it). The binary (`src/main.rs`)
+//! only parses the command line and dispatches to `src/handlers.rs`.
 //!
-//! | module | what it holds |
-//! | --- | --- |
-//! | [`config`] | the public configuration keys, layered files + `PRODUCT_SYNC__…` env, validation |
-//! | [`telemetry`] | the `tracing` subscriber (pretty or JSON) |
-//! | [`retry`] | the one place transient failures are retried (`backoff`) |
-//! | [`kafka`] | client configuration, broker readiness, topic creation |
-//! | [`command`] | product-request commands and their selector |
-//! | [`upstream`] | governance registration, OAuth2 authorization, the paginated product fetch |
-//! | [`product`] | the product record: contract parsing, identity, canonical JSON |
-//! | [`diff`] | the pure field-level diff of two products' content |
-//! | [`store`] | database connection, migrations, entities and the fold (`store::fold`) |
-//! | [`pipeline`] | the consumer loop (at-least-once offsets, per-partition workers) and command processing |
-//! | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing, reduced and parked events |
-//! | [`dlq`] | listing and replaying the dead-letter topic |
-//! | [`wire`] | every shape sent to Kafka: events, keys, CloudEvents and DLQ headers, the reduced form |
-//! | [`metrics`], [`ops`] | Prometheus metrics; the `/healthz`, `/readyz`, `/metrics` endpoint |
-//! | [`tools`] | `request`, `tail`, `schema` |
-//! | [`demo`] | `demo`: the same pipeline on a mock broker, SQLite and the in-process simulator |
-//! | [`app`] | `run`: builds the parts, runs them, shuts them down in order |
-//! | [`sim`] | the contract simulator (management system + governance platform, fault injection) |
+//! | layer | module | what it holds |
+//! | --- | --- | --- |
+//! | 0 | [`metrics`] | Prometheus metrics (a leaf: it knows no other module) |
+//! | 0 | [`text`] | quoting outside values into errors and logs |
+//! | 0 | [`config`] | the public configuration keys, layered files + `PRODUCT_SYNC__…` env, validation |
+//! | 1 | [`telemetry`] | the `tracing` subscriber (pretty or JSON) |
+//! | 1 | [`retry`] | the one retry vocabulary: budgeted calls and cancellable backoff loops |
+//! | 1 | [`product`] | the product record: contract parsing, identity, canonical JSON |
+//! | 2 | [`diff`] | the pure field-level diff of two products' content |
+//! | 2 | [`command`] | product-request commands and their selector |
+//! | 3 | [`wire`] | every shape sent to Kafka: events, keys, CloudEvents and DLQ headers, failure class and kind |
+//! | 3 | [`kafka`] | client configuration, broker readiness, topic creation |
+//! | 4 | [`upstream`] | governance registration, OAuth2 authorization, the bounded paginated fetch |
+//! | 4 | [`store`] | connection, migrations, entities, the fold (a pure plan, two writers, one column table) |
+//! | 5 | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing |
+//! | 5 | [`pipeline`] | the consumer (driver thread, one task per partition queue, coordinator) and command processing |
+//! | 6 | [`ops`], [`dlq`], [`tools`] | `/healthz` `/readyz` `/metrics`; the dead-letter topic; `request`, `tail`, `schema` |
+//! | 7 | [`app`] | `run`: builds every part, runs them, stops them in order, joins every task |
+//! | dev | `sim`, `demo` | the contract simulator; `demo` (feature `dev-tools`, on by default) |
 //!
 //! Every boundary has its own `thiserror` error type that answers `is_transient()`.
 

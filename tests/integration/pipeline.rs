@@ -1081,3 +1081,62 @@ async fn the_ops_endpoint_reports_health_readiness_and_moving_counters() {
     );
     instance.stop().await;
 }
+
+/// The consumer blocks no runtime thread: on a single-threaded runtime, a second instance
+/// joining the group revokes partitions from the first while its command runs (the revoke
+/// drains it), both end up holding partitions, and every command completes.
+#[tokio::test(flavor = "current_thread")]
+async fn one_runtime_thread_is_enough_through_a_rebalance_with_a_command_in_flight() {
+    let w = world(600, 4).await;
+    w.sim.sim.set_faults(Faults {
+        latency_ms: 1_000,
+        ..Faults::default()
+    });
+    let mut settings = w.settings.clone();
+    settings.upstream.page_size = 50;
+    let a = w.start_with(settings.clone()).await;
+    let partitions = |ops: std::net::SocketAddr| async move {
+        let url = format!("http://{ops}/readyz");
+        let body: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+        body["partitions_assigned"].as_u64()
+    };
+    wait_for(
+        "the first instance to hold every partition",
+        Duration::from_secs(60),
+        || async { (partitions(a.ops).await? == 4).then_some(()) },
+    )
+    .await;
+    w.command("slow", json!({"category": "mixed"})).await;
+    wait_for(
+        "the command to be under way",
+        Duration::from_secs(60),
+        || async { (!w.stored().await.is_empty()).then_some(()) },
+    )
+    .await;
+    let b = w.start_with(settings).await;
+    wait_for(
+        "both instances to hold partitions",
+        Duration::from_secs(60),
+        || async {
+            let (pa, pb) = (partitions(a.ops).await?, partitions(b.ops).await?);
+            (pa > 0 && pb > 0 && pa + pb == 4).then_some(())
+        },
+    )
+    .await;
+    w.sim.sim.set_faults(Faults::default());
+    for i in 0..8 {
+        w.command(&format!("after-{i}"), json!({"category": "cash"}))
+            .await;
+    }
+    let ids: Vec<String> = std::iter::once("slow".to_owned())
+        .chain((0..8).map(|i| format!("after-{i}")))
+        .collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let results = w.wait_results(&ids, Duration::from_secs(120)).await;
+    for id in &ids {
+        let r = results.iter().find(|r| r["request_id"] == *id).unwrap();
+        assert_eq!(r["status"], "completed", "{id}: {r}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
