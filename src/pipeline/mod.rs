@@ -280,6 +280,7 @@ fn drive(consumer: Arc<StreamConsumer<Context>>, stop: CancellationToken) -> Joi
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         runtime.block_on(async {
+            let mut backoff = Backoff::new(RetryPolicy::until_cancelled(Duration::from_secs(5)));
             loop {
                 let received = tokio::select! {
                     biased;
@@ -290,9 +291,13 @@ fn drive(consumer: Arc<StreamConsumer<Context>>, stop: CancellationToken) -> Joi
                     Ok(message) => rewind_to(&consumer, &message),
                     Err(e) => {
                         tracing::warn!(error = %e, "consumer error; continuing");
-                        std::thread::sleep(Duration::from_millis(200));
+                        if backoff.wait(&stop).await.is_err() {
+                            break;
+                        }
+                        continue;
                     }
                 }
+                backoff.reset();
             }
         })
     })
