@@ -136,16 +136,48 @@ pub async fn list(settings: &Settings) -> Result<Vec<DlqEntry>, KafkaError> {
 }
 
 /// Puts every not-yet-replayed DLQ record back on the request topic; returns how many.
-/// `only_class` limits it to `transient` or `permanent` failures.
+/// `only_class` limits it to `transient` or `permanent` failures. Each class keeps its own
+/// place (consumer group `<group>-dlq-replay-<class>`): a record is replayed once, and
+/// `--only transient` leaves the permanent ones for a later replay.
 pub async fn replay(
     settings: &Settings,
     only_class: Option<FailureClass>,
 ) -> Result<usize, KafkaError> {
+    let classes: Vec<Option<FailureClass>> = match only_class {
+        Some(class) => vec![Some(class)],
+        // Records without a (known) class are replayed by a plain `replay` only.
+        None => vec![
+            Some(FailureClass::Transient),
+            Some(FailureClass::Permanent),
+            None,
+        ],
+    };
+    let producer: FutureProducer = client_config(&settings.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(KafkaError::Client)?;
+    let mut replayed = 0;
+    for class in classes {
+        replayed += replay_class(settings, &producer, class).await?;
+    }
+    Ok(replayed)
+}
+
+/// Replays the records of one class from that class's place on, then moves its place to the
+/// end (only after every replayed record was acknowledged).
+async fn replay_class(
+    settings: &Settings,
+    producer: &FutureProducer,
+    class: Option<FailureClass>,
+) -> Result<usize, KafkaError> {
+    let name = class.map_or("unclassified", FailureClass::as_str);
     let s = settings.clone();
-    let records = tokio::task::spawn_blocking(
+    let group = format!("{}-dlq-replay-{name}", s.kafka.group_id);
+    let (consumer, records) = tokio::task::spawn_blocking(
         move || -> Result<(BaseConsumer, Vec<OwnedMessage>), KafkaError> {
             let consumer: BaseConsumer = client_config(&s.kafka)
-                .set("group.id", format!("{}-dlq-replay", s.kafka.group_id))
+                .set("group.id", group)
                 .set("enable.auto.commit", "false")
                 .create()
                 .map_err(KafkaError::Client)?;
@@ -155,17 +187,11 @@ pub async fn replay(
     )
     .await
     .unwrap_or_else(|_| Err(KafkaError::Other(rdkafka::error::KafkaError::Canceled)))?;
-    let (consumer, records) = records;
-    let producer: FutureProducer = client_config(&settings.kafka)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()
-        .map_err(KafkaError::Client)?;
     let mut replayed = 0;
     let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for m in &records {
-        let class = header(m, dlq::ERROR_CLASS).and_then(|c| FailureClass::parse(&c));
-        if only_class.is_none() || class == only_class {
+        let of = header(m, dlq::ERROR_CLASS).and_then(|c| FailureClass::parse(&c));
+        if of == class {
             let headers = wire::without_dlq(m.headers());
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&settings.topics.requests).headers(headers);

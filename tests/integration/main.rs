@@ -4,6 +4,7 @@
 
 mod cli;
 mod deploy;
+mod dlq;
 mod fold;
 #[path = "../fuzz/checks.rs"]
 mod fuzz_checks;

@@ -33,7 +33,7 @@ pub struct World {
     pub vars: HashMap<String, String>,
     pub settings: Settings,
     pub db: DatabaseConnection,
-    producer: FutureProducer,
+    pub producer: FutureProducer,
 }
 
 pub async fn world(products: usize, partitions: i32) -> World {
@@ -771,12 +771,14 @@ async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay
         },
     )
     .await;
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
     let truth = w.truth(&selector(json!({"keyword": "绿色"})));
-    let stored = w.stored().await;
-    for identity in truth.keys() {
-        assert!(
-            stored.contains_key(identity),
-            "{identity} missing after replay"
+    let stored = products_of(&w.stored().await);
+    for (identity, product) in &truth {
+        assert_eq!(
+            stored.get(identity),
+            Some(product),
+            "{identity} after replay"
         );
     }
     instance.stop().await;
