@@ -32,11 +32,13 @@
 //! | 5 | [`pipeline`] | the consumer (driver thread, one task per partition queue, coordinator) and command processing |
 //! | 6 | [`ops`], [`dlq`], [`tools`] | `/healthz` `/readyz` `/metrics`; the dead-letter topic; `request`, `tail`, `schema` |
 //! | 7 | [`app`] | `run`: builds every part, runs them, stops them in order, joins every task |
-//! | dev | `sim`, `demo` | the contract simulator; `demo` (feature `dev-tools`, on by default) |
+//! | dev | `sim`, `demo`, `audit` | the contract simulator; `demo`; the change topic's order check (feature `dev-tools`, on by default) |
 //!
 //! Every boundary has its own `thiserror` error type that answers `is_transient()`.
 
 pub mod app;
+#[cfg(feature = "dev-tools")]
+pub mod audit;
 pub mod command;
 pub mod config;
 #[cfg(feature = "dev-tools")]

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["ops", "dlq", "tools"],
     &["app"],
     // Development tools (feature `dev-tools`).
-    &["sim"],
+    &["sim", "audit"],
     &["demo"],
 ];
 

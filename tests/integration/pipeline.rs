@@ -822,52 +822,25 @@ pub fn signal(child: &ChildGuard, sig: &str) {
     assert!(status.success(), "kill -{sig} failed");
 }
 
-/// Per product: the change topic's revisions are 1..=n without gaps, a repeated revision is
-/// the same event (same ce_id, same payload), and n is the stored revision.
+/// Per product, in offset order ([`product_sync::audit`]): revisions 1..=n by one, each
+/// following on the one before; a repeated revision is the same event; n is the stored
+/// revision, and no other product has events. Returns the repeats.
 fn assert_gapless(events: &[OwnedMessage], stored: &BTreeMap<Identity, (Product, i64)>) -> usize {
-    let mut by_product: BTreeMap<String, BTreeMap<i64, (String, Value)>> = BTreeMap::new();
-    let mut duplicates = 0;
-    for m in events {
-        let e = json_of(m);
-        let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
-        let revision = e["revision"].as_i64().unwrap();
-        let ce_id = header_of(m, h::CE_ID).unwrap();
-        let mut body = e.clone();
-        body.as_object_mut().unwrap().remove("changed_at");
-        match by_product.entry(key.clone()).or_default().entry(revision) {
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert((ce_id, body));
-            }
-            std::collections::btree_map::Entry::Occupied(o) => {
-                duplicates += 1;
-                assert_eq!(
-                    o.get().0,
-                    ce_id,
-                    "{key} revision {revision} published twice under different ids"
-                );
-                assert_eq!(
-                    o.get().1,
-                    body,
-                    "{key} revision {revision} published twice with different content"
-                );
-            }
-        }
-    }
-    assert_eq!(
-        by_product.len(),
-        stored.len(),
-        "every stored product has events, and no other"
+    let audit = product_sync::audit::Audit::of(events);
+    assert!(
+        audit.is_clean(),
+        "change topic out of order: {:#?}",
+        audit.problems
     );
-    for (identity, (_, revision)) in stored {
-        let key = format!("wms/{}", identity.event_key());
-        let revisions: Vec<i64> = by_product[&key].keys().copied().collect();
-        assert_eq!(
-            revisions,
-            (1..=*revision).collect::<Vec<_>>(),
-            "{key}: revisions with a gap"
-        );
-    }
-    duplicates
+    let stored = stored
+        .iter()
+        .map(|(identity, (_, revision))| (format!("wms/{}", identity.event_key()), *revision));
+    assert_eq!(
+        audit.gaps(stored),
+        0,
+        "the last revision of every product is the stored one"
+    );
+    audit.repeats
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,7 +3,7 @@
 //! an oversized event published reduced and in order; a refused row parked without holding
 //! any other product.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,6 @@ use product_sync::outbox::queue::{self, Shards};
 use product_sync::outbox::shards::{HOLDERS_SQL, Leases};
 use product_sync::outbox::{Relay, RelaySettings};
 use product_sync::product::Product;
-use product_sync::wire::headers;
 use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
@@ -22,56 +21,20 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{unique, wait_for};
-use crate::pipeline::{ChildGuard, World, header_of, json_of, signal, wait_exit, world};
+use product_sync::audit::Audit;
 
-/// Per product key, in offset order: revisions start at 1 and grow by exactly one; a revision
-/// seen again is an identical re-publication (same `ce_id`, same content); each `updated`
-/// event's `before` is the previous event's `after`. Returns the last revision per key.
+use crate::helpers::{unique, wait_for};
+use crate::pipeline::{ChildGuard, World, json_of, signal, wait_exit, world};
+
+/// The change topic in order ([`product_sync::audit`]); returns the last revision per key.
 pub fn assert_in_order(events: &[OwnedMessage]) -> BTreeMap<String, i64> {
-    let mut by_partition: BTreeMap<i32, Vec<&OwnedMessage>> = BTreeMap::new();
-    for m in events {
-        by_partition.entry(m.partition()).or_default().push(m);
-    }
-    // Last revision, its `after`, and whether that event was reduced.
-    let mut last: BTreeMap<String, (i64, Value, bool)> = BTreeMap::new();
-    let mut seen: HashMap<(String, i64), (String, Value)> = HashMap::new();
-    for (_, mut records) in by_partition {
-        records.sort_by_key(|m| m.offset());
-        for m in records {
-            let key = String::from_utf8_lossy(m.key().expect("keyed")).into_owned();
-            let e = json_of(m);
-            let revision = e["revision"].as_i64().expect("revision");
-            let ce_id = header_of(m, headers::CE_ID).expect("ce_id");
-            let mut body = e.clone();
-            body.as_object_mut().expect("object").remove("changed_at");
-            if let Some((id, earlier)) = seen.get(&(key.clone(), revision)) {
-                assert_eq!(id, &ce_id, "{key} r{revision} again under another id");
-                assert_eq!(earlier, &body, "{key} r{revision} again with other content");
-                continue;
-            }
-            let previous = last.get(&key).map(|(r, _, _)| *r).unwrap_or(0);
-            assert_eq!(
-                revision,
-                previous + 1,
-                "{key}: revision {revision} at offset {} after revision {previous}",
-                m.offset()
-            );
-            let reduced = e.get("reduced").is_some();
-            if e["op"] == "updated" && !reduced {
-                let (_, prev_after, prev_reduced) = &last[&key];
-                if !prev_reduced {
-                    assert_eq!(
-                        &e["before"], prev_after,
-                        "{key} r{revision}: before ≠ previous after"
-                    );
-                }
-            }
-            seen.insert((key.clone(), revision), (ce_id, body));
-            last.insert(key, (revision, e["after"].clone(), reduced));
-        }
-    }
-    last.into_iter().map(|(k, (r, _, _))| (k, r)).collect()
+    let audit = Audit::of(events);
+    assert!(
+        audit.is_clean(),
+        "change topic out of order: {:#?}",
+        audit.problems
+    );
+    audit.last.into_iter().map(|(k, (r, _))| (k, r)).collect()
 }
 
 /// Who holds which shard, by instance (PostgreSQL's view of the advisory locks).
