@@ -5,13 +5,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use product_sync::audit::Audit;
 use product_sync::command::Selector;
 use product_sync::kafka::{client_config, header_text as header};
 use product_sync::product::{Identity, Product};
 use product_sync::store::fold::load_all;
+use product_sync::wire::dlq as dlqh;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde_json::Value;
@@ -29,19 +31,31 @@ pub struct Sent<'a> {
     pub hostile: &'a [String],
 }
 
-/// The figures of the result line.
+/// The figures of the result line (the run's own counts are added by `main`).
 pub struct Verdict {
     pub products: usize,
     pub events: usize,
+    /// Products not as the truth has them (either way), good commands without a completed
+    /// result, rows left unpublished, products the change topic does not rebuild, bad commands
+    /// without their DLQ record or their own `rejected` result.
     pub lost: usize,
     pub doubled: usize,
+    pub out_of_order: usize,
+    /// Identical re-publications: allowed, reported.
+    pub repeats: usize,
     pub gaps: usize,
     pub stalled: usize,
     pub leaked_secrets: usize,
+    /// The first problems of the change topic, described.
+    pub problems: Vec<String>,
 }
 
 impl Verdict {
-    pub async fn of(world: &World, sent: &Sent<'_>, results: &[Value]) -> anyhow::Result<Self> {
+    pub async fn of(
+        world: &World,
+        sent: &Sent<'_>,
+        results: &[OwnedMessage],
+    ) -> anyhow::Result<Self> {
         let settings = &world.settings;
         let db = Database::connect(world.db_url.to_string()).await?;
         let stored: BTreeMap<Identity, (Product, i64)> = load_all(&db, "wms")
@@ -49,8 +63,9 @@ impl Verdict {
             .into_iter()
             .map(|(i, p, r)| (i, (p, r)))
             .collect();
-        let completed = with_status(results, &["completed"]);
-        let mut lost = missing_from_store(world, &stored)?
+        let values: Vec<Value> = results.iter().map(json_of).collect();
+        let completed = with_status(&values, &["completed"]);
+        let mut lost = not_the_truth(world, &stored)?
             + sent
                 .good
                 .iter()
@@ -58,10 +73,15 @@ impl Verdict {
                 .count()
             + unpublished(&db).await?;
         let events = read_all(settings, &settings.topics.changes)?;
-        let topic = ChangeTopic::read(&events);
-        let (gaps, not_rebuilt) = topic.check(&stored);
-        lost += not_rebuilt + bad_not_dead_lettered(world, sent, results)?;
-        let ended = with_status(results, &["failed", "completed"]);
+        let audit = Audit::of(&events);
+        let keys = stored
+            .iter()
+            .map(|(identity, (_, revision))| (format!("wms/{}", identity.event_key()), *revision));
+        let gaps = audit.gaps(keys);
+        lost += not_rebuilt(&audit, &stored);
+        let dlq = read_all(settings, &settings.topics.dlq)?;
+        lost += bad_not_rejected(sent, &dlq, results);
+        let ended = with_status(&values, &["failed", "completed"]);
         let unended_hostile = sent
             .hostile
             .iter()
@@ -71,21 +91,30 @@ impl Verdict {
             products: stored.len(),
             events: events.len(),
             lost,
-            doubled: topic.doubled,
+            doubled: audit.doubled,
+            out_of_order: audit.out_of_order,
+            repeats: audit.repeats,
             gaps,
             stalled: stalled_partitions(world)? + unended_hostile,
-            leaked_secrets: leaked_secrets(world)?,
+            leaked_secrets: leaked_secrets(world, &[results, &dlq])?,
+            problems: audit.problems,
         })
     }
 
     pub fn passed(&self) -> bool {
-        self.lost + self.doubled + self.gaps + self.stalled + self.leaked_secrets == 0
+        self.lost
+            + self.doubled
+            + self.out_of_order
+            + self.gaps
+            + self.stalled
+            + self.leaked_secrets
+            == 0
     }
 }
 
 /// Products of the final truth (every selector against the final catalogue) that the store
-/// does not hold as they are.
-fn missing_from_store(
+/// does not hold as they are, and stored products the truth does not have.
+fn not_the_truth(
     world: &World,
     stored: &BTreeMap<Identity, (Product, i64)>,
 ) -> anyhow::Result<usize> {
@@ -99,10 +128,12 @@ fn missing_from_store(
                 .map(|p| (p.identity(), p.clone())),
         );
     }
-    Ok(truth
+    let missing = truth
         .iter()
         .filter(|(i, p)| stored.get(*i).map(|(s, _)| s) != Some(*p))
-        .count())
+        .count();
+    let extra = stored.keys().filter(|i| !truth.contains_key(*i)).count();
+    Ok(missing + extra)
 }
 
 /// Rows still in the relay's queue.
@@ -118,82 +149,52 @@ async fn unpublished(db: &DatabaseConnection) -> anyhow::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(1))
 }
 
-/// The change topic, by product key and revision (`changed_at` left out of comparisons).
-struct ChangeTopic {
-    by_product: BTreeMap<String, BTreeMap<i64, (String, Value)>>,
-    /// Repeats of a revision that differ from its first publication.
-    doubled: usize,
-}
-
-impl ChangeTopic {
-    fn read(events: &[OwnedMessage]) -> Self {
-        let mut by_product: BTreeMap<String, BTreeMap<i64, (String, Value)>> = BTreeMap::new();
-        let mut doubled = 0;
-        for m in events {
-            let mut e = json_of(m);
-            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-            let revision = e["revision"].as_i64().unwrap_or(-1);
-            let ce_id = header(m, product_sync::wire::headers::CE_ID).unwrap_or_default();
-            if let Some(o) = e.as_object_mut() {
-                o.remove("changed_at");
-            }
-            match by_product.entry(key).or_default().entry(revision) {
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert((ce_id, e));
-                }
-                std::collections::btree_map::Entry::Occupied(o) => {
-                    if o.get().0 != ce_id || o.get().1 != e {
-                        doubled += 1;
-                    }
-                }
-            }
-        }
-        ChangeTopic {
-            by_product,
-            doubled,
-        }
-    }
-
-    /// Products whose revisions are not exactly 1..=stored, and products the topic does not
-    /// rebuild (the last revision's `after` is the stored row).
-    fn check(&self, stored: &BTreeMap<Identity, (Product, i64)>) -> (usize, usize) {
-        let (mut gaps, mut not_rebuilt) = (0, 0);
-        for (identity, (product, revision)) in stored {
-            let key = format!("wms/{}", identity.event_key());
-            let published = self.by_product.get(&key);
-            let revisions: Vec<i64> = published
-                .map(|r| r.keys().copied().collect())
-                .unwrap_or_default();
-            if revisions != (1..=*revision).collect::<Vec<_>>() {
-                gaps += 1;
-            }
-            let rebuilt = published
-                .and_then(|r| r.values().next_back())
-                .and_then(|(_, e)| Product::from_json(&e["after"]).ok());
-            if rebuilt.as_ref() != Some(product) {
-                not_rebuilt += 1;
-            }
-        }
-        (gaps, not_rebuilt)
-    }
-}
-
-/// Bad commands missing from the DLQ (with a reason), plus missing `rejected` results.
-fn bad_not_dead_lettered(
-    world: &World,
-    sent: &Sent<'_>,
-    results: &[Value],
-) -> anyhow::Result<usize> {
-    let settings = &world.settings;
-    let dlq = read_all(settings, &settings.topics.dlq)?;
-    let dlq_keys: BTreeSet<String> = dlq
+/// Stored products the change topic does not rebuild: the last revision's `after` is the row.
+fn not_rebuilt(audit: &Audit, stored: &BTreeMap<Identity, (Product, i64)>) -> usize {
+    stored
         .iter()
-        .filter(|m| header(m, product_sync::wire::dlq::REASON).is_some_and(|r| !r.is_empty()))
-        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+        .filter(|(identity, (product, _))| {
+            let key = format!("wms/{}", identity.event_key());
+            let rebuilt = audit
+                .last
+                .get(&key)
+                .and_then(|(_, after)| Product::from_json(after).ok());
+            rebuilt.as_ref() != Some(product)
+        })
+        .count()
+}
+
+/// Bad commands without a DLQ record (with a reason), or without a `rejected` result of their
+/// own: matched per command through the DLQ record's original position, which the result's
+/// CloudEvents id names.
+fn bad_not_rejected(sent: &Sent<'_>, dlq: &[OwnedMessage], results: &[OwnedMessage]) -> usize {
+    let rejected_at: BTreeSet<String> = results
+        .iter()
+        .filter_map(|m| header(m, product_sync::wire::headers::CE_ID))
+        .filter_map(|id| id.split_once(":rejected:").map(|(_, at)| at.to_owned()))
         .collect();
-    let rejected = results.iter().filter(|r| r["status"] == "rejected").count();
-    Ok(sent.bad.iter().filter(|k| !dlq_keys.contains(*k)).count()
-        + sent.bad.len().saturating_sub(rejected))
+    let mut positions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in dlq {
+        if header(m, dlqh::REASON).is_none_or(|r| r.is_empty()) {
+            continue;
+        }
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        let at = format!(
+            "{}:{}:{}",
+            header(m, dlqh::ORIGINAL_TOPIC).unwrap_or_default(),
+            header(m, dlqh::ORIGINAL_PARTITION).unwrap_or_default(),
+            header(m, dlqh::ORIGINAL_OFFSET).unwrap_or_default()
+        );
+        positions.entry(key).or_default().push(at);
+    }
+    sent.bad
+        .iter()
+        .filter(|key| {
+            !positions
+                .get(*key)
+                .is_some_and(|at| at.iter().any(|a| rejected_at.contains(a)))
+        })
+        .count()
 }
 
 /// Partitions whose committed offset is behind their end.
@@ -223,14 +224,29 @@ fn stalled_partitions(world: &World) -> anyhow::Result<usize> {
     Ok(stalled)
 }
 
-/// The client secret and every token ever issued, counted in the logs of every process.
-fn leaked_secrets(world: &World) -> anyhow::Result<usize> {
+/// The client secret and every token ever issued, searched as raw bytes in the log of every
+/// process and in every record of the given topics (payloads, keys and headers).
+fn leaked_secrets(world: &World, topics: &[&[OwnedMessage]]) -> anyhow::Result<usize> {
     let mut needles: Vec<String> = world.sim.issued_tokens();
     needles.push(SECRET.to_owned());
+    let count = |haystack: &[u8]| {
+        needles
+            .iter()
+            .filter(|n| haystack.windows(n.len()).any(|w| w == n.as_bytes()))
+            .count()
+    };
     let mut leaked = 0;
     for entry in std::fs::read_dir(&world.dir)? {
-        let text = std::fs::read_to_string(entry?.path()).unwrap_or_default();
-        leaked += needles.iter().filter(|n| text.contains(n.as_str())).count();
+        leaked += count(&std::fs::read(entry?.path())?);
+    }
+    for m in topics.iter().flat_map(|t| t.iter()) {
+        leaked += count(m.payload().unwrap_or_default()) + count(m.key().unwrap_or_default());
+        if let Some(headers) = m.headers() {
+            leaked += headers
+                .iter()
+                .map(|h| count(h.value.unwrap_or_default()))
+                .sum::<usize>();
+        }
     }
     Ok(leaked)
 }

@@ -8,15 +8,18 @@
 //! system drains, it checks that nothing was lost, doubled, left with a gap, stalled, or
 //! leaked, and prints one line:
 //!
-//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n>`
+//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> hostile_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n> crashes=<n> unclean_exits=<n> out_of_order=<n> max_stall_s=<n> repeats=<n>`
 //!
-//! Exit status 1 when any of lost, doubled, gaps, stalled, leaked_secrets is above zero.
+//! Exit status 1 when any of lost, doubled, gaps, stalled, leaked_secrets, crashes,
+//! unclean_exits, out_of_order is above zero, or max_stall_s above [`MAX_STALL`] (repeats —
+//! identical re-publications — are allowed and only reported).
 //! Run it through `deploy/local/chaos.sh [--short] [--seed S]`.
 
 use std::collections::BTreeSet;
 
 mod checks;
 mod schedule;
+mod stalls;
 mod world;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -260,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
     for slot in 0..3 {
         instances.start(slot)?;
     }
+    let stall_watch = stalls::StallWatch::start(&world.settings, PARTITIONS);
     let producer: FutureProducer = client_config(&world.settings.kafka)
         .set("enable.idempotence", "true")
         .create()?;
@@ -280,12 +284,13 @@ async fn main() -> anyhow::Result<()> {
         send_command(&producer, &world.settings, &id, selector).await?;
         good.push(id);
     }
-    let results = drain(&world.settings, &good, run.drain).await?;
+    let results = drain(&world.settings, &good, run.drain, &mut instances).await?;
+    let max_stall = stall_watch.stop().await?;
     // Let the relay finish, then stop the instances cleanly.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    instances.restart_the_dead()?;
     for slot in 0..3 {
-        instances.signal(slot, "TERM");
-        instances.reap(slot, Duration::from_secs(60));
+        instances.terminate(slot);
     }
     let sent = checks::Sent {
         good: &good,
@@ -294,8 +299,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
     world.sim_stop.cancel();
+    let max_stall_s = max_stall.as_secs();
     println!(
-        "chaos: seed={} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={}",
+        "chaos: seed={} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={}",
         o.seed,
         faults.kills,
         faults.sigterms,
@@ -309,7 +315,14 @@ async fn main() -> anyhow::Result<()> {
         verdict.gaps,
         verdict.stalled,
         verdict.leaked_secrets,
+        instances.crashes,
+        instances.unclean_exits,
+        verdict.out_of_order,
+        verdict.repeats,
     );
+    for problem in &verdict.problems {
+        eprintln!("chaos: change topic: {problem}");
+    }
     eprintln!(
         "chaos: scale changes {}, good commands {}, change events {}, logs in {}",
         faults.scale_changes,
@@ -317,11 +330,20 @@ async fn main() -> anyhow::Result<()> {
         verdict.events,
         world.dir.display()
     );
-    if !verdict.passed() {
+    let clean_run = instances.crashes + instances.unclean_exits == 0 && max_stall <= MAX_STALL;
+    if !verdict.passed() || !clean_run {
         std::process::exit(1);
     }
     Ok(())
 }
+
+/// Partitions of the run's request topic.
+const PARTITIONS: i32 = 12;
+
+/// The longest a partition with commands pending may go without progress: the upstream retry
+/// budget the instances run with (60 s), a session timeout (6 s) and a broker or database
+/// restart, with room to spare. Above it the run fails.
+const MAX_STALL: Duration = Duration::from_secs(180);
 
 /// How long and how large this run is.
 struct RunPlan {
@@ -354,22 +376,22 @@ impl RunPlan {
 }
 
 /// Waits until every good command has a completed result (failed ones are replayed from the
-/// DLQ, as an operator would) or `within` passes; returns every result read.
+/// DLQ, as an operator would) or `within` passes; returns every result record read. An
+/// instance that dies meanwhile is counted and restarted.
 async fn drain(
     settings: &Settings,
     good: &[String],
     within: Duration,
-) -> anyhow::Result<Vec<Value>> {
+    instances: &mut world::Instances,
+) -> anyhow::Result<Vec<OwnedMessage>> {
     let deadline = Instant::now() + within;
     let mut last_replay = Instant::now() - Duration::from_secs(60);
     loop {
-        let results: Vec<Value> = read_all(settings, &settings.topics.results)?
-            .iter()
-            .map(json_of)
-            .collect();
+        let records = read_all(settings, &settings.topics.results)?;
+        let results: Vec<Value> = records.iter().map(json_of).collect();
         let completed = with_status(&results, &["completed"]);
         if good.iter().all(|id| completed.contains(id.as_str())) || Instant::now() > deadline {
-            return Ok(results);
+            return Ok(records);
         }
         // Each DLQ record is replayed once: replay remembers its place.
         if results.iter().any(|r| r["status"] == "failed")
@@ -381,6 +403,7 @@ async fn drain(
             }
             last_replay = Instant::now();
         }
+        instances.restart_the_dead()?;
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
 }

@@ -88,7 +88,7 @@ impl Schedule {
                 78..=86 => self.hostile(world, producer).await?,
                 _ => self.sim_fault(world).await,
             }
-            restart_the_dead(instances)?;
+            instances.restart_the_dead()?;
         }
     }
 
@@ -107,11 +107,7 @@ impl Schedule {
 
     fn sigterm(&mut self, instances: &mut Instances, alive: &[usize]) -> anyhow::Result<()> {
         let slot = alive[self.rng.gen_range(0..alive.len())];
-        instances.signal(slot, "TERM");
-        let code = instances.reap(slot, Duration::from_secs(60));
-        if code != Some(0) {
-            eprintln!("chaos: instance {slot} exited with {code:?} after SIGTERM");
-        }
+        instances.terminate(slot);
         self.sigterms += 1;
         instances.start(slot)
     }
@@ -119,8 +115,7 @@ impl Schedule {
     /// 3 → 1 → 3.
     async fn scale_down_and_up(&mut self, instances: &mut Instances) -> anyhow::Result<()> {
         for slot in [1, 2] {
-            instances.signal(slot, "TERM");
-            instances.reap(slot, Duration::from_secs(60));
+            instances.terminate(slot);
             self.sigterms += 1;
         }
         self.scale_changes += 1;
@@ -183,18 +178,4 @@ impl Schedule {
         world.sim.set_faults(Faults::default());
         self.sim_faults += 1;
     }
-}
-
-/// An instance that died on its own (not by our hand) is reported and restarted.
-fn restart_the_dead(instances: &mut Instances) -> anyhow::Result<()> {
-    for slot in 0..3 {
-        if let Some(child) = instances.slots[slot].as_mut()
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            eprintln!("chaos: instance {slot} exited by itself ({status}); restarting");
-            instances.slots[slot] = None;
-            instances.start(slot)?;
-        }
-    }
-    Ok(())
 }

@@ -96,6 +96,8 @@ impl World {
             env: self.env.clone(),
             slots: vec![None, None, None],
             started: 0,
+            crashes: 0,
+            unclean_exits: 0,
         })
     }
 }
@@ -273,9 +275,41 @@ pub struct Instances {
     env: HashMap<String, String>,
     pub slots: Vec<Option<Child>>,
     started: usize,
+    /// Instances that exited by themselves (not by our hand).
+    pub crashes: u32,
+    /// Instances that did not exit 0 within a minute of SIGTERM.
+    pub unclean_exits: u32,
 }
 
 impl Instances {
+    /// SIGTERM, then waits up to a minute: anything but exit 0 in time is an unclean exit.
+    pub fn terminate(&mut self, slot: usize) {
+        if self.slots[slot].is_none() {
+            return;
+        }
+        self.signal(slot, "TERM");
+        let code = self.reap(slot, Duration::from_secs(60));
+        if code != Some(0) {
+            eprintln!("chaos: instance {slot} exited with {code:?} after SIGTERM");
+            self.unclean_exits += 1;
+        }
+    }
+
+    /// An instance that died on its own is counted as a crash and restarted.
+    pub fn restart_the_dead(&mut self) -> anyhow::Result<()> {
+        for slot in 0..self.slots.len() {
+            if let Some(child) = self.slots[slot].as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                eprintln!("chaos: instance {slot} exited by itself ({status}); restarting");
+                self.crashes += 1;
+                self.slots[slot] = None;
+                self.start(slot)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn start(&mut self, slot: usize) -> anyhow::Result<()> {
         if self.slots[slot].is_some() {
             return Ok(());

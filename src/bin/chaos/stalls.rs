@@ -1,0 +1,89 @@
+//! Stalls, measured while the run goes on: every two seconds, for each partition of the
+//! request topic, the group's committed offset against the partition's end. A partition with
+//! commands pending whose committed offset does not move is stalled; the longest such stretch
+//! is the run's `max_stall_s`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use product_sync::config::Settings;
+use product_sync::kafka::client_config;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How often the partitions are looked at.
+const EVERY: Duration = Duration::from_secs(2);
+
+pub struct StallWatch {
+    stop: CancellationToken,
+    task: JoinHandle<Duration>,
+}
+
+impl StallWatch {
+    pub fn start(settings: &Settings, partitions: i32) -> Self {
+        let stop = CancellationToken::new();
+        let (settings, stopped) = (settings.clone(), stop.clone());
+        let task = tokio::task::spawn_blocking(move || watch(&settings, partitions, &stopped));
+        StallWatch { stop, task }
+    }
+
+    /// Stops watching; the longest stall seen.
+    pub async fn stop(self) -> anyhow::Result<Duration> {
+        self.stop.cancel();
+        Ok(self.task.await?)
+    }
+}
+
+fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Duration {
+    let consumer: Option<BaseConsumer> = client_config(&settings.kafka)
+        .set("group.id", &settings.kafka.group_id)
+        .create()
+        .ok();
+    let Some(consumer) = consumer else {
+        eprintln!("chaos: the stall watch could not create its client");
+        return Duration::MAX;
+    };
+    let topic = &settings.topics.requests;
+    // Per partition: the committed offset last seen and since when it has not moved while
+    // commands were pending.
+    let mut since: HashMap<i32, (i64, Instant)> = HashMap::new();
+    let mut longest = Duration::ZERO;
+    while !stop.is_cancelled() {
+        for p in 0..partitions {
+            let Some((committed, high)) = position(&consumer, topic, p) else {
+                continue;
+            };
+            let now = Instant::now();
+            match since.get(&p) {
+                _ if committed >= high => {
+                    since.remove(&p);
+                }
+                Some((seen, from)) if *seen == committed => {
+                    longest = longest.max(now - *from);
+                }
+                _ => {
+                    since.insert(p, (committed, now));
+                }
+            }
+        }
+        std::thread::sleep(EVERY);
+    }
+    longest
+}
+
+/// The group's committed offset and the end of a partition (`None` while the broker does
+/// not answer: the stretch goes on).
+fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    let timeout = Duration::from_secs(5);
+    let (_, high) = consumer.fetch_watermarks(topic, partition, timeout).ok()?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(list, timeout).ok()?;
+    let committed = match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) => o,
+        _ => 0,
+    };
+    Some((committed, high))
+}
