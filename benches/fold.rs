@@ -2,7 +2,11 @@
 //! insert or update through sea-orm's ActiveModel) in three situations — initial load,
 //! re-sync with nothing changed, re-sync with 10% changed. Prints one parseable line per case:
 //!
-//! `fold-bench: case=<initial|unchanged|changed10> products=<n> batched_per_s=<x> naive_per_s=<y> ratio=<x/y>`
+//! `fold-bench: case=<initial|unchanged|changed10> products=<n> runs=<r> batched_per_s=<x> naive_per_s=<y> ratio=<x/y> range=<min-max batched>`
+//!
+//! After an untimed warm-up, each case runs `--runs` times (default 3) on fresh systems; the
+//! figures are medians. Each run's outcome counts are asserted (created, updated, unchanged),
+//! so a fold that did nothing cannot pass for a fast one.
 //!
 //! Run: `deploy/local/postgres.sh up && cargo bench --bench fold` (options after `--`:
 //! `--products N` (default 20000), `--naive-products N` (default 3000; 0 skips the baseline and prints
@@ -78,20 +82,53 @@ async fn batched(
     system: &str,
     products: &[Product],
     page_size: usize,
-) -> Duration {
+) -> (Duration, Counts) {
     let ctx = FoldContext {
         system,
         request_id: Some("bench"),
         traceparent: None,
     };
     let policy = RetryPolicy::with_budget(Duration::from_secs(60));
+    let mut counts = Counts::default();
     let started = Instant::now();
     for page in products.chunks(page_size) {
-        fold_page(db, &ctx, page, &policy)
+        let o = fold_page(db, &ctx, page, &policy)
             .await
             .expect("batched fold");
+        counts.created += o.created as usize;
+        counts.updated += o.updated as usize;
+        counts.unchanged += (o.unchanged + o.stale) as usize;
     }
-    started.elapsed()
+    (started.elapsed(), counts)
+}
+
+/// What a fold did, so a fold that did nothing cannot pass for a fast one.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    created: usize,
+    updated: usize,
+    /// Unchanged or stale: nothing written.
+    unchanged: usize,
+}
+
+/// What each case must do to `n` products.
+fn expected(case: &str, n: usize) -> Counts {
+    let changed = n.div_ceil(10);
+    match case {
+        "initial" => Counts {
+            created: n,
+            ..Counts::default()
+        },
+        "unchanged" => Counts {
+            unchanged: n,
+            ..Counts::default()
+        },
+        _ => Counts {
+            updated: changed,
+            unchanged: n - changed,
+            ..Counts::default()
+        },
+    }
 }
 
 fn model_to_content(m: &products::Model) -> Content {
@@ -168,7 +205,8 @@ async fn naive(
     system: &str,
     items: &[Product],
     page_size: usize,
-) -> Duration {
+) -> (Duration, Counts) {
+    let mut counts = Counts::default();
     let started = Instant::now();
     for page in items.chunks(page_size) {
         let txn = db.begin().await.expect("begin");
@@ -184,7 +222,10 @@ async fn naive(
             let now = Utc::now();
             let c = &p.content;
             let (op, revision, changes, before, id) = match found {
-                Some(m) if p.version < m.source_version || m.content_hash == hash => continue,
+                Some(m) if p.version < m.source_version || m.content_hash == hash => {
+                    counts.unchanged += 1;
+                    continue;
+                }
                 Some(m) => {
                     let before = Product {
                         content: model_to_content(&m),
@@ -197,6 +238,7 @@ async fn naive(
                     am.id = Set(m.id);
                     am.created_at = NotSet;
                     am.update(&txn).await.expect("update");
+                    counts.updated += 1;
                     ("updated", revision, changes, before.to_json(), m.id)
                 }
                 None => {
@@ -204,6 +246,7 @@ async fn naive(
                         .insert(&txn)
                         .await
                         .expect("insert");
+                    counts.created += 1;
                     ("created", 1, diff::created(c), Value::Null, m.id)
                 }
             };
@@ -230,11 +273,23 @@ async fn naive(
         }
         txn.commit().await.expect("commit");
     }
-    started.elapsed()
+    (started.elapsed(), counts)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// `min–max` of the samples.
+fn spread(xs: Vec<f64>) -> String {
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(0.0, f64::max);
+    format!("{min:.0}-{max:.0}")
 }
 
 #[tokio::main]
@@ -246,6 +301,7 @@ async fn main() {
     let n = arg("--products", 20_000);
     let n_naive = arg("--naive-products", 3_000).min(n);
     let page_size = arg("--page-size", 500);
+    let runs = arg("--runs", 3).max(1);
 
     let server = std::env::var("PRODUCT_SYNC_BENCH_DATABASE_URL").unwrap_or_else(|_| {
         "postgres://product_sync:product_sync@127.0.0.1:5432/product_sync".into()
@@ -281,18 +337,50 @@ async fn main() {
         "fold bench: {n} products (naive: {n_naive}), pages of {page_size}, PostgreSQL at {name}"
     );
 
-    // `--naive-products 0` skips the baseline (for profiling the batched fold alone).
+    // A warm-up (pool, plans, caches) that is not timed, then `--runs` samples, each on
+    // systems of its own so that `initial` is a real initial load every time; the median is
+    // reported. Every sample's counts are checked: a fold that did nothing fails the bench.
+    batched(&db, "bench-warmup", &v1[..page_size.min(n)], page_size).await;
+    let mut samples: Vec<[(f64, f64); 3]> = Vec::new();
+    for run in 0..runs {
+        let mut sample = [(0.0, 0.0); 3];
+        for (i, (case, batch)) in [("initial", &v1), ("unchanged", &v1), ("changed10", &v2)]
+            .into_iter()
+            .enumerate()
+        {
+            let (b, counts) = batched(&db, &format!("bench-batched-{run}"), batch, page_size).await;
+            assert_eq!(counts, expected(case, n), "batched fold, case {case}");
+            sample[i].0 = rate(n, b);
+            if n_naive > 0 {
+                let (nv, counts) = naive(
+                    &db,
+                    &format!("bench-naive-{run}"),
+                    &batch[..n_naive],
+                    page_size,
+                )
+                .await;
+                assert_eq!(counts, expected(case, n_naive), "naive fold, case {case}");
+                sample[i].1 = rate(n_naive, nv);
+            }
+        }
+        samples.push(sample);
+    }
     let mut lines = Vec::new();
-    for (case, batch) in [("initial", &v1), ("unchanged", &v1), ("changed10", &v2)] {
-        let b = batched(&db, "bench-batched", batch, page_size).await;
+    for (i, case) in ["initial", "unchanged", "changed10"]
+        .into_iter()
+        .enumerate()
+    {
+        let x = median(samples.iter().map(|s| s[i].0).collect());
+        let spread = spread(samples.iter().map(|s| s[i].0).collect());
         if n_naive == 0 {
-            eprintln!("fold bench: case={case} batched_per_s={:.0}", rate(n, b));
+            lines.push(format!(
+                "fold-bench: case={case} products={n} runs={runs} batched_per_s={x:.0} range={spread}"
+            ));
             continue;
         }
-        let nv = naive(&db, "bench-naive", &batch[..n_naive], page_size).await;
-        let (x, y) = (rate(n, b), rate(n_naive, nv));
+        let y = median(samples.iter().map(|s| s[i].1).collect());
         lines.push(format!(
-            "fold-bench: case={case} products={n} batched_per_s={x:.0} naive_per_s={y:.0} ratio={:.1}",
+            "fold-bench: case={case} products={n} runs={runs} batched_per_s={x:.0} naive_per_s={y:.0} ratio={:.1} range={spread}",
             x / y
         ));
     }

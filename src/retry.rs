@@ -3,7 +3,9 @@
 //! permanent errors stop at once. Two shapes:
 //! - [`retry`]: one call, retried within a budget (then the last error surfaces);
 //! - [`Backoff`]: the waits of a loop that retries until the failure heals or the loop is
-//!   cancelled (a command's store writes, the relay's rounds, a consumer's errors).
+//!   cancelled (a command's store writes, the relay's rounds, a partition queue's errors). The
+//!   consumer's main queue is never waited on: its errors are reports, and a pause there
+//!   would hold up the group's rebalances.
 
 use std::fmt::Display;
 use std::future::Future;

@@ -280,7 +280,6 @@ fn drive(consumer: Arc<StreamConsumer<Context>>, stop: CancellationToken) -> Joi
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         runtime.block_on(async {
-            let mut backoff = Backoff::new(RetryPolicy::until_cancelled(Duration::from_secs(5)));
             loop {
                 let received = tokio::select! {
                     biased;
@@ -289,15 +288,12 @@ fn drive(consumer: Arc<StreamConsumer<Context>>, stop: CancellationToken) -> Joi
                 };
                 match received {
                     Ok(message) => rewind_to(&consumer, &message),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "consumer error; continuing");
-                        if backoff.wait(&stop).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
+                    // Errors here are librdkafka's reports (a broker down, a failed connect):
+                    // it recovers by itself. Never wait on them: every moment this loop does
+                    // not poll, the group's rebalances wait for this member (a chaos run once
+                    // stalled the whole group for five minutes behind a growing backoff here).
+                    Err(e) => tracing::warn!(error = %e, "consumer error; continuing"),
                 }
-                backoff.reset();
             }
         })
     })

@@ -162,13 +162,19 @@ impl World {
         InProcess { ops, stop, task }
     }
 
+    /// The log of a child process started with [`World::spawn_process`].
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-{name}.log", self.settings.kafka.group_id))
+    }
+
     /// A `product-sync run` child process with this world's configuration; killed when the
     /// guard drops (so a failing test leaves no process behind).
     pub fn spawn_process(&self, name: &str, extra: &[(&str, &str)]) -> ChildGuard {
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("{}-{name}.log", self.settings.kafka.group_id)),
-        )
-        .expect("log file");
+        let log = std::fs::File::create(self.log_path(name)).expect("log file");
         std::process::Command::new(env!("CARGO_BIN_EXE_product-sync"))
             .arg("run")
             .current_dir(manifest_dir())
@@ -848,10 +854,15 @@ async fn two_processes_in_one_group_with_overlapping_selectors_agree_with_the_tr
     let w = world(5000, 6).await;
     let mut a = w.spawn_process("a", &[]);
     let mut b = w.spawn_process("b", &[]);
+    // Registration comes before the group join: wait for both to hold partitions.
     wait_for(
-        "both instances registered",
+        "both instances to be assigned partitions",
         Duration::from_secs(60),
-        || async { (w.sim.sim.registrations().len() == 2).then_some(()) },
+        || async {
+            (w.log_of("a").contains("partitions assigned")
+                && w.log_of("b").contains("partitions assigned"))
+            .then_some(())
+        },
     )
     .await;
     let selectors = [
@@ -894,6 +905,13 @@ async fn two_processes_in_one_group_with_overlapping_selectors_agree_with_the_tr
     assert_eq!(stored_products, truth);
     let events = w.read_all(&w.settings.topics.changes).await;
     assert_gapless(&events, &stored);
+    // Both did work: each instance completed commands of its own partitions.
+    for name in ["a", "b"] {
+        assert!(
+            w.log_of(name).contains("command completed"),
+            "instance {name} completed no command"
+        );
+    }
 
     signal(&a, "TERM");
     signal(&b, "TERM");
@@ -947,8 +965,9 @@ async fn kill_9_in_the_middle_of_a_large_command_then_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_during_a_command_exits_cleanly_and_the_command_completes_after_restart() {
     let w = world(3000, 1).await;
+    // Pages slow enough that the rest of the command outlasts the drain (3 s here).
     w.sim.sim.set_faults(Faults {
-        latency_ms: 150,
+        latency_ms: 400,
         ..Faults::default()
     });
     let mut a = w.spawn_process("a", &[("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "40")]);
@@ -959,12 +978,25 @@ async fn sigterm_during_a_command_exits_cleanly_and_the_command_completes_after_
         || async { (!w.stored().await.is_empty()).then_some(()) },
     )
     .await;
+    let truth = w.truth(&selector(json!({"category": "cash"})));
+    let unfinished = |stored: usize, results: &[Value]| {
+        stored < truth.len() && !results.iter().any(|r| r["request_id"] == "graceful")
+    };
+    assert!(
+        unfinished(w.stored().await.len(), &w.results().await),
+        "the signal must arrive mid-command"
+    );
     signal(&a, "TERM");
     let status = wait_exit(&mut a, Duration::from_secs(60)).await;
     assert!(status.success(), "clean exit on SIGTERM, got {status}");
     assert!(
         w.sim.sim.registrations().is_empty(),
         "deregistered before exiting"
+    );
+    // Cut: abandoned at the drain deadline, not finished and not skipped.
+    assert!(
+        unfinished(w.stored().await.len(), &w.results().await),
+        "the command was cut, not completed, by the shutdown"
     );
 
     w.sim.sim.set_faults(Faults::default());
