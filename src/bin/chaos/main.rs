@@ -277,13 +277,7 @@ async fn main() -> anyhow::Result<()> {
     for slot in 0..3 {
         instances.start(slot)?;
     }
-    // Upstream settles; a last round asks for every selector once more, so the store's final
-    // state can be compared with the final truth.
-    for (i, selector) in selectors().iter().enumerate() {
-        let id = format!("chaos-final-{i}");
-        send_command(&producer, &world.settings, &id, selector).await?;
-        good.push(id);
-    }
+    good.extend(final_round(&producer, &world.settings).await?);
     let results = drain(&world.settings, &good, run.drain, &mut instances).await?;
     let max_stall = stall_watch.stop().await?;
     // Let the relay finish, then stop the instances cleanly.
@@ -299,15 +293,59 @@ async fn main() -> anyhow::Result<()> {
     };
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
     world.sim_stop.cancel();
+    result_line(
+        o.seed,
+        &faults,
+        &instances,
+        &verdict,
+        max_stall,
+        bad_sent.len(),
+    );
+    eprintln!(
+        "chaos: scale changes {}, good commands {}, change events {}, logs in {}",
+        faults.scale_changes,
+        good.len(),
+        verdict.events,
+        world.dir.display()
+    );
+    let clean_run = instances.crashes + instances.unclean_exits == 0 && max_stall <= MAX_STALL;
+    if !verdict.passed() || !clean_run {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Upstream settles; a last round asks for every selector once more, so the store's final
+/// state can be compared with the final truth. Returns the commands' ids.
+async fn final_round(
+    producer: &FutureProducer,
+    settings: &Settings,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for (i, selector) in selectors().iter().enumerate() {
+        let id = format!("chaos-final-{i}");
+        send_command(producer, settings, &id, selector).await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Prints the run's one result line, then the change topic's problems if any.
+fn result_line(
+    seed: u64,
+    faults: &schedule::Schedule,
+    instances: &world::Instances,
+    verdict: &checks::Verdict,
+    max_stall: Duration,
+    bad_commands: usize,
+) {
     let max_stall_s = max_stall.as_secs();
     println!(
-        "chaos: seed={} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={}",
-        o.seed,
+        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={}",
         faults.kills,
         faults.sigterms,
         faults.broker_restarts,
         faults.db_restarts,
-        bad_sent.len(),
         faults.hostile_ids.len(),
         verdict.products,
         verdict.lost,
@@ -323,18 +361,6 @@ async fn main() -> anyhow::Result<()> {
     for problem in &verdict.problems {
         eprintln!("chaos: change topic: {problem}");
     }
-    eprintln!(
-        "chaos: scale changes {}, good commands {}, change events {}, logs in {}",
-        faults.scale_changes,
-        good.len(),
-        verdict.events,
-        world.dir.display()
-    );
-    let clean_run = instances.crashes + instances.unclean_exits == 0 && max_stall <= MAX_STALL;
-    if !verdict.passed() || !clean_run {
-        std::process::exit(1);
-    }
-    Ok(())
 }
 
 /// Partitions of the run's request topic.
