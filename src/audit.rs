@@ -8,9 +8,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::Message;
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use serde_json::Value;
 
+use crate::kafka::header_text;
 use crate::wire::headers::CE_ID;
 
 /// Problems described in full, at most this many (the counts go on).
@@ -54,7 +55,7 @@ impl Audit {
             let event: Value =
                 serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
             let revision = event["revision"].as_i64().unwrap_or(-1);
-            let ce_id = ce_id(m);
+            let ce_id = header_text(m, CE_ID).unwrap_or_default();
             let mut body = event.clone();
             if let Some(o) = body.as_object_mut() {
                 o.remove("changed_at");
@@ -146,14 +147,6 @@ fn not_following(event: &Value, previous: Option<&Previous>) -> Option<String> {
         }
         Some(_) => None,
     }
-}
-
-fn ce_id(m: &OwnedMessage) -> String {
-    m.headers()
-        .and_then(|h| h.iter().find(|h| h.key == CE_ID))
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -12,14 +12,14 @@ use product_sync::product::{Identity, Product};
 use product_sync::store::fold::load_all;
 use product_sync::wire::dlq as dlqh;
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Headers, OwnedMessage};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde_json::Value;
 
+use crate::stalls::position;
 use crate::world::World;
-use crate::{SECRET, json_of, read_all, selectors, with_status};
+use crate::{PARTITIONS, SECRET, json_of, read_all, selectors, with_status};
 
 /// What the run sent.
 pub struct Sent<'a> {
@@ -205,18 +205,8 @@ fn stalled_partitions(world: &World) -> anyhow::Result<usize> {
         .set("group.id", &settings.kafka.group_id)
         .create()?;
     let mut stalled = 0;
-    for p in 0..12 {
-        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        let mut list = TopicPartitionList::new();
-        list.add_partition(topic, p);
-        let committed = match consumer
-            .committed_offsets(list, Duration::from_secs(10))?
-            .find_partition(topic, p)
-            .map(|e| e.offset())
-        {
-            Some(Offset::Offset(o)) => o,
-            _ => 0,
-        };
+    for p in 0..PARTITIONS {
+        let (committed, high) = position(&consumer, topic, p, Duration::from_secs(10))?;
         if committed < high {
             stalled += 1;
         }

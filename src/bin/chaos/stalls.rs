@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use product_sync::config::Settings;
 use product_sync::kafka::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +53,9 @@ fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Dura
     let mut longest = Duration::ZERO;
     while !stop.is_cancelled() {
         for p in 0..partitions {
-            let Some((committed, high)) = position(&consumer, topic, p) else {
+            // While the broker does not answer, the stretch goes on.
+            let Ok((committed, high)) = position(&consumer, topic, p, Duration::from_secs(5))
+            else {
                 continue;
             };
             let now = Instant::now();
@@ -73,17 +76,23 @@ fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Dura
     longest
 }
 
-/// The group's committed offset and the end of a partition (`None` while the broker does
-/// not answer: the stretch goes on).
-fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<(i64, i64)> {
-    let timeout = Duration::from_secs(5);
-    let (_, high) = consumer.fetch_watermarks(topic, partition, timeout).ok()?;
+/// The group's committed offset (0 when none) and the end of a partition.
+pub fn position(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), KafkaError> {
+    let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
     let mut list = TopicPartitionList::new();
     list.add_partition(topic, partition);
-    let committed = consumer.committed_offsets(list, timeout).ok()?;
-    let committed = match committed.find_partition(topic, partition)?.offset() {
-        Offset::Offset(o) => o,
+    let committed = match consumer
+        .committed_offsets(list, timeout)?
+        .find_partition(topic, partition)
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(o)) => o,
         _ => 0,
     };
-    Some((committed, high))
+    Ok((committed, high))
 }

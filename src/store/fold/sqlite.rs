@@ -83,13 +83,11 @@ fn products_statement(
     for w in writes {
         let mut values: Vec<Expr> = Vec::with_capacity(Column::ALL.len());
         for column in Column::ALL {
-            values.push(match column.kind() {
-                Kind::System => system.into(),
-                Kind::Now => now.into(),
-                _ => match column.value(w)? {
-                    Some(value) => Expr::value(sea_orm::Value::from(value)),
-                    None => Expr::value(sea_orm::Value::String(None)),
-                },
+            // Only the statement-wide columns have no per-row value.
+            values.push(match column.value(w)? {
+                Some(value) => Expr::value(sea_orm::Value::from(value)),
+                None if column.kind() == Kind::System => system.into(),
+                None => now.into(),
             });
         }
         insert
