@@ -194,10 +194,15 @@ impl Pipeline {
     /// the group.
     pub async fn run(self, stop: CancellationToken) -> Result<(), PipelineError> {
         let (rebalances_tx, mut rebalances) = mpsc::unbounded_channel();
-        let consumer: StreamConsumer<Context> = client_config(&self.kafka)
+        let mut config = client_config(&self.kafka);
+        // The commit cadence may be tuned through `kafka.librdkafka`; what makes an offset
+        // safe to commit (stored only once its command is done) may not.
+        if config.get("auto.commit.interval.ms").is_none() {
+            config.set("auto.commit.interval.ms", "1000");
+        }
+        let consumer: StreamConsumer<Context> = config
             .set("group.id", &self.kafka.group_id)
             .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "5000")

@@ -180,3 +180,99 @@ pub fn captured_logs() -> LogBuffer {
     })
     .clone()
 }
+
+/// A TCP proxy the test can cut and restore: an outage of one server (the broker, PostgreSQL)
+/// for one process, without stopping the server the other tests share. Cut, it closes every
+/// open connection and each new one at once; `refused` counts the connections it turned away.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+struct ProxyState {
+    target: String,
+    open: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU64,
+    /// Cancelled on every cut; the connections of one generation hold a child of it.
+    live: std::sync::Mutex<tokio_util::sync::CancellationToken>,
+}
+
+impl Proxy {
+    /// Listens on a free local port and forwards to `target` (`host:port`); `open` or cut.
+    pub async fn start(target: &str, open: bool) -> Proxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy listens");
+        let addr = listener.local_addr().expect("proxy address");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let state = std::sync::Arc::new(ProxyState {
+            target: target.to_owned(),
+            open: AtomicBool::new(open),
+            refused: AtomicU64::new(0),
+            live: std::sync::Mutex::new(stop.child_token()),
+        });
+        let accepting = state.clone();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(c) => c,
+                        Err(_) => continue,
+                    },
+                };
+                if !accepting.open.load(Ordering::SeqCst) {
+                    accepting.refused.fetch_add(1, Ordering::SeqCst);
+                    drop(inbound);
+                    continue;
+                }
+                let live = accepting
+                    .live
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .child_token();
+                let target = accepting.target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = live.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            state,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.state.open.store(false, Ordering::SeqCst);
+        let mut live = self.state.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.cancel();
+        *live = tokio_util::sync::CancellationToken::new();
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.state
+            .open
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections turned away while cut.
+    pub fn refused(&self) -> u64 {
+        self.state
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

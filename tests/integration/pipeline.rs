@@ -278,9 +278,18 @@ impl World {
                 .unwrap();
             let mut list = TopicPartitionList::new();
             list.add_partition(&topic, partition);
-            let committed = consumer
-                .committed_offsets(list, Duration::from_secs(10))
-                .unwrap();
+            // A fresh broker's group coordinator may not be ready yet: ask again.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let committed = loop {
+                match consumer.committed_offsets(list.clone(), Duration::from_secs(10)) {
+                    Ok(c) => break c,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        eprintln!("reading committed offsets: {e}; asking again");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => panic!("reading committed offsets: {e}"),
+                }
+            };
             match committed
                 .find_partition(&topic, partition)
                 .map(|e| e.offset())
@@ -928,6 +937,12 @@ async fn kill_9_in_the_middle_of_a_large_command_then_restart_loses_nothing() {
         ..Faults::default()
     });
     let mut a = w.spawn_process("a", &[("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "40")]);
+    // One small command done and committed first: the kill must not move the offset past
+    // the big one.
+    w.command("small", json!({"product_codes": ["WM0000001"]}))
+        .await;
+    w.wait_results(&["small"], Duration::from_secs(60)).await;
+    wait_committed(&w, 0, 1).await;
     w.command("big", json!({"category": "mixed"})).await;
     wait_for(
         "the first pages to be folded",
@@ -944,6 +959,11 @@ async fn kill_9_in_the_middle_of_a_large_command_then_restart_loses_nothing() {
         "killed mid-command ({partial} of {})",
         truth.len()
     );
+    assert_eq!(
+        w.committed(0).await,
+        Some(1),
+        "after kill -9 the committed offset is the unfinished command's own"
+    );
 
     w.sim.sim.set_faults(Faults::default());
     let mut b = w.spawn_process("b", &[]);
@@ -952,9 +972,11 @@ async fn kill_9_in_the_middle_of_a_large_command_then_restart_loses_nothing() {
         results.iter().find(|r| r["request_id"] == "big").unwrap()["status"],
         "completed"
     );
+    wait_committed(&w, 0, 2).await;
     w.wait_outbox_empty(Duration::from_secs(60)).await;
     let stored = w.stored().await;
-    let stored_products = products_of(&stored);
+    let mut stored_products = products_of(&stored);
+    stored_products.retain(|i, _| truth.contains_key(i));
     assert_eq!(stored_products, truth, "nothing missing from the store");
     let events = w.read_all(&w.settings.topics.changes).await;
     assert_gapless(&events, &stored);
@@ -1146,4 +1168,191 @@ async fn one_runtime_thread_is_enough_through_a_rebalance_with_a_command_in_flig
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// Waits until the group's committed offset of `partition` is `offset`.
+pub async fn wait_committed(w: &World, partition: i32, offset: i64) {
+    wait_for(
+        &format!("offset {offset} committed on partition {partition}"),
+        Duration::from_secs(60),
+        || async { (w.committed(partition).await == Some(offset)).then_some(()) },
+    )
+    .await;
+}
+
+/// Auto-commit effectively off: only the revoke and shutdown commits remain.
+const NO_TIMER_COMMIT: (&str, &str) = (
+    "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__AUTO_COMMIT_INTERVAL_MS",
+    "3600000",
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offsets_stored_before_a_rebalance_are_committed_on_revoke() {
+    let w = world(300, 6).await;
+    let _a = w.spawn_process("a", &[NO_TIMER_COMMIT]);
+    wait_for("a to hold partitions", Duration::from_secs(60), || async {
+        w.log_of("a").contains("partitions assigned").then_some(())
+    })
+    .await;
+    let ids: Vec<String> = (0..6).map(|p| format!("revoke-{p}")).collect();
+    for (p, id) in ids.iter().enumerate() {
+        let body = json!({"request_id": id, "selector": {"category": "cash"}}).to_string();
+        w.producer
+            .send(
+                FutureRecord::to(&w.settings.topics.requests)
+                    .partition(p as i32)
+                    .key(id.as_str())
+                    .payload(body.as_bytes()),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("command produced");
+    }
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    w.wait_results(&refs, Duration::from_secs(60)).await;
+    // Done and stored, but no timer commit yet: what follows can only be the revoke's.
+    for p in 0..6 {
+        assert_eq!(w.committed(p).await, None, "partition {p} committed too early");
+    }
+    let _b = w.spawn_process("b", &[NO_TIMER_COMMIT]);
+    wait_for("b to hold partitions", Duration::from_secs(60), || async {
+        w.log_of("b").contains("partitions assigned").then_some(())
+    })
+    .await;
+    // The assignment (eager protocol) completes only after a's revoke callback has
+    // returned: every partition it gave up carries its done command's offset.
+    for p in 0..6 {
+        assert_eq!(
+            w.committed(p).await,
+            Some(1),
+            "partition {p}: stored offset not committed on revoke"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_holds_the_partition_and_the_command_completes_after_it() {
+    let w = world(600, 1).await;
+    let mut url = url::Url::parse(w.settings.database.url.expose_secret()).expect("url");
+    let target = format!(
+        "{}:{}",
+        url.host_str().expect("host"),
+        url.port().unwrap_or(5432)
+    );
+    let proxy = crate::helpers::Proxy::start(&target, true).await;
+    url.set_port(Some(proxy.addr.port())).expect("port");
+    let mut a = w.spawn_process("a", &[("PRODUCT_SYNC__DATABASE__URL", url.as_str())]);
+    w.command("before", json!({"category": "cash"})).await;
+    w.wait_results(&["before"], Duration::from_secs(60)).await;
+    wait_committed(&w, 0, 1).await;
+
+    proxy.cut();
+    w.command("during", json!({"category": "mixed"})).await;
+    let retrying = "command interrupted by a transient failure; retrying";
+    wait_for(
+        "the command to meet the outage (and retry twice)",
+        Duration::from_secs(60),
+        || async { (w.log_of("a").matches(retrying).count() >= 2).then_some(()) },
+    )
+    .await;
+    assert!(proxy.refused() > 0, "the instance did try to reconnect");
+    assert_eq!(
+        w.committed(0).await,
+        Some(1),
+        "the partition waits: its offset does not pass the unfinished command"
+    );
+    assert_eq!(w.stored().await.len(), w.truth(&selector(json!({"category": "cash"}))).len());
+
+    proxy.restore();
+    let results = w.wait_results(&["during"], Duration::from_secs(120)).await;
+    let during = results
+        .iter()
+        .find(|r| r["request_id"] == "during")
+        .expect("result");
+    assert_eq!(during["status"], "completed", "{during}");
+    wait_committed(&w, 0, 2).await;
+    w.wait_outbox_empty(Duration::from_secs(60)).await;
+    assert!(w.read_all(&w.settings.topics.dlq).await.is_empty());
+    let mut truth = w.truth(&selector(json!({"category": "cash"})));
+    truth.extend(w.truth(&selector(json!({"category": "mixed"}))));
+    let stored = w.stored().await;
+    assert_eq!(products_of(&stored), truth);
+    assert_gapless(&w.read_all(&w.settings.topics.changes).await, &stored);
+    signal(&a, "TERM");
+    assert!(wait_exit(&mut a, Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_process_writes_no_secret_or_token_to_its_log_or_its_topics() {
+    let w = world(300, 1).await;
+    let mut a = w.spawn_process(
+        "a",
+        &[
+            ("PRODUCT_SYNC__LOG__LEVEL", "trace"),
+            ("PRODUCT_SYNC__LOG__FORMAT", "json"),
+        ],
+    );
+    w.command("ok-1", json!({"category": "cash"})).await;
+    w.wait_results(&["ok-1"], Duration::from_secs(60)).await;
+    // The next page meets a 401: a refresh, and a second token.
+    w.sim.sim.revoke_tokens();
+    w.command("ok-2", json!({"category": "mixed"})).await;
+    w.wait_results(&["ok-2"], Duration::from_secs(60)).await;
+    w.send("bad", b"{\"request_id\": \"bad\", \"selector\": 7}", &[])
+        .await;
+    w.sim.sim.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    w.command("down", json!({"category": "equity"})).await;
+    let results = w
+        .wait_results(&["ok-1", "ok-2", "bad", "down"], Duration::from_secs(60))
+        .await;
+    let status = |id: &str| {
+        results
+            .iter()
+            .find(|r| r["request_id"] == id)
+            .map(|r| r["status"].clone())
+    };
+    assert_eq!(status("ok-2"), Some(json!("completed")));
+    assert_eq!(status("bad"), Some(json!("rejected")));
+    assert_eq!(status("down"), Some(json!("failed")));
+    signal(&a, "TERM");
+    assert!(wait_exit(&mut a, Duration::from_secs(60)).await.success());
+
+    let tokens = w.sim.sim.issued_tokens();
+    assert!(tokens.len() >= 2, "a refresh happened: {} tokens", tokens.len());
+    let log = std::fs::read(w.log_path("a")).expect("log");
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("\"level\":\"TRACE\""), "the log is at TRACE");
+    assert!(text.contains("obtained an access token"));
+    let mut haystacks = vec![("log".to_owned(), log)];
+    for topic in [
+        &w.settings.topics.results,
+        &w.settings.topics.dlq,
+        &w.settings.topics.changes,
+    ] {
+        let records = w.read_all(topic).await;
+        assert!(!records.is_empty(), "{topic} holds records to search");
+        for m in records {
+            let mut bytes = m.payload().unwrap_or_default().to_vec();
+            bytes.extend_from_slice(m.key().unwrap_or_default());
+            for h in m.headers().map(|h| h.iter().collect::<Vec<_>>()).unwrap_or_default() {
+                bytes.extend_from_slice(h.key.as_bytes());
+                bytes.extend_from_slice(h.value.unwrap_or_default());
+            }
+            haystacks.push((format!("{topic}@{}:{}", m.partition(), m.offset()), bytes));
+        }
+    }
+    let secret = w.vars["PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET"].clone();
+    for (place, bytes) in &haystacks {
+        for needle in std::iter::once(&secret).chain(tokens.iter()) {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{place} holds a secret or a token ({} bytes long)",
+                needle.len()
+            );
+        }
+    }
 }

@@ -541,3 +541,68 @@ async fn a_queued_change_whose_history_row_is_gone_is_dropped_not_retried_for_ev
     assert_eq!(queued(&w).await, 0, "the orphan left the queue");
     assert!(w.read_all(&w.settings.topics.changes).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn change_rows_wait_out_a_broker_outage_and_are_published_after_it() {
+    use product_sync::command::Selector;
+    use product_sync::retry::RetryPolicy;
+    use product_sync::store::fold::{FoldContext, fold_page};
+    let w = world(30, 1).await;
+    let page: Vec<Product> = w
+        .sim
+        .sim
+        .catalogue()
+        .select(&Selector::default())
+        .cloned()
+        .collect();
+    assert_eq!(page.len(), 30);
+    let ctx = FoldContext {
+        system: "wms",
+        request_id: Some("outage"),
+        traceparent: None,
+    };
+    fold_page(&w.db, &ctx, &page, &RetryPolicy::with_budget(Duration::from_secs(30)))
+        .await
+        .expect("fold");
+    assert_eq!(queued(&w).await, 30);
+
+    // The broker, as this relay sees it, is down: nothing answers at its bootstrap address.
+    let proxy = crate::helpers::Proxy::start(&w.settings.kafka.bootstrap_servers, false).await;
+    let mut kafka = w.settings.kafka.clone();
+    kafka.bootstrap_servers = proxy.addr.to_string();
+    let producer: FutureProducer = product_sync::kafka::producer_config(&kafka, 900_000)
+        .set("message.timeout.ms", "1500")
+        .create()
+        .expect("producer");
+    let mut relay = relay(&w, producer, 900_000);
+    relay.refresh_shards().await.expect("take the shards");
+    for _ in 0..2 {
+        let e = relay
+            .drain()
+            .await
+            .expect_err("nothing is acked while the broker is unreachable");
+        assert!(e.is_transient(), "an outage is transient: {e}");
+    }
+    assert!(proxy.refused() > 0, "the producer did try to reach the broker");
+    assert_eq!(queued(&w).await, 30, "no row leaves the queue unacked");
+    assert!(w.read_all(&w.settings.topics.changes).await.is_empty());
+
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut published = 0;
+    while queued(&w).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue did not drain after the broker came back ({} left)",
+            queued(&w).await
+        );
+        if let Ok(p) = relay.drain().await {
+            published += p.changes;
+        }
+    }
+    assert_eq!(published, 30);
+    let events = w.read_all(&w.settings.topics.changes).await;
+    assert_eq!(events.len(), 30, "each row published once");
+    let last = assert_in_order(&events);
+    assert!(last.values().all(|r| *r == 1));
+}
