@@ -271,8 +271,6 @@ impl Proxy {
 
     /// Connections turned away while cut.
     pub fn refused(&self) -> u64 {
-        self.state
-            .refused
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.state.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

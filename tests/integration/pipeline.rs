@@ -936,7 +936,14 @@ async fn kill_9_in_the_middle_of_a_large_command_then_restart_loses_nothing() {
         latency_ms: 150,
         ..Faults::default()
     });
-    let mut a = w.spawn_process("a", &[("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "40")]);
+    // A timer commit every 100 ms: an offset stored too early would be committed at once.
+    let mut a = w.spawn_process(
+        "a",
+        &[
+            ("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "40"),
+            FAST_TIMER_COMMIT,
+        ],
+    );
     // One small command done and committed first: the kill must not move the offset past
     // the big one.
     w.command("small", json!({"product_codes": ["WM0000001"]}))
@@ -1180,6 +1187,12 @@ pub async fn wait_committed(w: &World, partition: i32, offset: i64) {
     .await;
 }
 
+/// Stored offsets committed every 100 ms.
+const FAST_TIMER_COMMIT: (&str, &str) = (
+    "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__AUTO_COMMIT_INTERVAL_MS",
+    "100",
+);
+
 /// Auto-commit effectively off: only the revoke and shutdown commits remain.
 const NO_TIMER_COMMIT: (&str, &str) = (
     "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__AUTO_COMMIT_INTERVAL_MS",
@@ -1213,7 +1226,11 @@ async fn offsets_stored_before_a_rebalance_are_committed_on_revoke() {
     w.wait_results(&refs, Duration::from_secs(60)).await;
     // Done and stored, but no timer commit yet: what follows can only be the revoke's.
     for p in 0..6 {
-        assert_eq!(w.committed(p).await, None, "partition {p} committed too early");
+        assert_eq!(
+            w.committed(p).await,
+            None,
+            "partition {p} committed too early"
+        );
     }
     let _b = w.spawn_process("b", &[NO_TIMER_COMMIT]);
     wait_for("b to hold partitions", Duration::from_secs(60), || async {
@@ -1242,7 +1259,14 @@ async fn a_database_outage_holds_the_partition_and_the_command_completes_after_i
     );
     let proxy = crate::helpers::Proxy::start(&target, true).await;
     url.set_port(Some(proxy.addr.port())).expect("port");
-    let mut a = w.spawn_process("a", &[("PRODUCT_SYNC__DATABASE__URL", url.as_str())]);
+    // A timer commit every 100 ms: an offset stored too early would be committed at once.
+    let mut a = w.spawn_process(
+        "a",
+        &[
+            ("PRODUCT_SYNC__DATABASE__URL", url.as_str()),
+            FAST_TIMER_COMMIT,
+        ],
+    );
     w.command("before", json!({"category": "cash"})).await;
     w.wait_results(&["before"], Duration::from_secs(60)).await;
     wait_committed(&w, 0, 1).await;
@@ -1262,7 +1286,10 @@ async fn a_database_outage_holds_the_partition_and_the_command_completes_after_i
         Some(1),
         "the partition waits: its offset does not pass the unfinished command"
     );
-    assert_eq!(w.stored().await.len(), w.truth(&selector(json!({"category": "cash"}))).len());
+    assert_eq!(
+        w.stored().await.len(),
+        w.truth(&selector(json!({"category": "cash"}))).len()
+    );
 
     proxy.restore();
     let results = w.wait_results(&["during"], Duration::from_secs(120)).await;
@@ -1322,7 +1349,11 @@ async fn a_run_process_writes_no_secret_or_token_to_its_log_or_its_topics() {
     assert!(wait_exit(&mut a, Duration::from_secs(60)).await.success());
 
     let tokens = w.sim.sim.issued_tokens();
-    assert!(tokens.len() >= 2, "a refresh happened: {} tokens", tokens.len());
+    assert!(
+        tokens.len() >= 2,
+        "a refresh happened: {} tokens",
+        tokens.len()
+    );
     let log = std::fs::read(w.log_path("a")).expect("log");
     let text = String::from_utf8_lossy(&log);
     assert!(text.contains("\"level\":\"TRACE\""), "the log is at TRACE");
@@ -1338,7 +1369,11 @@ async fn a_run_process_writes_no_secret_or_token_to_its_log_or_its_topics() {
         for m in records {
             let mut bytes = m.payload().unwrap_or_default().to_vec();
             bytes.extend_from_slice(m.key().unwrap_or_default());
-            for h in m.headers().map(|h| h.iter().collect::<Vec<_>>()).unwrap_or_default() {
+            for h in m
+                .headers()
+                .map(|h| h.iter().collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
                 bytes.extend_from_slice(h.key.as_bytes());
                 bytes.extend_from_slice(h.value.unwrap_or_default());
             }

@@ -561,9 +561,14 @@ async fn change_rows_wait_out_a_broker_outage_and_are_published_after_it() {
         request_id: Some("outage"),
         traceparent: None,
     };
-    fold_page(&w.db, &ctx, &page, &RetryPolicy::with_budget(Duration::from_secs(30)))
-        .await
-        .expect("fold");
+    fold_page(
+        &w.db,
+        &ctx,
+        &page,
+        &RetryPolicy::with_budget(Duration::from_secs(30)),
+    )
+    .await
+    .expect("fold");
     assert_eq!(queued(&w).await, 30);
 
     // The broker, as this relay sees it, is down: nothing answers at its bootstrap address.
@@ -583,7 +588,10 @@ async fn change_rows_wait_out_a_broker_outage_and_are_published_after_it() {
             .expect_err("nothing is acked while the broker is unreachable");
         assert!(e.is_transient(), "an outage is transient: {e}");
     }
-    assert!(proxy.refused() > 0, "the producer did try to reach the broker");
+    assert!(
+        proxy.refused() > 0,
+        "the producer did try to reach the broker"
+    );
     assert_eq!(queued(&w).await, 30, "no row leaves the queue unacked");
     assert!(w.read_all(&w.settings.topics.changes).await.is_empty());
 
