@@ -177,6 +177,23 @@ fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C) {
     }
 }
 
+/// The consumer's configuration: offsets stored by the pipeline once a command is done and
+/// committed by librdkafka (every second, on revoke, at close). The commit cadence may be
+/// tuned through `kafka.librdkafka`; what makes an offset safe to commit may not.
+fn consumer_config(kafka: &KafkaSettings) -> rdkafka::ClientConfig {
+    let mut config = client_config(kafka);
+    if config.get("auto.commit.interval.ms").is_none() {
+        config.set("auto.commit.interval.ms", "1000");
+    }
+    config
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000");
+    config
+}
+
 /// The consumer loop of one instance.
 pub struct Pipeline {
     pub kafka: KafkaSettings,
@@ -194,18 +211,7 @@ impl Pipeline {
     /// the group.
     pub async fn run(self, stop: CancellationToken) -> Result<(), PipelineError> {
         let (rebalances_tx, mut rebalances) = mpsc::unbounded_channel();
-        let mut config = client_config(&self.kafka);
-        // The commit cadence may be tuned through `kafka.librdkafka`; what makes an offset
-        // safe to commit (stored only once its command is done) may not.
-        if config.get("auto.commit.interval.ms").is_none() {
-            config.set("auto.commit.interval.ms", "1000");
-        }
-        let consumer: StreamConsumer<Context> = config
-            .set("group.id", &self.kafka.group_id)
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("statistics.interval.ms", "5000")
+        let consumer: StreamConsumer<Context> = consumer_config(&self.kafka)
             .create_with_context(Context {
                 rebalances: rebalances_tx,
                 membership: self.membership.clone(),
