@@ -195,6 +195,7 @@ fn active_model(
         revision: Set(revision),
         created_at: Set(now),
         updated_at: Set(now),
+        delisted_at: Set(None),
     }
 }
 

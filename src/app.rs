@@ -109,6 +109,7 @@ impl Application {
                 results_topic: settings.topics.results.clone(),
                 fold_policy: RetryPolicy::with_budget(settings.database.connect_timeout),
                 relay_wake: wake,
+                max_delist_ratio: u.max_delist_ratio,
             }),
             membership: membership.clone(),
         };

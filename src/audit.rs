@@ -1,9 +1,11 @@
 //! The change topic, audited (the tests and the chaos run share it): per product key, in
 //! offset order, revisions start at 1 and grow by exactly one; a revision seen again must be an
 //! identical re-publication (same `ce_id`, same content but `changed_at`) — counted, allowed;
-//! each event follows on the one before it: revision 1 is `created`, later ones `updated`
-//! with non-empty `changes` and a `before` equal to the previous event's `after` (unless either
-//! was published in the reduced form, which carries neither).
+//! each event follows on the one before it: revision 1 is `created`; later ones are `updated`
+//! (non-empty `changes`), `delisted` (`after` null) or — only after a delisting — `relisted`,
+//! each with a `before` equal to the product's last state (the previous event's `after`, or
+//! for `relisted` the state at delisting), unless either was published in the reduced form,
+//! which carries neither.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,7 +22,7 @@ const PROBLEMS_KEPT: usize = 20;
 /// What the audit found.
 #[derive(Debug, Default)]
 pub struct Audit {
-    /// Per product key: the last revision in order and its `after`.
+    /// Per product key: the last revision in order and its `after` (null once delisted).
     pub last: BTreeMap<String, (i64, Value)>,
     /// Identical re-publications (at-least-once delivery): allowed.
     pub repeats: usize,
@@ -37,7 +39,9 @@ pub struct Audit {
 /// The last event of a key, as the next one must follow on it.
 struct Previous {
     revision: i64,
-    after: Value,
+    /// The product's last state: the previous `after`, or the state it was delisted in.
+    state: Value,
+    delisted: bool,
     reduced: bool,
 }
 
@@ -89,11 +93,18 @@ impl Audit {
                 audit
                     .last
                     .insert(key.clone(), (revision, event["after"].clone()));
+                let delisted = event["op"] == "delisted";
+                let state = if delisted {
+                    event["before"].clone()
+                } else {
+                    event["after"].clone()
+                };
                 previous.insert(
                     key,
                     Previous {
                         revision,
-                        after: event["after"].clone(),
+                        state,
+                        delisted,
                         reduced,
                     },
                 );
@@ -107,8 +118,8 @@ impl Audit {
         self.doubled + self.out_of_order == 0
     }
 
-    /// Products whose last published revision is not the stored one (or that have events but
-    /// are not stored, or are stored without events).
+    /// Products whose last published revision is not the stored one (or that have events and
+    /// are not delisted but are not stored, or are stored without events).
     pub fn gaps<'a>(&self, stored: impl IntoIterator<Item = (String, i64)> + 'a) -> usize {
         let stored: BTreeMap<String, i64> = stored.into_iter().collect();
         let unpublished = stored
@@ -117,8 +128,8 @@ impl Audit {
             .count();
         let unknown = self
             .last
-            .keys()
-            .filter(|k| !stored.contains_key(*k))
+            .iter()
+            .filter(|(k, (_, after))| !after.is_null() && !stored.contains_key(*k))
             .count();
         unpublished + unknown
     }
@@ -137,15 +148,24 @@ fn not_following(event: &Value, previous: Option<&Previous>) -> Option<String> {
     match previous {
         None if op != "created" => Some(format!("revision 1 is {op:?}, not \"created\"")),
         None => None,
-        Some(_) if op != "updated" => Some(format!("{op:?} after revision 1")),
-        Some(_) if reduced => None,
-        Some(_) if event["changes"].as_array().is_none_or(Vec::is_empty) => {
-            Some("an update without changes".to_owned())
-        }
-        Some(p) if !p.reduced && event["before"] != p.after => {
-            Some("`before` is not the previous event's `after`".to_owned())
-        }
-        Some(_) => None,
+        Some(p) => match (op, p.delisted) {
+            ("updated" | "delisted", true) => Some(format!("{op:?} of a delisted product")),
+            ("relisted", false) => Some("\"relisted\" of a listed product".to_owned()),
+            ("updated" | "delisted" | "relisted", _) if reduced => None,
+            ("updated", _) if event["changes"].as_array().is_none_or(Vec::is_empty) => {
+                Some("an update without changes".to_owned())
+            }
+            ("delisted", _) if !event["after"].is_null() => {
+                Some("a delisting with an `after`".to_owned())
+            }
+            ("updated" | "delisted" | "relisted", _)
+                if !p.reduced && event["before"] != p.state =>
+            {
+                Some("`before` is not the product's last state".to_owned())
+            }
+            ("updated" | "delisted" | "relisted", _) => None,
+            _ => Some(format!("{op:?} after revision 1")),
+        },
     }
 }
 
@@ -203,6 +223,45 @@ mod tests {
         assert_eq!(audit.repeats, 1);
         assert_eq!(audit.gaps([("a".to_owned(), 3)]), 0);
         assert_eq!(audit.gaps([("a".to_owned(), 4)]), 1);
+    }
+
+    #[test]
+    fn a_delisting_and_a_relisting_follow_on_the_last_state() {
+        let log = [
+            event(0, "a", 1, "created", Value::Null, v(1)),
+            event(1, "a", 2, "delisted", v(1), Value::Null),
+            event(2, "a", 3, "relisted", v(1), v(2)),
+            event(3, "a", 4, "updated", v(2), v(3)),
+        ];
+        let audit = Audit::of(&log);
+        assert!(audit.is_clean(), "{:?}", audit.problems);
+        assert_eq!(audit.gaps([("a".to_owned(), 4)]), 0);
+        // Delisted last: not stored, and no gap for it.
+        assert_eq!(Audit::of(&log[..2]).gaps([]), 0);
+        let broken = [
+            // relisted while listed; updated while delisted; delisted from another state
+            vec![
+                event(0, "a", 1, "created", Value::Null, v(1)),
+                event(1, "a", 2, "relisted", v(1), v(2)),
+            ],
+            vec![
+                event(0, "a", 1, "created", Value::Null, v(1)),
+                event(1, "a", 2, "delisted", v(1), Value::Null),
+                event(2, "a", 3, "updated", v(1), v(2)),
+            ],
+            vec![
+                event(0, "a", 1, "created", Value::Null, v(1)),
+                event(1, "a", 2, "delisted", v(7), Value::Null),
+            ],
+            vec![
+                event(0, "a", 1, "created", Value::Null, v(1)),
+                event(1, "a", 2, "delisted", v(1), Value::Null),
+                event(2, "a", 3, "relisted", v(5), v(2)),
+            ],
+        ];
+        for log in broken {
+            assert_eq!(Audit::of(&log).out_of_order, 1, "{log:?}");
+        }
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! domain type. Every way a command can be bad has its own [`CommandError`] kind, which the
 //! pipeline writes into the DLQ record's headers.
 //!
-//! Wire form: `{"request_id","system"?,"selector":{"keyword"?,"product_codes"?,"category"?,
-//! "updated_since"?},"requested_by"?}`. Unknown fields are refused: a misspelt selector field
-//! would otherwise silently widen the request.
+//! Wire form (version 2, DESIGN.md "Commands, version 2"): `{"request_id","system"?,
+//! "selector":{"all"?,"keyword"?,"product_codes"?,"category"?,"updated_since"?},
+//! "mode"?:"incremental"|"snapshot","dry_run"?,"force"?,"requested_by"?}`. Unknown fields are
+//! refused: a misspelt selector field would otherwise silently widen the request.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ pub const MAX_LABEL_CHARS: usize = 200;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Selector {
+    /// The system's whole catalogue; stands alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
     /// A keyword shared by the products (matched against names and keyword lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyword: Option<String>,
@@ -43,10 +47,31 @@ pub struct Selector {
 impl Selector {
     /// A selector that names nothing would ask for the whole catalogue.
     pub fn is_empty(&self) -> bool {
-        self.keyword.is_none()
+        !self.all
+            && self.keyword.is_none()
             && self.product_codes.is_empty()
             && self.category.is_none()
             && self.updated_since.is_none()
+    }
+}
+
+/// What a command asks for.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Insert and update what the management system answers (the default).
+    #[default]
+    Incremental,
+    /// The answer is the complete scope: what the store holds in it and the answer lacks is
+    /// delisted (after a confirming lookup, under `upstream.max_delist_ratio`).
+    Snapshot,
+}
+
+impl Mode {
+    fn is_incremental(&self) -> bool {
+        *self == Mode::Incremental
     }
 }
 
@@ -58,6 +83,14 @@ pub struct CommandWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
     pub selector: Selector,
+    #[serde(default, skip_serializing_if = "Mode::is_incremental")]
+    pub mode: Mode,
+    /// Compare only: write nothing, emit no change event; the result reports the drift.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// Let a snapshot delist past `upstream.max_delist_ratio`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
 }
@@ -68,6 +101,9 @@ pub struct Command {
     request_id: String,
     system: String,
     selector: Selector,
+    mode: Mode,
+    dry_run: bool,
+    force: bool,
     requested_by: Option<String>,
 }
 
@@ -84,6 +120,15 @@ impl Command {
     pub fn requested_by(&self) -> Option<&str> {
         self.requested_by.as_deref()
     }
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+    pub fn force(&self) -> bool {
+        self.force
+    }
 
     /// The command in its wire form (stored with the request row).
     pub fn to_wire(&self) -> CommandWire {
@@ -91,6 +136,9 @@ impl Command {
             request_id: self.request_id.clone(),
             system: Some(self.system.clone()),
             selector: self.selector.clone(),
+            mode: self.mode,
+            dry_run: self.dry_run,
+            force: self.force,
             requested_by: self.requested_by.clone(),
         }
     }
@@ -113,23 +161,8 @@ impl Command {
 
     /// Checks a wire command against the rules.
     pub fn validate(wire: CommandWire, system: &str) -> Result<Command, CommandError> {
-        let id = &wire.request_id;
-        if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN {
-            return Err(CommandError::invalid(
-                "request_id",
-                format!("must be 1 to {MAX_REQUEST_ID_LEN} bytes"),
-            ));
-        }
-        if !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-        {
-            return Err(CommandError::invalid(
-                "request_id",
-                "may hold only letters, digits and - _ . :",
-            ));
-        }
-        let named = wire.system.unwrap_or_else(|| system.to_owned());
+        validate_request_id(&wire.request_id)?;
+        let named = wire.system.clone().unwrap_or_else(|| system.to_owned());
         if named != system {
             return Err(CommandError::UnknownSystem {
                 named: truncate(&named, 64),
@@ -140,6 +173,7 @@ impl Command {
         if s.is_empty() {
             return Err(CommandError::EmptySelector);
         }
+        validate_scope(&wire)?;
         if let Some(k) = &s.keyword
             && (k.trim().is_empty() || k.chars().count() > MAX_KEYWORD_CHARS)
         {
@@ -189,9 +223,71 @@ impl Command {
             request_id: wire.request_id,
             system: named,
             selector: wire.selector,
+            mode: wire.mode,
+            dry_run: wire.dry_run,
+            force: wire.force,
             requested_by: wire.requested_by,
         })
     }
+}
+
+fn validate_request_id(id: &str) -> Result<(), CommandError> {
+    if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN {
+        return Err(CommandError::invalid(
+            "request_id",
+            format!("must be 1 to {MAX_REQUEST_ID_LEN} bytes"),
+        ));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(CommandError::invalid(
+            "request_id",
+            "may hold only letters, digits and - _ . :",
+        ));
+    }
+    Ok(())
+}
+
+/// `all` stands alone; a snapshot's scope must be complete (`all`, or one category alone);
+/// `force` means something only for a snapshot.
+fn validate_scope(wire: &CommandWire) -> Result<(), CommandError> {
+    let s = &wire.selector;
+    let others = s.keyword.is_some()
+        || !s.product_codes.is_empty()
+        || s.category.is_some()
+        || s.updated_since.is_some();
+    if s.all && others {
+        return Err(CommandError::invalid(
+            "selector.all",
+            "stands alone: the whole catalogue, nothing else",
+        ));
+    }
+    let category_alone = s.category.is_some()
+        && s.keyword.is_none()
+        && s.product_codes.is_empty()
+        && s.updated_since.is_none();
+    if wire.mode == Mode::Snapshot && !(s.all || category_alone) {
+        return Err(CommandError::invalid(
+            "mode",
+            "a snapshot needs {\"all\": true} or {\"category\": …} alone: a keyword, codes or \
+             updated_since answer is not a complete set",
+        ));
+    }
+    if wire.force && wire.mode != Mode::Snapshot {
+        return Err(CommandError::invalid(
+            "force",
+            "only a snapshot delists; force means nothing without mode \"snapshot\"",
+        ));
+    }
+    if wire.dry_run {
+        return Err(CommandError::invalid(
+            "dry_run",
+            "not supported by this version yet: refused rather than run for real",
+        ));
+    }
+    Ok(())
 }
 
 /// Why a command was refused. All are permanent: the same bytes will never pass.
@@ -361,6 +457,26 @@ mod tests {
                 "invalid_field",
             ),
             (br#"[1,2,3]"#, "wrong_type"),
+            (
+                br#"{"request_id":"r","selector":{"all":true,"keyword":"k"}}"#,
+                "invalid_field",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"keyword":"k"},"mode":"snapshot"}"#,
+                "invalid_field",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"category":"c","keyword":"k"},"mode":"snapshot"}"#,
+                "invalid_field",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"all":true},"force":true}"#,
+                "invalid_field",
+            ),
+            (
+                br#"{"request_id":"r","selector":{"all":true},"mode":"full"}"#,
+                "wrong_type",
+            ),
         ];
         for (bytes, kind) in cases {
             let err = Command::parse(Some(bytes), "wms").unwrap_err();
@@ -372,6 +488,28 @@ mod tests {
             );
         }
         assert_eq!(Command::parse(None, "wms").unwrap_err().kind(), "empty");
+    }
+
+    #[test]
+    fn version_2_commands_parse_and_round_trip() {
+        for text in [
+            r#"{"request_id":"s-1","selector":{"all":true},"mode":"snapshot","force":true}"#,
+            r#"{"request_id":"s-2","selector":{"category":"cash"},"mode":"snapshot"}"#,
+            r#"{"request_id":"s-3","selector":{"all":true}}"#,
+        ] {
+            let c = parse(text).unwrap();
+            assert_eq!(Command::validate(c.to_wire(), "wms").unwrap(), c, "{text}");
+        }
+        let c = parse(r#"{"request_id":"s-1","selector":{"all":true},"mode":"snapshot"}"#).unwrap();
+        assert_eq!(c.mode(), Mode::Snapshot);
+        assert!(c.selector().all && !c.force() && !c.dry_run());
+        // Version 1 commands mean what they meant.
+        let v1 = parse(r#"{"request_id":"v1","selector":{"keyword":"k"}}"#).unwrap();
+        assert_eq!(v1.mode(), Mode::Incremental);
+        assert_eq!(
+            serde_json::to_value(v1.to_wire()).unwrap(),
+            serde_json::json!({"request_id":"v1","system":"wms","selector":{"keyword":"k"}})
+        );
     }
 
     #[test]

@@ -253,6 +253,10 @@ pub struct UpstreamSettings {
     /// Accept a plain `http://` base URL (credentials and tokens would travel in clear text):
     /// `true` for development, `false` in production.
     pub allow_http: bool,
+    /// A snapshot delists at most this share of the stored products in its scope unless the
+    /// command says `force` (an upstream briefly answering an empty catalogue must never wipe
+    /// the copy).
+    pub max_delist_ratio: f64,
 }
 
 /// The service-governance platform that instances register with.
@@ -684,6 +688,12 @@ impl Settings {
         if self.upstream.max_pages == 0 {
             return Err(("upstream.max_pages", "must be at least 1".to_owned()));
         }
+        if !(0.0..=1.0).contains(&self.upstream.max_delist_ratio) {
+            return Err((
+                "upstream.max_delist_ratio",
+                "must be between 0 and 1".to_owned(),
+            ));
+        }
         if self.upstream.command_timeout.is_zero() {
             return Err(("upstream.command_timeout_ms", "must be above 0".to_owned()));
         }
@@ -862,6 +872,11 @@ impl Settings {
             self.upstream.max_page_bytes
         )?;
         writeln!(f, "upstream.max_pages = {}", self.upstream.max_pages)?;
+        writeln!(
+            f,
+            "upstream.max_delist_ratio = {}",
+            self.upstream.max_delist_ratio
+        )?;
         writeln!(
             f,
             "upstream.max_record_bytes = {}",

@@ -32,6 +32,16 @@ pub struct RequestArgs {
     /// Who asks (carried in the command).
     #[arg(long)]
     pub requested_by: Option<String>,
+    /// The system's whole catalogue (stands alone).
+    #[arg(long, conflicts_with_all = ["keyword", "codes", "category", "since"])]
+    pub all: bool,
+    /// A snapshot: what the store holds in scope (`--all` or `--category`) and the
+    /// management system no longer answers is delisted.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Let a snapshot delist past `upstream.max_delist_ratio`.
+    #[arg(long, requires = "snapshot")]
+    pub force: bool,
 }
 
 /// Options of `tail`.
@@ -184,13 +194,26 @@ pub async fn run(settings: Settings) -> ExitCode {
 
 /// `request`: publishes one command.
 pub async fn request(settings: Settings, args: RequestArgs) -> ExitCode {
-    let selector = product_sync::command::Selector {
-        keyword: args.keyword,
-        product_codes: args.codes,
-        category: args.category,
-        updated_since: args.since,
+    let wire = product_sync::command::CommandWire {
+        request_id: args.id.unwrap_or_default(),
+        system: None,
+        selector: product_sync::command::Selector {
+            all: args.all,
+            keyword: args.keyword,
+            product_codes: args.codes,
+            category: args.category,
+            updated_since: args.since,
+        },
+        mode: if args.snapshot {
+            product_sync::command::Mode::Snapshot
+        } else {
+            product_sync::command::Mode::Incremental
+        },
+        dry_run: false,
+        force: args.force,
+        requested_by: args.requested_by,
     };
-    match tools::request(&settings, args.id, selector, args.requested_by).await {
+    match tools::request(&settings, wire).await {
         Ok(id) => {
             println!("{id}");
             ExitCode::SUCCESS

@@ -11,7 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::command::{Command, CommandWire, Selector};
+use crate::command::{Command, CommandWire};
 use crate::config::Settings;
 use crate::kafka::{KafkaError, client_config};
 
@@ -25,19 +25,12 @@ pub enum ToolError {
 }
 
 /// Builds, validates and publishes a command; returns its request id.
-pub async fn request(
-    settings: &Settings,
-    request_id: Option<String>,
-    selector: Selector,
-    requested_by: Option<String>,
-) -> Result<String, ToolError> {
-    let request_id = request_id.unwrap_or_else(|| format!("req-{}", uuid::Uuid::new_v4().simple()));
-    let wire = CommandWire {
-        request_id: request_id.clone(),
-        system: Some(settings.upstream.system.clone()),
-        selector,
-        requested_by,
-    };
+pub async fn request(settings: &Settings, mut wire: CommandWire) -> Result<String, ToolError> {
+    if wire.request_id.is_empty() {
+        wire.request_id = format!("req-{}", uuid::Uuid::new_v4().simple());
+    }
+    let request_id = wire.request_id.clone();
+    wire.system = Some(settings.upstream.system.clone());
     // Refuse here what the service would refuse, with the same message.
     Command::validate(wire.clone(), &settings.upstream.system)?;
     let body = serde_json::to_string(&wire).unwrap_or_default();

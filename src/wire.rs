@@ -80,6 +80,8 @@ pub enum FailureKind {
     Store,
     /// product-sync itself (a caught panic: a bug).
     Panic,
+    /// A snapshot would have delisted more than `upstream.max_delist_ratio` allows.
+    DelistGuard,
     /// The command could not be read; the kind of its parse error (`malformed_json`, …).
     Command(&'static str),
 }
@@ -90,6 +92,7 @@ impl FailureKind {
             FailureKind::Upstream => "upstream",
             FailureKind::Store => "store",
             FailureKind::Panic => "panic",
+            FailureKind::DelistGuard => "delist_guard",
             FailureKind::Command(kind) => kind,
         }
     }
@@ -254,6 +257,10 @@ pub struct Counts {
     pub updated: i64,
     pub unchanged: i64,
     pub stale: i64,
+    /// Products a snapshot found gone and delisted.
+    pub delisted: i64,
+    /// Delisted products that came back.
+    pub relisted: i64,
 }
 
 /// The result event on `topics.results`, one per command. `product-sync schema` prints its
@@ -273,6 +280,10 @@ pub struct ResultEvent {
     /// Why it failed or was rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A stable name of the failure (`upstream`, `store`, `delist_guard`, or a rejected
+    /// command's kind such as `unknown_field`), for scripts and alerts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
     /// Present and `true` only when published in the reduced form (see [`reduce`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schemars(default)]
@@ -281,7 +292,7 @@ pub struct ResultEvent {
 
 impl ResultEvent {
     /// The `rejected` result of a command that never became a request.
-    pub fn rejected(request_id: &str, error: &str, at: &str) -> Self {
+    pub fn rejected(request_id: &str, error: &str, kind: &str, at: &str) -> Self {
         ResultEvent {
             request_id: request_id.to_owned(),
             status: "rejected".to_owned(),
@@ -290,6 +301,7 @@ impl ResultEvent {
             started_at: at.to_owned(),
             finished_at: Some(at.to_owned()),
             error: Some(error.to_owned()),
+            error_kind: Some(kind.to_owned()),
             reduced: false,
         }
     }
@@ -458,8 +470,12 @@ mod tests {
 
     #[test]
     fn a_result_with_a_huge_error_is_reduced_the_same_way() {
-        let mut result =
-            ResultEvent::rejected("r-1", &"e".repeat(2_000_000), "2026-11-28T00:00:00Z");
+        let mut result = ResultEvent::rejected(
+            "r-1",
+            &"e".repeat(2_000_000),
+            "bad_json",
+            "2026-11-28T00:00:00Z",
+        );
         result.status = "failed".into();
         let reduced = reduce(&result.to_json(), 10_000).expect("reduced");
         let v: Value = serde_json::from_str(&reduced).unwrap();

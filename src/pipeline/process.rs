@@ -3,6 +3,7 @@
 //! fetch every page from the management system and fold each into the store, then record the
 //! request's outcome — whose result event the relay publishes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::command::{Command, CommandError, valid_traceparent};
+use crate::command::{Command, CommandError, Mode, valid_traceparent};
 use crate::metrics::metrics;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::store::fold::{FoldContext, FoldOutcome, fold_page};
@@ -26,6 +27,8 @@ use crate::wire::{self, CloudEvent, FailureClass, FailureKind, ResultEvent};
 
 /// Header names of DLQ records (defined in [`crate::wire::dlq`]).
 pub use crate::wire::dlq as dlq_headers;
+
+mod snapshot;
 
 /// Waits between attempts at a command while the store or the broker is failing (until it
 /// heals or the command is abandoned).
@@ -66,6 +69,8 @@ pub struct Processor {
     pub results_topic: String,
     pub fold_policy: RetryPolicy,
     pub relay_wake: Arc<Notify>,
+    /// `upstream.max_delist_ratio`: the snapshot guard.
+    pub max_delist_ratio: f64,
 }
 
 /// Why a command failed, as its DLQ record and `failed` result say.
@@ -90,6 +95,8 @@ impl Progress<'_> {
             updated: 0,
             unchanged: 0,
             stale: 0,
+            relisted: 0,
+            delisted: 0,
         },
         pages: 0,
     };
@@ -224,11 +231,9 @@ impl Processor {
             request_id: Some(command.request_id()),
             traceparent,
         };
-        let (outcome, pages, upstream_failed) = self.fold_pages(command, &ctx).await?;
-        let progress = Progress {
-            outcome: &outcome,
-            pages,
-        };
+        let mut seen = (command.mode() == Mode::Snapshot).then(HashSet::new);
+        let (mut outcome, pages, upstream_failed) =
+            self.fold_pages(command, &ctx, seen.as_mut()).await?;
         if let Some(e) = upstream_failed {
             let failure = Failure {
                 reason: e.to_string(),
@@ -237,6 +242,21 @@ impl Processor {
             };
             let class = failure.class.as_str();
             tracing::error!(error = %e, class, "the management system failed this command");
+            let progress = Progress {
+                outcome: &outcome,
+                pages,
+            };
+            return self.fail(msg, command, progress, &failure).await;
+        }
+        // A snapshot whose every page was folded: confirm and delist what it did not see.
+        if let Some(seen) = &seen
+            && let Some(failure) =
+                snapshot::complete(self, command, &ctx, seen, &mut outcome).await?
+        {
+            let progress = Progress {
+                outcome: &outcome,
+                pages,
+            };
             return self.fail(msg, command, progress, &failure).await;
         }
         requests::finish(
@@ -256,6 +276,8 @@ impl Processor {
             updated = outcome.updated,
             unchanged = outcome.unchanged,
             stale = outcome.stale,
+            relisted = outcome.relisted,
+            delisted = outcome.delisted,
             "command completed"
         );
         metrics().commands.with_label_values(&["completed"]).inc();
@@ -273,7 +295,9 @@ impl Processor {
         &self,
         command: &Command,
         ctx: &FoldContext<'_>,
+        mut seen: Option<&mut HashSet<String>>,
     ) -> Result<(FoldOutcome, i32, Option<UpstreamError>), AttemptError> {
+        let collect = seen.is_some();
         let mut outcome = FoldOutcome::default();
         let mut pages = 0i32;
         let folds = self
@@ -281,21 +305,30 @@ impl Processor {
             .pages(command.selector().clone())
             .map(|page| async move {
                 let page = page?;
+                // A snapshot remembers what it saw (its scope's unseen products are candidates).
+                let keys: Vec<String> = if collect {
+                    page.items.iter().map(|p| p.identity().key()).collect()
+                } else {
+                    Vec::new()
+                };
                 let started = Instant::now();
                 let folded = fold_page(&self.db, ctx, &page.items, &self.fold_policy).await;
                 metrics()
                     .fold_seconds
                     .observe(started.elapsed().as_secs_f64());
-                Ok::<_, UpstreamError>((page.number, page.items.len(), folded))
+                Ok::<_, UpstreamError>((page.number, page.items.len(), folded, keys))
             })
             .buffered(FOLDS_IN_FLIGHT);
         let mut folds = std::pin::pin!(folds);
         while let Some(next) = folds.next().await {
-            let (number, items, folded) = match next {
+            let (number, items, folded, keys) = match next {
                 Ok(folded) => folded,
                 Err(e) => return Ok((outcome, pages, Some(e))),
             };
             let folded = folded?;
+            if let Some(seen) = seen.as_deref_mut() {
+                seen.extend(keys);
+            }
             record_fold(&folded);
             outcome.add(folded);
             pages += 1;
@@ -320,7 +353,7 @@ impl Processor {
             requests::Status::Failed,
             progress.outcome,
             progress.pages,
-            Some(&failure.reason),
+            Some((failure.kind.as_str(), &failure.reason)),
             Utc::now(),
         )
         .await?;
@@ -343,7 +376,8 @@ impl Processor {
         let request_id = best_effort_request_id(msg);
         let now = Utc::now();
         let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let payload = ResultEvent::rejected(&request_id, &error.to_string(), &at).to_json();
+        let payload =
+            ResultEvent::rejected(&request_id, &error.to_string(), error.kind(), &at).to_json();
         let ce_id = wire::rejected_ce_id(&request_id, msg.topic(), msg.partition(), msg.offset());
         let time = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let headers = CloudEvent {

@@ -131,6 +131,28 @@ impl Catalogue {
         &self.products[at]
     }
 
+    /// Withdraws the products with these identity keys (the management system stops offering
+    /// them); returns them.
+    pub fn remove(&mut self, keys: &std::collections::HashSet<String>) -> Vec<Product> {
+        let mut removed = Vec::new();
+        let (products, rendered) = (
+            std::mem::take(&mut self.products),
+            std::mem::take(&mut self.rendered),
+        );
+        self.index.clear();
+        for (product, json) in products.into_iter().zip(rendered) {
+            let key = product.identity().key();
+            if keys.contains(&key) {
+                removed.push(product);
+            } else {
+                self.index.insert(key, self.products.len());
+                self.products.push(product);
+                self.rendered.push(json);
+            }
+        }
+        removed
+    }
+
     /// The contract JSON of the product at `index` (as in [`Catalogue::products`]).
     pub fn rendered(&self, index: usize) -> &str {
         self.rendered

@@ -225,6 +225,12 @@ impl Sim {
         }
     }
 
+    /// Withdraws products upstream by identity key (`code:…` or `name:…`); returns them.
+    pub fn withdraw(&self, keys: &[String]) -> Vec<Product> {
+        let keys = keys.iter().cloned().collect();
+        write(&self.inner.catalogue).remove(&keys)
+    }
+
     /// Replaces the fault settings.
     pub fn set_faults(&self, faults: Faults) {
         *lock(&self.inner.faults) = faults;
@@ -628,6 +634,7 @@ fn parse_query(q: ProductQuery) -> Result<(Selector, usize, usize), &'static str
         ),
     };
     let selector = Selector {
+        all: false,
         keyword: q.keyword.filter(|s| !s.is_empty()),
         product_codes: q
             .product_codes

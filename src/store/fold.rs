@@ -32,7 +32,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sea_orm::sea_query::{Alias, Expr, Func};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseConnectionType, EntityTrait,
     FromQueryResult, QueryFilter, QuerySelect,
@@ -48,6 +48,7 @@ use crate::retry::{RetryPolicy, retry};
 use crate::wire::ChangeEvent;
 
 mod columns;
+mod delist;
 mod pg;
 mod plan;
 mod sqlite;
@@ -57,6 +58,8 @@ use plan::{PlannedEvent, Prepared, StoredHead, Write, prepare};
 /// The statement that reads a page's stored heads on PostgreSQL (`$1` the system, `$2` the
 /// identity keys): public so a test can check its plan.
 pub use pg::HEADS_SQL;
+
+pub use delist::{Candidate, Scope, candidates, delist};
 
 /// Rows per multi-row statement: well under both databases' bind-parameter limits.
 const CHUNK: usize = 1000;
@@ -80,6 +83,10 @@ pub struct FoldOutcome {
     pub updated: u64,
     pub unchanged: u64,
     pub stale: u64,
+    /// Delisted products that came back.
+    pub relisted: u64,
+    /// Products a snapshot delisted (set by the snapshot, never by a page's fold).
+    pub delisted: u64,
 }
 
 impl FoldOutcome {
@@ -90,6 +97,8 @@ impl FoldOutcome {
         self.updated += other.updated;
         self.unchanged += other.unchanged;
         self.stale += other.stale;
+        self.relisted += other.relisted;
+        self.delisted += other.delisted;
     }
 }
 
@@ -194,6 +203,10 @@ async fn read_heads(
                     products::Column::Revision,
                     products::Column::ContentHash,
                 ])
+                .expr_as(
+                    Expr::col(products::Column::DelistedAt).is_not_null(),
+                    "delisted",
+                )
                 .filter(products::Column::System.eq(system))
                 .filter(products::Column::Identity.is_in(keys))
                 .into_model::<StoredHead>()
@@ -297,7 +310,8 @@ fn row_to_product(row: StoredRow) -> Result<Product, StoreError> {
     })
 }
 
-/// Reads every stored product of a system, in identity order (tests, checks, the demo).
+/// Reads every stored, listed product of a system (its current catalogue copy), in identity
+/// order (tests, checks, the demo).
 pub async fn load_all(
     db: &impl ConnectionTrait,
     system: &str,
@@ -306,6 +320,7 @@ pub async fn load_all(
         .column(products::Column::Identity)
         .column(products::Column::Revision)
         .filter(products::Column::System.eq(system))
+        .filter(products::Column::DelistedAt.is_null())
         .into_model::<StoredRowWithRevision>()
         .all(db)
         .await?;
@@ -342,9 +357,10 @@ pub(super) fn updated_columns() -> impl Iterator<Item = &'static str> {
 }
 
 /// The condition of a conditional upsert. A change: the row is still at the revision read and
-/// holds other content. A version advance: the row still holds the same content, at the
+/// holds other content. A relisting: the row is still at the revision read, delisted. A version advance: the row still holds the same content, at the
 /// same revision and an older version.
 pub(super) const UPSERT_GUARD: &str = r#"("products"."revision" = "excluded"."revision" - 1 AND "products"."content_hash" <> "excluded"."content_hash")
+    OR ("products"."revision" = "excluded"."revision" - 1 AND "products"."delisted_at" IS NOT NULL)
     OR ("products"."revision" = "excluded"."revision" AND "products"."content_hash" = "excluded"."content_hash"
         AND "products"."source_version" < "excluded"."source_version")"#;
 

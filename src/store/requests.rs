@@ -66,8 +66,11 @@ pub async fn begin(
         updated: Set(0),
         unchanged: Set(0),
         stale: Set(0),
+        delisted: Set(0),
+        relisted: Set(0),
         pages: Set(0),
         error: Set(None),
+        error_kind: Set(None),
         traceparent: Set(traceparent.map(str::to_owned)),
         started_at: Set(now),
         finished_at: Set(None),
@@ -85,8 +88,11 @@ pub async fn begin(
                     C::Updated,
                     C::Unchanged,
                     C::Stale,
+                    C::Delisted,
+                    C::Relisted,
                     C::Pages,
                     C::Error,
+                    C::ErrorKind,
                     C::Traceparent,
                     C::StartedAt,
                     C::FinishedAt,
@@ -99,16 +105,18 @@ pub async fn begin(
     Ok(())
 }
 
-/// Records how a command ended; its result event becomes due for publication.
+/// Records how a command ended (`error`: its kind and reason); its result event becomes due
+/// for publication.
 pub async fn finish(
     db: &DatabaseConnection,
     request_id: &str,
     status: Status,
     outcome: &FoldOutcome,
     pages: i32,
-    error: Option<&str>,
+    error: Option<(&str, &str)>,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    let (error_kind, error) = error.unzip();
     use requests::Column as C;
     let update = requests::Entity::update_many()
         .col_expr(C::Status, Expr::value(status.as_str()))
@@ -117,12 +125,15 @@ pub async fn finish(
         .col_expr(C::Updated, Expr::value(outcome.updated as i64))
         .col_expr(C::Unchanged, Expr::value(outcome.unchanged as i64))
         .col_expr(C::Stale, Expr::value(outcome.stale as i64))
+        .col_expr(C::Delisted, Expr::value(outcome.delisted as i64))
+        .col_expr(C::Relisted, Expr::value(outcome.relisted as i64))
         .col_expr(C::Pages, Expr::value(pages))
         // The error may quote what came from outside: stored (and published) cut short.
         .col_expr(
             C::Error,
             Expr::value(error.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>())),
         )
+        .col_expr(C::ErrorKind, Expr::value(error_kind.map(str::to_owned)))
         .col_expr(C::FinishedAt, Expr::value(Some(now)))
         .col_expr(
             C::ResultPublishedAt,
@@ -218,11 +229,14 @@ pub fn result_event(row: &requests::Model) -> ResultEvent {
             updated: row.updated,
             unchanged: row.unchanged,
             stale: row.stale,
+            delisted: row.delisted,
+            relisted: row.relisted,
         },
         pages: row.pages,
         started_at: at(row.started_at),
         finished_at: row.finished_at.map(at),
         error: row.error.clone(),
+        error_kind: row.error_kind.clone(),
         reduced: false,
     }
 }

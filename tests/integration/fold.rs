@@ -82,6 +82,7 @@ fn counts(created: u64, updated: u64, unchanged: u64, stale: u64) -> FoldOutcome
         updated,
         unchanged,
         stale,
+        ..FoldOutcome::default()
     }
 }
 
@@ -573,4 +574,75 @@ async fn postgres_heads_read_probes_the_index_per_key_with_or_without_statistics
             .await
             .expect("analyze");
     }
+}
+
+/// Delisting and relisting at the store's level, on either backend: the code-less product
+/// only by an `all` scope; a product changed since it was read is not delisted; an unchanged
+/// record of a delisted product relists it.
+async fn delist_and_relist(db: &DatabaseConnection) {
+    use product_sync::store::fold::{Scope, candidates, delist};
+    use std::collections::HashSet;
+    let system = "wms";
+    let a = product(Some("WM-A"), "A", 1, 1);
+    let b = product(Some("WM-B"), "B", 1, 2);
+    let n = product(None, "无代码", 1, 3);
+    fold(db, system, &[a.clone(), b.clone(), n.clone()]).await;
+    let seen: HashSet<String> = [a.identity().key()].into();
+    let (in_scope, unseen) = candidates(db, system, Scope::All, &seen).await.unwrap();
+    assert_eq!(in_scope, 3);
+    assert_eq!(unseen.len(), 2, "{unseen:?}");
+    // b changes after the snapshot read it: not delisted on stale evidence.
+    let mut b2 = b.clone();
+    b2.version = 2;
+    b2.content.product_name = "B2".into();
+    fold(db, system, &[b2]).await;
+    let ctx = FoldContext {
+        system,
+        request_id: Some("snap"),
+        traceparent: None,
+    };
+    let delisted = delist(db, &ctx, &unseen, chrono::Utc::now()).await.unwrap();
+    assert_eq!(
+        delisted, 1,
+        "only the code-less product, unchanged since read"
+    );
+    let listed: Vec<Identity> = load_all(db, system)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(i, _, _)| i)
+        .collect();
+    assert_eq!(listed, [a.identity(), b.identity()]);
+    let rows = changes(db, system).await;
+    let last = rows.last().unwrap();
+    assert_eq!((last.op.as_str(), last.revision), ("delisted", 2));
+    assert_eq!(last.payload["before"], n.to_json());
+    assert_eq!(last.payload["after"], Value::Null);
+    // Not a candidate any more.
+    let (in_scope, unseen) = candidates(db, system, Scope::All, &seen).await.unwrap();
+    assert_eq!((in_scope, unseen.len()), (2, 1));
+
+    // The same record again relists it (revision 3, no field changed).
+    let outcome = fold(db, system, std::slice::from_ref(&n)).await;
+    assert_eq!(outcome.relisted, 1);
+    let rows = changes(db, system).await;
+    let last = rows.last().unwrap();
+    assert_eq!((last.op.as_str(), last.revision), ("relisted", 3));
+    assert_eq!(last.payload["before"], n.to_json());
+    assert_eq!(last.payload["after"], n.to_json());
+    assert_eq!(last.payload["changes"], json!([]));
+    assert_eq!(load_all(db, system).await.unwrap().len(), 3);
+    // And again: nothing.
+    assert_eq!(fold(db, system, &[n]).await, counts(0, 0, 1, 0));
+}
+
+#[tokio::test]
+async fn postgres_delisting_and_relisting() {
+    delist_and_relist(&pg().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_delisting_and_relisting() {
+    let (_dir, db) = sqlite().await;
+    delist_and_relist(&db).await;
 }

@@ -15,5 +15,6 @@ mod kafka_smoke;
 mod layout;
 mod pipeline;
 mod relay;
+mod snapshot;
 mod store_smoke;
 mod upstream;

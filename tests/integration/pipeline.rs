@@ -368,7 +368,7 @@ fn selector(v: Value) -> Selector {
 }
 
 /// The stored products without their revisions, to compare with the simulator's truth.
-fn products_of(stored: &BTreeMap<Identity, (Product, i64)>) -> BTreeMap<Identity, Product> {
+pub fn products_of(stored: &BTreeMap<Identity, (Product, i64)>) -> BTreeMap<Identity, Product> {
     stored
         .iter()
         .map(|(i, (p, _))| (i.clone(), p.clone()))

@@ -34,6 +34,9 @@ pub struct Model {
     pub revision: i64,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// Set when a snapshot found the product gone from the management system; cleared when
+    /// it comes back (relisted).
+    pub delisted_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -23,6 +23,12 @@ pub struct Model {
     pub finished_at: Option<DateTimeUtc>,
     /// Set by the relay after the result event was acknowledged.
     pub result_published_at: Option<DateTimeUtc>,
+    /// Products a snapshot delisted.
+    pub delisted: i64,
+    /// Delisted products that came back.
+    pub relisted: i64,
+    /// A failed command's stable error kind (`upstream`, `delist_guard`, …).
+    pub error_kind: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

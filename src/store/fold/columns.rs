@@ -38,6 +38,7 @@ pub(super) enum Column {
     Revision,
     CreatedAt,
     UpdatedAt,
+    DelistedAt,
 }
 
 /// How a column's values travel.
@@ -47,6 +48,9 @@ pub(super) enum Kind {
     System,
     /// The same for every row of a statement: the fold's time (`$2`).
     Now,
+    /// The same for every row of a statement: NULL, a folded product is listed (a delisted
+    /// one that came back is relisted by the write).
+    Listed,
     Text,
     /// JSON, sent as text (PostgreSQL casts it).
     Json,
@@ -70,7 +74,7 @@ pub(super) enum Value<'a> {
 
 impl Column {
     /// Every column, in the order of the statements.
-    pub(super) const ALL: [Column; 23] = [
+    pub(super) const ALL: [Column; 24] = [
         Column::System,
         Column::Identity,
         Column::ProductCode,
@@ -94,6 +98,7 @@ impl Column {
         Column::Revision,
         Column::CreatedAt,
         Column::UpdatedAt,
+        Column::DelistedAt,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -121,6 +126,7 @@ impl Column {
             Column::Revision => "revision",
             Column::CreatedAt => "created_at",
             Column::UpdatedAt => "updated_at",
+            Column::DelistedAt => "delisted_at",
         }
     }
 
@@ -128,6 +134,7 @@ impl Column {
         match self {
             Column::System => Kind::System,
             Column::CreatedAt | Column::UpdatedAt => Kind::Now,
+            Column::DelistedAt => Kind::Listed,
             Column::Keywords | Column::Attributes => Kind::Json,
             Column::Nav | Column::ExpectedYield | Column::MinInvestment => Kind::Numeric,
             Column::TermDays => Kind::Int4,
@@ -148,7 +155,9 @@ impl Column {
         let p = w.record.product;
         let c = &p.content;
         Ok(Some(match self {
-            Column::System | Column::CreatedAt | Column::UpdatedAt => return Ok(None),
+            Column::System | Column::CreatedAt | Column::UpdatedAt | Column::DelistedAt => {
+                return Ok(None);
+            }
             Column::Identity => Value::Text(Some(&w.record.key)),
             Column::ProductCode => Value::Text(c.product_code.as_deref()),
             Column::ProductName => Value::Text(Some(&c.product_name)),
@@ -204,7 +213,7 @@ impl<'a> Array<'a> {
     /// Column `column` of `writes`; `None` for the statement-wide columns.
     pub(super) fn of(column: Column, writes: &'a [Write<'a>]) -> Result<Option<Self>, StoreError> {
         let mut array = match column.kind() {
-            Kind::System | Kind::Now => return Ok(None),
+            Kind::System | Kind::Now | Kind::Listed => return Ok(None),
             Kind::Text => Array::Text(Vec::with_capacity(writes.len())),
             Kind::Json => Array::Json(Vec::with_capacity(writes.len())),
             Kind::Numeric => Array::Numeric(Vec::with_capacity(writes.len())),
@@ -253,6 +262,7 @@ impl<'a> Array<'a> {
 pub(super) fn pg_type(kind: Kind) -> &'static str {
     match kind {
         Kind::Text | Kind::Json | Kind::System | Kind::Now => "text",
+        Kind::Listed => "timestamptz",
         Kind::Numeric => "numeric",
         Kind::Int4 => "int4",
         Kind::Int8 => "int8",

@@ -29,6 +29,7 @@ static PRODUCT_INSERT: LazyLock<String> = LazyLock::new(|| {
         match column.kind() {
             Kind::System => select.push("$1".to_owned()),
             Kind::Now => select.push("$2".to_owned()),
+            Kind::Listed => select.push("NULL::timestamptz".to_owned()),
             kind => {
                 let cast = if kind == Kind::Json { "::json" } else { "" };
                 select.push(format!("r.{name}{cast}"));
@@ -78,9 +79,10 @@ const OUTBOX_SQL: &str = "WITH c AS (INSERT INTO product_changes (product_id, sy
 /// the whole system's rows (it did, with statistics not yet gathered after a bulk load or
 /// with the default `random_page_cost`: 3× slower at 20,000 rows and growing with the table).
 /// `(system, identity)` is unique, so the `LIMIT` changes no result.
-pub const HEADS_SQL: &str = "SELECT p.id, p.identity, p.source_version, p.revision, p.content_hash \
+pub const HEADS_SQL: &str = "SELECT p.id, p.identity, p.source_version, p.revision, p.content_hash, \
+     p.delisted_at IS NOT NULL AS delisted \
      FROM unnest($2::text[]) AS k(identity) \
-     CROSS JOIN LATERAL (SELECT id, identity, source_version, revision, content_hash \
+     CROSS JOIN LATERAL (SELECT id, identity, source_version, revision, content_hash, delisted_at \
      FROM products WHERE system = $1 AND identity = k.identity LIMIT 1) AS p";
 
 /// Reads the stored heads of the given identity keys (those not stored are absent).
@@ -103,6 +105,7 @@ pub(super) async fn read_heads(
                 source_version: row.try_get("source_version")?,
                 revision: row.try_get("revision")?,
                 content_hash: row.try_get("content_hash")?,
+                delisted: row.try_get("delisted")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()

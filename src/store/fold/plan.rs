@@ -65,6 +65,8 @@ pub(super) struct StoredHead {
     pub(super) source_version: i64,
     pub(super) revision: i64,
     pub(super) content_hash: String,
+    /// A snapshot delisted it: whatever the record holds, folding it relists the product.
+    pub(super) delisted: bool,
 }
 
 /// A planned write of one product.
@@ -79,12 +81,14 @@ pub(super) enum PlannedEvent {
     /// Everything the event holds comes from the record: derived when the payload is rendered
     /// (on PostgreSQL while the server writes the product rows), not before.
     Created,
-    /// The diff against the stored row, read before writing.
+    /// The diff against the stored row, read before writing; `relisted` when the stored row
+    /// was delisted (`before` is then its state at delisting, `changes` may be empty).
     Updated {
         product_id: i64,
         changes: Vec<FieldChange>,
         before: Value,
         after: Value,
+        relisted: bool,
     },
 }
 
@@ -92,6 +96,7 @@ impl PlannedEvent {
     pub(super) fn op(&self) -> &'static str {
         match self {
             PlannedEvent::Created => "created",
+            PlannedEvent::Updated { relisted: true, .. } => "relisted",
             PlannedEvent::Updated { .. } => "updated",
         }
     }
@@ -126,7 +131,7 @@ pub(super) fn to_read(page: &[Prepared<'_>], heads: &HashMap<String, StoredHead>
         .filter_map(|record| match heads.get(&record.key) {
             Some(head)
                 if record.product.version >= head.source_version
-                    && record.hash() != head.content_hash =>
+                    && (record.hash() != head.content_hash || head.delisted) =>
             {
                 Some(head.id)
             }
@@ -161,6 +166,22 @@ pub(super) fn plan<'a>(
             outcome.stale += 1;
             continue;
         }
+        if head.delisted {
+            let stored = stored.get(&head.id)?;
+            outcome.relisted += 1;
+            updates.push(Write {
+                record,
+                revision: head.revision + 1,
+                event: Some(PlannedEvent::Updated {
+                    product_id: head.id,
+                    changes: diff::diff(&stored.content, &record.product.content),
+                    before: stored.to_json(),
+                    after: record.product.to_json(),
+                    relisted: true,
+                }),
+            });
+            continue;
+        }
         let changes = if record.hash() == head.content_hash {
             Vec::new()
         } else {
@@ -188,6 +209,7 @@ pub(super) fn plan<'a>(
                 changes,
                 before: stored.get(&head.id)?.to_json(),
                 after: record.product.to_json(),
+                relisted: false,
             }),
         });
     }
@@ -242,6 +264,7 @@ mod tests {
                     source_version: p.version,
                     revision: *revision,
                     content_hash: p.content.hash(),
+                    delisted: false,
                 },
             );
             full.insert(id, p.clone());

@@ -87,6 +87,7 @@ fn products_statement(
             values.push(match column.value(w)? {
                 Some(value) => Expr::value(sea_orm::Value::from(value)),
                 None if column.kind() == Kind::System => system.into(),
+                None if column.kind() == Kind::Listed => Expr::value(Option::<DateTime<Utc>>::None),
                 None => now.into(),
             });
         }

@@ -4,6 +4,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_initial;
 mod m20261128_000001_outbox_pending;
+mod m20261130_000001_delisting;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261127_000001_initial::Migration),
             Box::new(m20261128_000001_outbox_pending::Migration),
+            Box::new(m20261130_000001_delisting::Migration),
         ]
     }
 }

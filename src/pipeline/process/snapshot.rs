@@ -1,0 +1,117 @@
+//! The end of a snapshot command (DESIGN.md "Snapshot and delisting"): after every page of its
+//! scope was fetched and folded, the stored products of the scope it did not see are looked up
+//! by code once more; those still offered are folded as usual (moved to another category,
+//! say), the others are delisted — unless they are more than `upstream.max_delist_ratio` of
+//! the scope and the command does not say `force`.
+
+use std::collections::HashSet;
+
+use chrono::Utc;
+use futures::StreamExt;
+
+use super::{AttemptError, Failure, Processor};
+use crate::command::{Command, Selector};
+use crate::store::fold::{self, Candidate, FoldContext, FoldOutcome, Scope, fold_page};
+use crate::wire::{FailureClass, FailureKind};
+
+/// Codes per confirming lookup (keeps the request's URL short).
+const LOOKUP_CODES: usize = 100;
+
+/// Confirms and delists the scope's unseen products; `Some` failure when the management
+/// system failed a lookup (nothing delisted) or the guard refused.
+pub(super) async fn complete(
+    p: &Processor,
+    command: &Command,
+    ctx: &FoldContext<'_>,
+    seen: &HashSet<String>,
+    outcome: &mut FoldOutcome,
+) -> Result<Option<Failure>, AttemptError> {
+    let selector = command.selector();
+    let scope = match &selector.category {
+        Some(category) if !selector.all => Scope::Category(category),
+        _ => Scope::All,
+    };
+    let (in_scope, candidates) = fold::candidates(&p.db, command.system(), scope, seen).await?;
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let offered = match confirm(p, ctx, &candidates, outcome).await? {
+        Ok(offered) => offered,
+        Err(failure) => return Ok(Some(failure)),
+    };
+    // Code-less products cannot be looked up: only a whole-catalogue snapshot vouches that
+    // they are gone.
+    let gone: Vec<Candidate> = candidates
+        .into_iter()
+        .filter(|c| match c.product_code {
+            Some(_) => !offered.contains(&c.identity),
+            None => scope == Scope::All,
+        })
+        .collect();
+    if gone.is_empty() {
+        return Ok(None);
+    }
+    let ratio = p.max_delist_ratio;
+    if gone.len() as f64 > ratio * in_scope as f64 && !command.force() {
+        tracing::error!(
+            to_delist = gone.len(),
+            in_scope,
+            max_delist_ratio = ratio,
+            "snapshot refused by the delisting guard"
+        );
+        return Ok(Some(Failure {
+            reason: format!(
+                "the snapshot would delist {} of the {in_scope} stored products in its scope, \
+                 more than upstream.max_delist_ratio = {ratio} allows; nothing was delisted \
+                 (send it again with \"force\": true to delist them)",
+                gone.len()
+            ),
+            class: FailureClass::Permanent,
+            kind: FailureKind::DelistGuard,
+        }));
+    }
+    outcome.delisted = fold::delist(&p.db, ctx, &gone, Utc::now()).await?;
+    tracing::info!(
+        delisted = outcome.delisted,
+        in_scope,
+        "snapshot delisted the products the management system no longer offers"
+    );
+    Ok(None)
+}
+
+/// Looks the coded candidates up by code; folds what comes back and returns its identity
+/// keys, or the management system's failure.
+async fn confirm(
+    p: &Processor,
+    ctx: &FoldContext<'_>,
+    candidates: &[Candidate],
+    outcome: &mut FoldOutcome,
+) -> Result<Result<HashSet<String>, Failure>, AttemptError> {
+    let codes: Vec<String> = candidates
+        .iter()
+        .filter_map(|c| c.product_code.clone())
+        .collect();
+    let mut offered = HashSet::new();
+    for batch in codes.chunks(LOOKUP_CODES) {
+        let lookup = Selector {
+            product_codes: batch.to_vec(),
+            ..Selector::default()
+        };
+        let mut pages = std::pin::pin!(p.client.pages(lookup));
+        while let Some(page) = pages.next().await {
+            let page = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    return Ok(Err(Failure {
+                        reason: format!("confirming the snapshot's missing products: {e}"),
+                        class: FailureClass::of(e.is_transient()),
+                        kind: FailureKind::Upstream,
+                    }));
+                }
+            };
+            offered.extend(page.items.iter().map(|item| item.identity().key()));
+            outcome.add(fold_page(&p.db, ctx, &page.items, &p.fold_policy).await?);
+        }
+    }
+    Ok(Ok(offered))
+}

@@ -1,0 +1,267 @@
+//! Snapshots against the real broker, the real PostgreSQL and the simulator: delisting what
+//! the management system withdrew (whole catalogue and one category), the guard and `force`,
+//! a failed scan delisting nothing, a product moved to another category confirmed and not
+//! delisted, a delisted product coming back relisted — each event in order on the change
+//! topic.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use product_sync::audit::Audit;
+use product_sync::product::Product;
+use product_sync::sim::{Fault, Faults};
+use rdkafka::message::OwnedMessage;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use serde_json::{Value, json};
+
+use crate::pipeline::{World, header_of, json_of, world};
+
+/// Sends a snapshot command.
+async fn snapshot(w: &World, id: &str, selector: Value, force: bool) {
+    let mut body = json!({"request_id": id, "selector": selector, "mode": "snapshot"});
+    if force {
+        body["force"] = json!(true);
+    }
+    w.send(id, body.to_string().as_bytes(), &[]).await;
+}
+
+/// The result of `id`, waited for.
+async fn result(w: &World, id: &str) -> Value {
+    w.wait_results(&[id], Duration::from_secs(90))
+        .await
+        .into_iter()
+        .find(|r| r["request_id"] == id)
+        .expect("the result")
+}
+
+/// Syncs the whole catalogue once, incrementally.
+async fn sync_all(w: &World, id: &str) {
+    w.command(id, json!({"all": true})).await;
+    let r = result(w, id).await;
+    assert_eq!(r["status"], "completed", "{r}");
+}
+
+/// The identity keys of the first `n` products of `category` (any category when `None`).
+fn keys_of(w: &World, category: Option<&str>, n: usize) -> Vec<String> {
+    w.sim
+        .sim
+        .catalogue()
+        .products()
+        .iter()
+        .filter(|p| category.is_none_or(|c| p.content.category.as_deref() == Some(c)))
+        .take(n)
+        .map(|p| p.identity().key())
+        .collect()
+}
+
+/// Stored rows (listed or not) by identity key: (revision, delisted).
+async fn rows(w: &World) -> BTreeMap<String, (i64, bool)> {
+    use product_sync::store::entity::products;
+    products::Entity::find()
+        .filter(products::Column::System.eq("wms"))
+        .all(&w.db)
+        .await
+        .expect("read products")
+        .into_iter()
+        .map(|p| (p.identity, (p.revision, p.delisted_at.is_some())))
+        .collect()
+}
+
+/// The change topic, audited clean; returns its events as JSON with their `ce_type`.
+async fn audited_changes(w: &World) -> Vec<(Value, String)> {
+    w.wait_outbox_empty(Duration::from_secs(60)).await;
+    let events: Vec<OwnedMessage> = w.read_all(&w.settings.topics.changes).await;
+    let audit = Audit::of(&events);
+    assert!(audit.is_clean(), "change topic: {:#?}", audit.problems);
+    let stored = w.stored().await;
+    let gaps = audit.gaps(
+        stored
+            .iter()
+            .map(|(i, (_, r))| (format!("wms/{}", i.event_key()), *r)),
+    );
+    assert_eq!(
+        gaps, 0,
+        "every listed product's last event is its stored revision"
+    );
+    events
+        .iter()
+        .map(|m| (json_of(m), header_of(m, "ce_type").unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_of_all_delists_what_was_withdrawn_and_a_returning_product_is_relisted() {
+    let w = world(200, 1).await;
+    let app = w.start().await;
+    sync_all(&w, "full").await;
+    let withdrawn = keys_of(&w, None, 10);
+    let gone: Vec<Product> = w.sim.sim.withdraw(&withdrawn);
+    assert_eq!(gone.len(), 10);
+
+    snapshot(&w, "snap-1", json!({"all": true}), false).await;
+    let r = result(&w, "snap-1").await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["counts"]["delisted"], 10, "{r}");
+    assert_eq!(r["counts"]["created"], 0, "{r}");
+    let all = json!({"all": true});
+    let truth = w.truth(&serde_json::from_value(all).unwrap());
+    assert_eq!(truth.len(), 190);
+    assert_eq!(crate::pipeline::products_of(&w.stored().await), truth);
+    let rows = rows(&w).await;
+    for key in &withdrawn {
+        assert_eq!(rows[key], (2, true), "{key}: kept, revision + 1, delisted");
+    }
+    let events = audited_changes(&w).await;
+    let delisted: Vec<&(Value, String)> = events
+        .iter()
+        .filter(|(e, _)| e["op"] == "delisted")
+        .collect();
+    assert_eq!(delisted.len(), 10);
+    for (e, ce_type) in &delisted {
+        assert_eq!(ce_type, "com.product-sync.product.delisted");
+        assert!(e["after"].is_null() && e["changes"] == json!([]), "{e}");
+        assert_eq!(e["request_id"], "snap-1");
+    }
+
+    // One comes back, changed: the next fetch that returns it relists it.
+    let mut back = gone[0].clone();
+    back.version += 1;
+    back.content.nav = Some("3.14159265".parse().unwrap());
+    let code = back.content.product_code.clone().expect("a coded product");
+    w.sim.sim.upsert(vec![back.clone()]);
+    w.command("back", json!({"product_codes": [code]})).await;
+    let r = result(&w, "back").await;
+    assert_eq!(r["counts"]["relisted"], 1, "{r}");
+    let relisted: Vec<Value> = audited_changes(&w)
+        .await
+        .into_iter()
+        .filter(|(e, _)| e["op"] == "relisted")
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(relisted.len(), 1);
+    assert_eq!(relisted[0]["revision"], 3);
+    assert_eq!(
+        relisted[0]["before"],
+        gone[0].to_json(),
+        "the state at delisting"
+    );
+    assert_eq!(relisted[0]["after"], back.to_json());
+    assert!(
+        relisted[0]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["field"] == "nav"),
+        "{}",
+        relisted[0]
+    );
+    // The others stay delisted: a second snapshot has nothing to do.
+    snapshot(&w, "snap-2", json!({"all": true}), false).await;
+    let r = result(&w, "snap-2").await;
+    assert_eq!(r["counts"]["delisted"], 0, "{r}");
+    assert_eq!(r["counts"]["relisted"], 0, "{r}");
+    audited_changes(&w).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_guard_refuses_a_snapshot_that_would_delist_too_much_and_force_lets_it_through() {
+    let w = world(100, 1).await;
+    let app = w.start().await;
+    sync_all(&w, "full").await;
+    // An upstream answering a third of its catalogue: above the 10 % guard.
+    w.sim.sim.withdraw(&keys_of(&w, None, 30));
+
+    snapshot(&w, "guarded", json!({"all": true}), false).await;
+    let r = result(&w, "guarded").await;
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["error_kind"], "delist_guard", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.contains("30 of the 100"),
+        "names both numbers: {error}"
+    );
+    assert_eq!(r["counts"]["delisted"], 0);
+    assert!(rows(&w).await.values().all(|(_, delisted)| !delisted));
+    let dlq = w.read_all(&w.settings.topics.dlq).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        header_of(&dlq[0], product_sync::wire::dlq::ERROR_KIND).as_deref(),
+        Some("delist_guard")
+    );
+
+    snapshot(&w, "forced", json!({"all": true}), true).await;
+    let r = result(&w, "forced").await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["counts"]["delisted"], 30, "{r}");
+    assert_eq!(w.stored().await.len(), 70);
+    audited_changes(&w).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_category_snapshot_confirms_a_moved_product_and_delists_only_in_its_scope() {
+    let w = world(300, 1).await;
+    let app = w.start().await;
+    sync_all(&w, "full").await;
+    let cash = keys_of(&w, Some("cash"), 3);
+    let equity = keys_of(&w, Some("equity"), 1);
+    // cash[0] moves to equity; cash[1] and equity[0] are withdrawn.
+    let catalogue = w.sim.sim.catalogue();
+    let mut moved = catalogue
+        .products()
+        .iter()
+        .find(|p| p.identity().key() == cash[0])
+        .unwrap()
+        .clone();
+    moved.version += 1;
+    moved.content.category = Some("equity".to_owned());
+    w.sim.sim.upsert(vec![moved.clone()]);
+    w.sim.sim.withdraw(&[cash[1].clone(), equity[0].clone()]);
+
+    snapshot(&w, "cash", json!({"category": "cash"}), false).await;
+    let r = result(&w, "cash").await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["counts"]["delisted"], 1, "{r}");
+    assert_eq!(r["counts"]["updated"], 1, "the moved product, folded: {r}");
+    let rows = rows(&w).await;
+    assert_eq!(rows[&cash[0]], (2, false), "moved: updated, listed");
+    assert_eq!(rows[&cash[1]], (2, true), "withdrawn in scope: delisted");
+    assert_eq!(rows[&equity[0]], (1, false), "out of scope: untouched");
+    let stored = w.stored().await;
+    let in_store = stored
+        .values()
+        .find(|(p, _)| p.identity().key() == cash[0])
+        .unwrap();
+    assert_eq!(in_store.0.content.category.as_deref(), Some("equity"));
+    audited_changes(&w).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_whose_scan_fails_part_way_delists_nothing() {
+    let w = world(200, 1).await;
+    let mut settings = w.settings.clone();
+    settings.upstream.page_size = 20;
+    let app = w.start_with(settings).await;
+    sync_all(&w, "full").await;
+    w.sim.sim.withdraw(&keys_of(&w, None, 5));
+    // The fourth page breaks the contract: the scan fails part-way.
+    w.sim.sim.set_faults(Faults {
+        script: [Fault::Pass, Fault::Pass, Fault::Pass, Fault::BadRecord].into(),
+        ..Faults::default()
+    });
+    snapshot(&w, "broken", json!({"all": true}), false).await;
+    let r = result(&w, "broken").await;
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["error_kind"], "upstream", "{r}");
+    assert_eq!(r["counts"]["delisted"], 0);
+    assert!(rows(&w).await.values().all(|(_, delisted)| !delisted));
+    // Healed, the same snapshot delists the five.
+    w.sim.sim.set_faults(Faults::default());
+    snapshot(&w, "healed", json!({"all": true}), false).await;
+    let r = result(&w, "healed").await;
+    assert_eq!(r["counts"]["delisted"], 5, "{r}");
+    audited_changes(&w).await;
+    app.stop().await;
+}
