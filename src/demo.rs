@@ -2,7 +2,8 @@
 //! cluster as the broker, a SQLite file as the store, the simulator in-process as the
 //! management system — running the same [`Application`] as `run`, with a story a person can
 //! follow: two requests, a table of what they did, diff events in full, an upstream change, a
-//! second request that shows only what changed.
+//! second request that shows only what changed; then upstream withdraws products, a snapshot
+//! delists them (after the guard refused an empty answer), and one comes back relisted.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -58,6 +59,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .context("demo producer")?;
     let pension = act_one(&producer, &watcher, &db).await?;
     let (expected, updated) = act_two(&stage.sim, &producer, &watcher, &db, &pension).await?;
+    let delisted = act_three(&stage.sim, &producer, &watcher, &db).await?;
 
     let stored = load_all(&db, "wms").await.context("reading the store")?;
     stop.cancel();
@@ -72,6 +74,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     say(&format!("\nThe store now holds {} products.", stored.len()));
     if updated != expected {
         bail!("expected {expected} updated events, saw {updated}");
+    }
+    if delisted != 3 {
+        bail!("expected 3 delisted events, saw {delisted}");
     }
     stage.finish(options.keep);
     Ok(())
@@ -272,6 +277,66 @@ async fn act_two(
     Ok((expected, updated.len()))
 }
 
+/// Act 3: upstream withdraws three products; a snapshot of the whole catalogue delists them
+/// (after the guard refused a snapshot of a briefly empty answer); one comes back, relisted.
+async fn act_three(
+    sim: &Sim,
+    producer: &FutureProducer,
+    watcher: &Watcher,
+    db: &DatabaseConnection,
+) -> anyhow::Result<usize> {
+    let all = json!({"all": true});
+    send(producer, "demo-all", &all).await?;
+    watcher.wait_results(db, &["demo-all"]).await?;
+    say(
+        "\n3) The whole catalogue is synced (`{\"all\": true}`). Upstream now answers nothing for a moment…",
+    );
+    let catalogue = sim.catalogue();
+    let everything: Vec<String> = catalogue
+        .products()
+        .iter()
+        .map(|p| p.identity().key())
+        .collect();
+    let withdrawn_all = sim.withdraw(&everything);
+    let snapshot = |id: &str| json!({"request_id": id, "selector": {"all": true}, "mode": "snapshot", "requested_by": "demo"});
+    send_command(
+        producer,
+        "demo-snapshot-empty",
+        &snapshot("demo-snapshot-empty"),
+    )
+    .await?;
+    watcher.wait_results(db, &["demo-snapshot-empty"]).await?;
+    if let Some(r) = watcher.result("demo-snapshot-empty") {
+        say(&format!(
+            "   → a snapshot of that empty answer: {} ({}): {}",
+            r["status"].as_str().unwrap_or("?"),
+            r["error_kind"].as_str().unwrap_or("-"),
+            r["error"].as_str().unwrap_or("")
+        ));
+    }
+    sim.upsert(withdrawn_all);
+    let gone = sim.withdraw(&everything[..3]);
+    say("   Upstream is back, without three products. A snapshot of the whole catalogue:");
+    send_command(producer, "demo-snapshot", &snapshot("demo-snapshot")).await?;
+    watcher.wait_results(db, &["demo-snapshot"]).await?;
+    let delisted = watcher.changes_of("delisted");
+    say(&format!(
+        "   {} `delisted` events (the rows stay, with `delisted_at`):",
+        delisted.len()
+    ));
+    for e in delisted.iter().take(1) {
+        print_event(e);
+    }
+    sim.upsert(gone.into_iter().take(1).collect());
+    say("   One of them comes back upstream; the next request that returns it relists it:");
+    send(producer, "demo-all-again", &all).await?;
+    watcher.wait_results(db, &["demo-all-again"]).await?;
+    for e in watcher.changes_of("relisted").iter().take(1) {
+        print_event(e);
+    }
+    Ok(delisted.len())
+}
+
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -279,7 +344,12 @@ fn say(line: &str) {
 }
 
 async fn send(producer: &FutureProducer, id: &str, selector: &Value) -> anyhow::Result<()> {
-    let body = json!({"request_id": id, "selector": selector, "requested_by": "demo"}).to_string();
+    let body = json!({"request_id": id, "selector": selector, "requested_by": "demo"});
+    send_command(producer, id, &body).await
+}
+
+async fn send_command(producer: &FutureProducer, id: &str, body: &Value) -> anyhow::Result<()> {
+    let body = body.to_string();
     producer
         .send(
             FutureRecord::to(TOPICS[0]).key(id).payload(&body),
@@ -289,6 +359,16 @@ async fn send(producer: &FutureProducer, id: &str, selector: &Value) -> anyhow::
         .map_err(|(e, _)| e)
         .context("publishing a command")?;
     Ok(())
+}
+
+/// Whether the watcher has seen as many change events as the history holds rows.
+async fn all_changes_seen(db: &DatabaseConnection, seen: usize) -> bool {
+    use crate::store::entity::product_changes;
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    product_changes::Entity::find()
+        .count(db)
+        .await
+        .is_ok_and(|n| n as usize <= seen)
 }
 
 /// Follows the change and result topics in the background.
@@ -367,9 +447,9 @@ impl Watcher {
                 say(&line);
                 last = line;
             }
-            if done == ids.len() {
-                // Let the relay publish the last change rows of the final page.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+            // Done when every result is in and every change row has been published and seen
+            // here (results and changes travel in different shards).
+            if done == ids.len() && all_changes_seen(db, events).await {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {

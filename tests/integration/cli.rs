@@ -37,6 +37,9 @@ fn the_demo_runs_to_the_end_and_shows_creates_updates_and_no_op_resyncs() {
         stdout.contains("SQLite"),
         "the output says where the data is: {stdout}"
     );
+    assert!(stdout.contains("(delist_guard)"), "{stdout}");
+    assert!(stdout.contains("3 `delisted` events"), "{stdout}");
+    assert!(stdout.contains("\"op\": \"relisted\""), "{stdout}");
 }
 
 #[test]
@@ -152,6 +155,52 @@ async fn request_publishes_a_command_that_tail_shows() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("selector names nothing"));
+
+    // A snapshot of the whole catalogue, forced; a keyword snapshot is refused with the reason.
+    let out = binary()
+        .args([
+            "request",
+            "--snapshot",
+            "--all",
+            "--force",
+            "--id",
+            "cli-snap",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = binary()
+        .args([
+            "tail",
+            "--topic",
+            "requests",
+            "--from-beginning",
+            "--count",
+            "2",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("key=cli-snap")
+            && shown.contains("\"snapshot\"")
+            && shown.contains("\"all\": true")
+            && shown.contains("\"force\": true"),
+        "{shown}"
+    );
+    let out = binary()
+        .args(["request", "--snapshot", "--keyword", "稳健"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a complete set"));
 }
 
 #[test]
