@@ -199,6 +199,7 @@ impl World {
             ("PRODUCT_SYNC__TOPICS__CHANGES", self.topic("changes")),
             ("PRODUCT_SYNC__TOPICS__RESULTS", self.topic("results")),
             ("PRODUCT_SYNC__TOPICS__DLQ", self.topic("dlq")),
+            ("PRODUCT_SYNC__TOPICS__STATE", self.topic("state")),
             ("PRODUCT_SYNC__DATABASE__URL", self.db_url.clone()),
             ("PRODUCT_SYNC__UPSTREAM__BASE_URL", self.sim_url.clone()),
             ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", SECRET.to_owned()),
@@ -342,7 +343,7 @@ impl World {
         else {
             return;
         };
-        let names: Vec<String> = ["requests", "changes", "results", "dlq"]
+        let names: Vec<String> = ["requests", "changes", "results", "dlq", "state"]
             .iter()
             .map(|t| self.topic(t))
             .collect();
@@ -395,6 +396,7 @@ async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
         RelaySettings {
             changes_topic: w.topic("changes"),
             results_topic: w.topic("results"),
+            state_topic: Some(w.topic("state")),
             batch: 5000,
             interval: Duration::from_millis(200),
             max_event_bytes: 900_000,

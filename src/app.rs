@@ -234,12 +234,15 @@ async fn stop_all(tasks: &TaskTracker, parts: &CancellationToken, deadline: Inst
 
 fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let t = &settings.topics;
+    let state = Some(&t.state).filter(|s| !s.is_empty());
     [&t.requests, &t.changes, &t.results, &t.dlq]
         .into_iter()
+        .chain(state)
         .map(|name| TopicSpec {
             name: name.clone(),
             partitions: t.partitions,
             replication_factor: t.replication_factor,
+            compacted: *name == t.state,
         })
         .collect()
 }
@@ -293,6 +296,7 @@ fn relay(
         RelaySettings {
             changes_topic: settings.topics.changes.clone(),
             results_topic: settings.topics.results.clone(),
+            state_topic: Some(settings.topics.state.clone()).filter(|s| !s.is_empty()),
             batch: p.relay_batch_size,
             interval: p.relay_interval,
             max_event_bytes: p.max_event_bytes,

@@ -281,12 +281,6 @@ fn validate_scope(wire: &CommandWire) -> Result<(), CommandError> {
             "only a snapshot delists; force means nothing without mode \"snapshot\"",
         ));
     }
-    if wire.dry_run {
-        return Err(CommandError::invalid(
-            "dry_run",
-            "not supported by this version yet: refused rather than run for real",
-        ));
-    }
     Ok(())
 }
 

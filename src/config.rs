@@ -185,6 +185,9 @@ pub struct TopicSettings {
     pub results: String,
     /// Commands that could not be processed, with the reason in headers.
     pub dlq: String,
+    /// Compacted: the current state of every product (a tombstone once delisted); empty
+    /// disables it.
+    pub state: String,
     /// Create missing topics at start-up.
     pub create: bool,
     /// Partition count for topics created at start-up; bounds the consumer group's parallelism.
@@ -823,6 +826,7 @@ impl Settings {
         writeln!(f, "topics.changes = {:?}", self.topics.changes)?;
         writeln!(f, "topics.results = {:?}", self.topics.results)?;
         writeln!(f, "topics.dlq = {:?}", self.topics.dlq)?;
+        writeln!(f, "topics.state = {:?}", self.topics.state)?;
         writeln!(f, "topics.create = {}", self.topics.create)?;
         writeln!(f, "topics.partitions = {}", self.topics.partitions)?;
         writeln!(

@@ -42,13 +42,16 @@ pub struct RequestArgs {
     /// Let a snapshot delist past `upstream.max_delist_ratio`.
     #[arg(long, requires = "snapshot")]
     pub force: bool,
+    /// Compare only: write nothing, emit no change event; the result reports the drift.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Options of `tail`.
 #[derive(Debug, Args)]
 pub struct TailArgs {
-    /// Which topic: changes, results, dlq or requests.
-    #[arg(long, default_value = "changes", value_parser = ["changes", "results", "dlq", "requests"])]
+    /// Which topic: changes, results, dlq, requests or state (a tombstone prints as null).
+    #[arg(long, default_value = "changes", value_parser = ["changes", "results", "dlq", "requests", "state"])]
     pub topic: String,
     /// Start from the beginning of the topic instead of new records only.
     #[arg(long)]
@@ -209,7 +212,7 @@ pub async fn request(settings: Settings, args: RequestArgs) -> ExitCode {
         } else {
             product_sync::command::Mode::Incremental
         },
-        dry_run: false,
+        dry_run: args.dry_run,
         force: args.force,
         requested_by: args.requested_by,
     };
@@ -236,6 +239,11 @@ pub async fn tail(settings: Settings, args: TailArgs) -> ExitCode {
         "results" => t.results.clone(),
         "dlq" => t.dlq.clone(),
         "requests" => t.requests.clone(),
+        "state" if t.state.is_empty() => {
+            eprintln!("product-sync: the state topic is disabled (topics.state is empty)");
+            return ExitCode::from(2);
+        }
+        "state" => t.state.clone(),
         _ => t.changes.clone(),
     };
     let stop = stop_on_signal();

@@ -153,6 +153,8 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub replication_factor: i32,
+    /// `cleanup.policy=compact`: the broker keeps the last record of each key.
+    pub compacted: bool,
 }
 
 /// Creates the topics that do not exist yet; existing ones are left as they are.
@@ -166,11 +168,16 @@ pub async fn ensure_topics(
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &t.name,
                 t.partitions,
                 TopicReplication::Fixed(t.replication_factor),
-            )
+            );
+            if t.compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

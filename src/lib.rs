@@ -3,8 +3,9 @@
 //!
 //! ```text
 //!  product-requests ──Kafka──▶ validate ─▶ authorize ─▶ fetch pages ─▶ fold into store ─▶ outbox ──▶ product-changes
-//!  (commands)                     │        (OAuth2       (management    (sea-orm:            │        product-request-results
-//!                                 │         client creds) system HTTP)   Postgres/SQLite)    │
+//!  (commands)                     │        (OAuth2       (management    (sea-orm:            │        product-state (compacted)
+//!                                 │         client creds) system HTTP)   Postgres/SQLite;    │        product-request-results
+//!                                 │                                      snapshot: delist)   │
 //!                                 └─ bad ──▶ product-requests.dlq (with reason)              └── relay (idempotent producer)
 //!                    at start: register with the service-governance platform; deregister at stop
 //! ```
@@ -27,8 +28,8 @@
 //! | 3 | [`wire`] | every shape sent to Kafka: events, keys, CloudEvents and DLQ headers, failure class and kind |
 //! | 3 | [`kafka`] | client configuration, broker readiness, topic creation |
 //! | 4 | [`upstream`] | governance registration, OAuth2 authorization, the bounded paginated fetch |
-//! | 4 | [`store`] | connection, migrations, entities, the fold (a pure plan, two writers, one column table) |
-//! | 5 | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing |
+//! | 4 | [`store`] | connection, migrations, entities, the fold (a pure plan, two writers, one column table), delisting, the dry run's comparison |
+//! | 5 | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing of change, state and result records |
 //! | 5 | [`pipeline`] | the consumer (driver thread, one task per partition queue, coordinator) and command processing |
 //! | 6 | [`ops`], [`dlq`], [`tools`] | `/healthz` `/readyz` `/metrics`; the dead-letter topic; `request`, `tail`, `schema` |
 //! | 7 | [`app`] | `run`: builds every part, runs them, stops them in order, joins every task |

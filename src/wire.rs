@@ -5,7 +5,7 @@
 //! A leaf module: it depends on nothing of product-sync but the pure diff type.
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::diff::FieldChange;
@@ -249,6 +249,120 @@ pub struct ChangeEvent<'a> {
     pub reduced: bool,
 }
 
+/// A record of the compacted state topic: the product's full current state at `revision`.
+/// Key as on the change topic; a delisted product's record is a tombstone (no value).
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct StateRecord<'a> {
+    #[serde(borrow)]
+    pub system: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub product_code: Option<std::borrow::Cow<'a, str>>,
+    pub revision: i64,
+    /// The product in the contract's JSON form (the change event's `after`).
+    #[serde(borrow)]
+    #[schemars(with = "Value")]
+    pub product: &'a serde_json::value::RawValue,
+    #[serde(borrow)]
+    pub changed_at: std::borrow::Cow<'a, str>,
+    /// Present and `true` when derived from a change event published reduced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(default)]
+    pub reduced: bool,
+}
+
+/// The fields of a change event the state record is made of.
+#[derive(Deserialize)]
+struct ChangeHead<'a> {
+    #[serde(borrow)]
+    op: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    system: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    product_code: Option<std::borrow::Cow<'a, str>>,
+    revision: i64,
+    #[serde(borrow)]
+    after: &'a serde_json::value::RawValue,
+    #[serde(borrow)]
+    changed_at: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    reduced: bool,
+}
+
+/// The state-topic value for a change event (as published): the product's state after it,
+/// or `None` — a tombstone — for a delisting. Reads only the fields it needs; `after` is
+/// copied as it is, never parsed into a tree.
+pub fn state_of(change_event: &str) -> Result<Option<String>, serde_json::Error> {
+    let head: ChangeHead<'_> = serde_json::from_str(change_event)?;
+    if head.op == "delisted" {
+        return Ok(None);
+    }
+    serde_json::to_string(&StateRecord {
+        system: head.system,
+        product_code: head.product_code,
+        revision: head.revision,
+        product: head.after,
+        changed_at: head.changed_at,
+        reduced: head.reduced,
+    })
+    .map(Some)
+}
+
+/// Most product keys a dry run's result lists per kind of drift.
+pub const DRIFT_SAMPLES: usize = 100;
+
+/// What a dry run found different: product keys (as on the change topic), at most
+/// [`DRIFT_SAMPLES`] per kind, `truncated` when there were more.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Drift {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub delisted: Vec<String>,
+    pub relisted: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// A kind of drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftKind {
+    Created,
+    Updated,
+    Delisted,
+    Relisted,
+}
+
+impl Drift {
+    /// Notes one product key.
+    pub fn note(&mut self, kind: DriftKind, key: String) {
+        let list = match kind {
+            DriftKind::Created => &mut self.created,
+            DriftKind::Updated => &mut self.updated,
+            DriftKind::Delisted => &mut self.delisted,
+            DriftKind::Relisted => &mut self.relisted,
+        };
+        if list.len() < DRIFT_SAMPLES {
+            list.push(key);
+        } else {
+            self.truncated = true;
+        }
+    }
+
+    /// Adds another page's drift.
+    pub fn merge(&mut self, other: Drift) {
+        self.truncated |= other.truncated;
+        for (kind, keys) in [
+            (DriftKind::Created, other.created),
+            (DriftKind::Updated, other.updated),
+            (DriftKind::Delisted, other.delisted),
+            (DriftKind::Relisted, other.relisted),
+        ] {
+            for key in keys {
+                self.note(kind, key);
+            }
+        }
+    }
+}
+
 /// Product counts of a command.
 #[derive(Debug, Clone, Copy, Default, Serialize, schemars::JsonSchema)]
 pub struct Counts {
@@ -284,6 +398,13 @@ pub struct ResultEvent {
     /// command's kind such as `unknown_field`), for scripts and alerts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<String>,
+    /// Present and `true` for a dry run: the counts are what it would have done.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(default)]
+    pub dry_run: bool,
+    /// A dry run's drift: which products it would have changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
     /// Present and `true` only when published in the reduced form (see [`reduce`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schemars(default)]
@@ -302,6 +423,8 @@ impl ResultEvent {
             finished_at: Some(at.to_owned()),
             error: Some(error.to_owned()),
             error_kind: Some(kind.to_owned()),
+            dry_run: false,
+            drift: None,
             reduced: false,
         }
     }
@@ -416,6 +539,26 @@ fn omitted(bytes: usize) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_state_record_is_the_state_after_a_change_and_a_tombstone_after_a_delisting() {
+        let after = json!({"product_code": "WM\"1", "product_name": "稳健", "nav": "1.10"});
+        let event = json!({"op": "relisted", "system": "wms", "product_code": "WM\"1",
+            "revision": 3, "request_id": "r", "changes": [], "before": {}, "after": after,
+            "source_version": 2, "changed_at": "2026-11-30T00:00:00Z"});
+        let state: Value =
+            serde_json::from_str(&state_of(&event.to_string()).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            state,
+            json!({"system": "wms", "product_code": "WM\"1", "revision": 3, "product": after,
+                "changed_at": "2026-11-30T00:00:00Z"})
+        );
+        let delisted = json!({"op": "delisted", "system": "wms", "product_code": "WM1",
+            "revision": 4, "changes": [], "before": after, "after": null,
+            "source_version": 2, "changed_at": "t"});
+        assert_eq!(state_of(&delisted.to_string()).unwrap(), None);
+        assert!(state_of("{not json").is_err());
+    }
 
     fn big_event(attr_bytes: usize) -> String {
         let big = "x".repeat(attr_bytes);

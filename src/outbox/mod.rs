@@ -21,6 +21,11 @@
 //! the reduced form ([`crate::wire::reduce`]); a row the broker still refuses for good is
 //! parked with its error — only its own product's later rows wait behind it
 //! (`product-sync outbox parked`, `product_sync_outbox_parked`).
+//!
+//! The state topic (`topics.state`, compacted): right after a change event, the product's
+//! state record goes to the state topic under the same key (a tombstone for a delisting); a
+//! change row leaves the queue only once both were acked, so the state topic is as complete
+//! and as ordered per product as the change topic.
 
 pub mod queue;
 pub mod shards;
@@ -79,6 +84,8 @@ impl RelayError {
 pub struct RelaySettings {
     pub changes_topic: String,
     pub results_topic: String,
+    /// The compacted state topic; `None` publishes no state records.
+    pub state_topic: Option<String>,
     /// Rows read and produced per batch.
     pub batch: u64,
     /// How long an idle relay waits before looking again (unless woken).
@@ -112,7 +119,32 @@ type Read = JoinHandle<Result<Vec<Outgoing>, StoreError>>;
 
 /// A produced batch awaiting its acks.
 struct Flight {
-    sent: Vec<(Outgoing, DeliveryFuture)>,
+    sent: Vec<(Outgoing, Delivery)>,
+}
+
+/// The broker's answers for one row: its event and, for a change with the state topic on,
+/// its state record (or why that could not be produced).
+struct Delivery {
+    event: DeliveryFuture,
+    state: Option<Result<DeliveryFuture, KafkaError>>,
+}
+
+impl Delivery {
+    /// Both acked, or the first failure (the event's first).
+    async fn landed(self) -> Result<(), KafkaError> {
+        let acked = |answer| match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(KafkaError::Canceled),
+        };
+        let event = acked(self.event.await);
+        let state = match self.state {
+            None => Ok(()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(delivery)) => acked(delivery.await),
+        };
+        event.and(state)
+    }
 }
 
 /// Publishes the queue.
@@ -382,7 +414,36 @@ impl Relay {
         }
     }
 
-    fn produce(&self, row: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
+    /// Produces a row's event and, for a change with the state topic on, its state record.
+    fn produce(&self, row: &Outgoing) -> Result<Delivery, KafkaError> {
+        let event = self.produce_event(row)?;
+        let state = match (&row.kind, &self.settings.state_topic) {
+            (Kind::Change, Some(topic)) => Some(self.produce_state(row, topic)),
+            _ => None,
+        };
+        Ok(Delivery { event, state })
+    }
+
+    fn produce_state(&self, row: &Outgoing, topic: &str) -> Result<DeliveryFuture, KafkaError> {
+        // A change event is product-sync's own JSON: one that does not parse is a bug, parked
+        // like a record the broker refuses.
+        let value = match wire::state_of(&row.payload) {
+            Ok(value) => value,
+            Err(e) => {
+                tracing::error!(ce_id = %row.ce_id, error = %e, "a change event lacks the fields of a state record");
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::InvalidRecord,
+                ));
+            }
+        };
+        let mut record = FutureRecord::<String, String>::to(topic).key(&row.key);
+        if let Some(value) = &value {
+            record = record.payload(value);
+        }
+        self.producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    fn produce_event(&self, row: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
         let headers = CloudEvent {
             id: &row.ce_id,
             ce_type: &row.ce_type,
@@ -462,17 +523,12 @@ impl Relay {
         let mut refused = Vec::new();
         let mut error = None;
         for (row, delivery) in flight.sent {
-            match delivery.await {
-                Ok(Ok(_)) => acked.push(row),
-                Ok(Err((e, _))) if is_refusal(&e) => refused.push((row, e)),
-                Ok(Err((e, _))) => {
+            match delivery.landed().await {
+                Ok(()) => acked.push(row),
+                Err(e) if is_refusal(&e) => refused.push((row, e)),
+                Err(e) => {
                     if error.is_none() {
                         error = Some(self.publish_error(&row, e));
-                    }
-                }
-                Err(_) => {
-                    if error.is_none() {
-                        error = Some(self.publish_error(&row, KafkaError::Canceled));
                     }
                 }
             }
@@ -481,11 +537,7 @@ impl Relay {
         for (row, first) in refused {
             tracing::warn!(ce_id = %row.ce_id, error = %first, "the broker refused an event; sending it alone");
             let alone = match self.produce(&row) {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(KafkaError::Canceled),
-                },
+                Ok(delivery) => delivery.landed().await,
                 Err(e) => Err(e),
             };
             match alone {

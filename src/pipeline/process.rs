@@ -19,11 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::command::{Command, CommandError, Mode, valid_traceparent};
 use crate::metrics::metrics;
+use crate::product::Product;
 use crate::retry::{Backoff, RetryPolicy};
-use crate::store::fold::{FoldContext, FoldOutcome, fold_page};
+use crate::store::fold::{FoldContext, FoldOutcome, compare_page, fold_page};
 use crate::store::{StoreError, requests};
 use crate::upstream::{ProductClient, UpstreamError};
-use crate::wire::{self, CloudEvent, FailureClass, FailureKind, ResultEvent};
+use crate::wire::{self, CloudEvent, Drift, FailureClass, FailureKind, ResultEvent};
 
 /// Header names of DLQ records (defined in [`crate::wire::dlq`]).
 pub use crate::wire::dlq as dlq_headers;
@@ -78,6 +79,24 @@ struct Failure {
     reason: String,
     class: FailureClass,
     kind: FailureKind,
+}
+
+/// What a command's pages did: counts, pages, a dry run's drift, and the identity keys a
+/// snapshot saw.
+struct Scan {
+    outcome: FoldOutcome,
+    pages: i32,
+    drift: Drift,
+    seen: Option<HashSet<String>>,
+}
+
+impl Scan {
+    fn progress(&self) -> Progress<'_> {
+        Progress {
+            outcome: &self.outcome,
+            pages: self.pages,
+        }
+    }
 }
 
 /// How far a command got before it failed.
@@ -231,9 +250,7 @@ impl Processor {
             request_id: Some(command.request_id()),
             traceparent,
         };
-        let mut seen = (command.mode() == Mode::Snapshot).then(HashSet::new);
-        let (mut outcome, pages, upstream_failed) =
-            self.fold_pages(command, &ctx, seen.as_mut()).await?;
+        let (mut scan, upstream_failed) = self.fold_pages(command, &ctx).await?;
         if let Some(e) = upstream_failed {
             let failure = Failure {
                 reason: e.to_string(),
@@ -242,35 +259,29 @@ impl Processor {
             };
             let class = failure.class.as_str();
             tracing::error!(error = %e, class, "the management system failed this command");
-            let progress = Progress {
-                outcome: &outcome,
-                pages,
-            };
-            return self.fail(msg, command, progress, &failure).await;
+            return self.fail(msg, command, scan.progress(), &failure).await;
         }
         // A snapshot whose every page was folded: confirm and delist what it did not see.
-        if let Some(seen) = &seen
-            && let Some(failure) =
-                snapshot::complete(self, command, &ctx, seen, &mut outcome).await?
-        {
-            let progress = Progress {
-                outcome: &outcome,
-                pages,
-            };
-            return self.fail(msg, command, progress, &failure).await;
+        if let Some(failure) = snapshot::complete(self, command, &ctx, &mut scan).await? {
+            return self.fail(msg, command, scan.progress(), &failure).await;
         }
+        let outcome = &scan.outcome;
         requests::finish(
             &self.db,
             command.request_id(),
-            requests::Status::Completed,
-            &outcome,
-            pages,
-            None,
+            requests::Finished {
+                status: requests::Status::Completed,
+                outcome,
+                pages: scan.pages,
+                error: None,
+                drift: command.dry_run().then_some(&scan.drift),
+            },
             Utc::now(),
         )
         .await?;
         tracing::info!(
-            pages,
+            pages = scan.pages,
+            dry_run = command.dry_run(),
             fetched = outcome.fetched,
             created = outcome.created,
             updated = outcome.updated,
@@ -285,34 +296,53 @@ impl Processor {
         Ok(())
     }
 
+    /// Folds a page — or, for a dry run, compares it with the store and writes nothing.
+    async fn apply(
+        &self,
+        dry_run: bool,
+        ctx: &FoldContext<'_>,
+        items: &[Product],
+    ) -> Result<(FoldOutcome, Drift), StoreError> {
+        if dry_run {
+            compare_page(&self.db, ctx.system, items, &self.fold_policy).await
+        } else {
+            let folded = fold_page(&self.db, ctx, items, &self.fold_policy).await?;
+            Ok((folded, Drift::default()))
+        }
+    }
+
     /// Fetches and folds every page of the command's selector. Pages are folded
     /// FOLDS_IN_FLIGHT at a time, and the next page is fetched while they fold: a command
     /// takes about the longer of its fetches and its folds, and the store works on two
     /// transactions at once. Concurrent folds of pages that share a product are safe
     /// (conditional writes, see `store::fold`); outcomes are taken in page order. Returns what
-    /// was folded, the pages, and the management system's failure if paging stopped on one.
+    /// was folded, and the management system's failure if paging stopped on one.
     async fn fold_pages(
         &self,
         command: &Command,
         ctx: &FoldContext<'_>,
-        mut seen: Option<&mut HashSet<String>>,
-    ) -> Result<(FoldOutcome, i32, Option<UpstreamError>), AttemptError> {
-        let collect = seen.is_some();
-        let mut outcome = FoldOutcome::default();
-        let mut pages = 0i32;
+    ) -> Result<(Scan, Option<UpstreamError>), AttemptError> {
+        let snapshot = command.mode() == Mode::Snapshot;
+        let dry_run = command.dry_run();
+        let mut scan = Scan {
+            outcome: FoldOutcome::default(),
+            pages: 0,
+            drift: Drift::default(),
+            seen: snapshot.then(HashSet::new),
+        };
         let folds = self
             .client
             .pages(command.selector().clone())
             .map(|page| async move {
                 let page = page?;
                 // A snapshot remembers what it saw (its scope's unseen products are candidates).
-                let keys: Vec<String> = if collect {
+                let keys: Vec<String> = if snapshot {
                     page.items.iter().map(|p| p.identity().key()).collect()
                 } else {
                     Vec::new()
                 };
                 let started = Instant::now();
-                let folded = fold_page(&self.db, ctx, &page.items, &self.fold_policy).await;
+                let folded = self.apply(dry_run, ctx, &page.items).await;
                 metrics()
                     .fold_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -323,18 +353,21 @@ impl Processor {
         while let Some(next) = folds.next().await {
             let (number, items, folded, keys) = match next {
                 Ok(folded) => folded,
-                Err(e) => return Ok((outcome, pages, Some(e))),
+                Err(e) => return Ok((scan, Some(e))),
             };
-            let folded = folded?;
-            if let Some(seen) = seen.as_deref_mut() {
+            let (folded, drift) = folded?;
+            if let Some(seen) = scan.seen.as_mut() {
                 seen.extend(keys);
             }
-            record_fold(&folded);
-            outcome.add(folded);
-            pages += 1;
+            if !dry_run {
+                record_fold(&folded);
+            }
+            scan.outcome.add(folded);
+            scan.drift.merge(drift);
+            scan.pages += 1;
             tracing::debug!(page = number, items, "page folded");
         }
-        Ok((outcome, pages, None))
+        Ok((scan, None))
     }
 
     /// Records a failed command and dead-letters it.
@@ -350,10 +383,13 @@ impl Processor {
         requests::finish(
             &self.db,
             command.request_id(),
-            requests::Status::Failed,
-            progress.outcome,
-            progress.pages,
-            Some((failure.kind.as_str(), &failure.reason)),
+            requests::Finished {
+                status: requests::Status::Failed,
+                outcome: progress.outcome,
+                pages: progress.pages,
+                error: Some((failure.kind.as_str(), &failure.reason)),
+                drift: None,
+            },
             Utc::now(),
         )
         .await?;

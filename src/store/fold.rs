@@ -45,7 +45,7 @@ use super::entity::products;
 use crate::diff;
 use crate::product::{Content, Identity, Product, parse_decimal};
 use crate::retry::{RetryPolicy, retry};
-use crate::wire::ChangeEvent;
+use crate::wire::{ChangeEvent, Drift, DriftKind};
 
 mod columns;
 mod delist;
@@ -110,7 +110,16 @@ pub async fn fold_page(
     page: &[Product],
     policy: &RetryPolicy,
 ) -> Result<FoldOutcome, StoreError> {
-    // Nothing of a page that holds a record breaking the contract is applied.
+    validate_page(page)?;
+    let (prepared, duplicates) = prepare(page);
+    let mut outcome = retry(policy, "fold page", || fold_once(db, ctx, &prepared)).await?;
+    outcome.fetched += duplicates;
+    outcome.stale += duplicates;
+    Ok(outcome)
+}
+
+/// Nothing of a page that holds a record breaking the contract is applied (or compared).
+fn validate_page(page: &[Product]) -> Result<(), StoreError> {
     for (index, product) in page.iter().enumerate() {
         product
             .content
@@ -121,11 +130,43 @@ pub async fn fold_page(
                 error,
             })?;
     }
+    Ok(())
+}
+
+/// A dry run's fold: what [`fold_page`] would do with `page` — its counts and the keys of the
+/// products it would create, update or relist — reading the store and writing nothing.
+pub async fn compare_page(
+    db: &DatabaseConnection,
+    system: &str,
+    page: &[Product],
+    policy: &RetryPolicy,
+) -> Result<(FoldOutcome, Drift), StoreError> {
+    validate_page(page)?;
     let (prepared, duplicates) = prepare(page);
-    let mut outcome = retry(policy, "fold page", || fold_once(db, ctx, &prepared)).await?;
+    let (mut outcome, drift) = retry(policy, "compare page", || async {
+        let heads = read_heads(db, system, &prepared).await?;
+        let stored = read_full(db, &plan::to_read(&prepared, &heads)).await?;
+        let plan = plan::plan(&prepared, &heads, &stored).ok_or(StoreError::Conflict)?;
+        let mut drift = Drift::default();
+        let key = |w: &Write<'_>| format!("{system}/{}", w.record.identity.event_key());
+        for w in &plan.inserts {
+            drift.note(DriftKind::Created, key(w));
+        }
+        for w in &plan.updates {
+            match &w.event {
+                Some(PlannedEvent::Updated { relisted: true, .. }) => {
+                    drift.note(DriftKind::Relisted, key(w))
+                }
+                Some(_) => drift.note(DriftKind::Updated, key(w)),
+                None => {}
+            }
+        }
+        Ok::<_, StoreError>((plan.outcome, drift))
+    })
+    .await?;
     outcome.fetched += duplicates;
     outcome.stale += duplicates;
-    Ok(outcome)
+    Ok((outcome, drift))
 }
 
 /// A stored row with decimals read as text: exact on both backends.

@@ -15,7 +15,7 @@ use super::StoreError;
 use super::entity::requests;
 use super::fold::FoldOutcome;
 use crate::command::Command;
-use crate::wire::{Counts, ResultEvent};
+use crate::wire::{Counts, Drift, ResultEvent};
 
 /// The longest error text stored for a request (and so published in its result).
 pub const MAX_ERROR_CHARS: usize = 2000;
@@ -71,6 +71,7 @@ pub async fn begin(
         pages: Set(0),
         error: Set(None),
         error_kind: Set(None),
+        drift: Set(None),
         traceparent: Set(traceparent.map(str::to_owned)),
         started_at: Set(now),
         finished_at: Set(None),
@@ -93,6 +94,7 @@ pub async fn begin(
                     C::Pages,
                     C::Error,
                     C::ErrorKind,
+                    C::Drift,
                     C::Traceparent,
                     C::StartedAt,
                     C::FinishedAt,
@@ -105,18 +107,33 @@ pub async fn begin(
     Ok(())
 }
 
-/// Records how a command ended (`error`: its kind and reason); its result event becomes due
-/// for publication.
+/// How a command ended.
+pub struct Finished<'a> {
+    pub status: Status,
+    pub outcome: &'a FoldOutcome,
+    pub pages: i32,
+    /// Its error's kind and reason.
+    pub error: Option<(&'a str, &'a str)>,
+    /// A dry run's drift.
+    pub drift: Option<&'a Drift>,
+}
+
+/// Records how a command ended; its result event becomes due for publication.
 pub async fn finish(
     db: &DatabaseConnection,
     request_id: &str,
-    status: Status,
-    outcome: &FoldOutcome,
-    pages: i32,
-    error: Option<(&str, &str)>,
+    end: Finished<'_>,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    let Finished {
+        status,
+        outcome,
+        pages,
+        error,
+        drift,
+    } = end;
     let (error_kind, error) = error.unzip();
+    let drift = drift.map(|d| serde_json::to_value(d).unwrap_or(Value::Null));
     use requests::Column as C;
     let update = requests::Entity::update_many()
         .col_expr(C::Status, Expr::value(status.as_str()))
@@ -134,6 +151,7 @@ pub async fn finish(
             Expr::value(error.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>())),
         )
         .col_expr(C::ErrorKind, Expr::value(error_kind.map(str::to_owned)))
+        .col_expr(C::Drift, Expr::value(drift))
         .col_expr(C::FinishedAt, Expr::value(Some(now)))
         .col_expr(
             C::ResultPublishedAt,
@@ -237,6 +255,11 @@ pub fn result_event(row: &requests::Model) -> ResultEvent {
         finished_at: row.finished_at.map(at),
         error: row.error.clone(),
         error_kind: row.error_kind.clone(),
+        dry_run: row.command["dry_run"].as_bool() == Some(true),
+        drift: row
+            .drift
+            .as_ref()
+            .and_then(|d| serde_json::from_value(d.clone()).ok()),
         reduced: false,
     }
 }

@@ -93,6 +93,7 @@ async fn request_publishes_a_command_that_tail_shows() {
             name: topic.clone(),
             partitions: 1,
             replication_factor: 1,
+            compacted: false,
         }],
     )
     .await

@@ -25,6 +25,7 @@ async fn topics_are_created_once_and_described_by_the_broker() {
         name: topic.clone(),
         partitions: 3,
         replication_factor: 1,
+        compacted: false,
     }];
     ensure_topics(&settings, &spec).await.expect("create topic");
     // A second call finds it existing and succeeds.
@@ -59,6 +60,7 @@ async fn produce_consume_commit_and_read_the_committed_offset_back() {
             name: topic.clone(),
             partitions: 2,
             replication_factor: 1,
+            compacted: false,
         }],
     )
     .await

@@ -41,7 +41,8 @@ pub async fn world(products: usize, partitions: i32) -> World {
     let db_settings = fresh_pg_database().await;
     let sim = start_sim(products, SimConfig::default()).await;
     let prefix = unique("e2e");
-    let topics = ["requests", "changes", "results", "dlq"].map(|t| format!("{prefix}.{t}"));
+    let topics =
+        ["requests", "changes", "results", "dlq", "state"].map(|t| format!("{prefix}.{t}"));
     let specs: Vec<TopicSpec> = topics
         .iter()
         .map(|name| TopicSpec {
@@ -52,6 +53,7 @@ pub async fn world(products: usize, partitions: i32) -> World {
                 3
             },
             replication_factor: 1,
+            compacted: name.ends_with(".state"),
         })
         .collect();
     ensure_topics(&kafka, &specs).await.expect("create topics");
@@ -74,6 +76,7 @@ pub async fn world(products: usize, partitions: i32) -> World {
         ("PRODUCT_SYNC__TOPICS__CHANGES", topics[1].clone()),
         ("PRODUCT_SYNC__TOPICS__RESULTS", topics[2].clone()),
         ("PRODUCT_SYNC__TOPICS__DLQ", topics[3].clone()),
+        ("PRODUCT_SYNC__TOPICS__STATE", topics[4].clone()),
         ("PRODUCT_SYNC__TOPICS__PARTITIONS", partitions.to_string()),
         (
             "PRODUCT_SYNC__DATABASE__URL",
@@ -137,6 +140,9 @@ pub struct InProcess {
     pub ops: std::net::SocketAddr,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), product_sync::app::AppError>>,
+    /// A test that fails first still stops the instance (else its consumer's blocking driver
+    /// keeps the test's runtime from shutting down: a hang instead of a failure).
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl InProcess {
@@ -159,7 +165,12 @@ impl World {
         let ops = app.ops_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-        InProcess { ops, stop, task }
+        InProcess {
+            ops,
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+            task,
+        }
     }
 
     /// The log of a child process started with [`World::spawn_process`].

@@ -169,6 +169,7 @@ fn relay(w: &World, producer: FutureProducer, max_event_bytes: usize) -> Relay {
         RelaySettings {
             changes_topic: w.settings.topics.changes.clone(),
             results_topic: w.settings.topics.results.clone(),
+            state_topic: Some(w.settings.topics.state.clone()),
             batch: 100,
             interval: Duration::from_millis(20),
             max_event_bytes,
@@ -200,7 +201,9 @@ async fn a_row_whose_transaction_commits_late_is_published_not_skipped() {
          VALUES ('wms', 'code:LATE1', 'LATE1', 'late', '[]', '{}', 1, 'h', 1, now(), now())",
         "INSERT INTO product_changes (product_id, system, identity, product_code, revision, \
          event_id, op, payload, created_at) SELECT id, 'wms', 'code:LATE1', 'LATE1', 1, \
-         'wms:LATE1:1', 'created', '{\"op\":\"created\",\"revision\":1,\"after\":{}}', now() \
+         'wms:LATE1:1', 'created', '{\"op\":\"created\",\"system\":\"wms\",\"product_code\":\"LATE1\",\
+         \"revision\":1,\"changes\":[],\"before\":null,\"after\":{},\"source_version\":1,\
+         \"changed_at\":\"2026-11-30T00:00:00Z\"}', now() \
          FROM products WHERE identity = 'code:LATE1'",
         "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
          SELECT product_id, id, product_id, now() FROM product_changes WHERE event_id = 'wms:LATE1:1'",

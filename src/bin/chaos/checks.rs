@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use product_sync::audit::Audit;
 use product_sync::command::Selector;
+use product_sync::config::Settings;
 use product_sync::kafka::{client_config, header_text as header};
 use product_sync::product::{Identity, Product};
 use product_sync::store::fold::load_all;
@@ -29,6 +30,8 @@ pub struct Sent<'a> {
     pub bad: &'a [String],
     /// Request ids of the commands aimed at a hostile management system.
     pub hostile: &'a [String],
+    /// Identity keys of the products withdrawn upstream (never offered again).
+    pub withdrawn: &'a [String],
 }
 
 /// The figures of the result line (the run's own counts are added by `main`).
@@ -46,6 +49,11 @@ pub struct Verdict {
     pub gaps: usize,
     pub stalled: usize,
     pub leaked_secrets: usize,
+    /// Products withdrawn upstream during the run, and `delisted` events.
+    pub withdrawn: usize,
+    pub delisted: usize,
+    /// `delisted` events of products the management system still offered.
+    pub wrongly_delisted: usize,
     /// The first problems of the change topic, described.
     pub problems: Vec<String>,
 }
@@ -79,8 +87,20 @@ impl Verdict {
             .map(|(identity, (_, revision))| (format!("wms/{}", identity.event_key()), *revision));
         let gaps = audit.gaps(keys);
         lost += not_rebuilt(&audit, &stored);
+        lost += state_not_rebuilt(settings, &stored)?;
         let dlq = read_all(settings, &settings.topics.dlq)?;
         lost += bad_not_rejected(sent, &dlq, results);
+        let withdrawn: BTreeSet<String> = sent
+            .withdrawn
+            .iter()
+            .map(|k| format!("wms/{}", k.strip_prefix("code:").unwrap_or(k)))
+            .collect();
+        let delisted: Vec<String> = events
+            .iter()
+            .filter(|m| json_of(m)["op"] == "delisted")
+            .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+            .collect();
+        let wrongly_delisted = delisted.iter().filter(|k| !withdrawn.contains(*k)).count();
         let ended = with_status(&values, &["failed", "completed"]);
         let unended_hostile = sent
             .hostile
@@ -97,6 +117,9 @@ impl Verdict {
             gaps,
             stalled: stalled_partitions(world)? + unended_hostile,
             leaked_secrets: leaked_secrets(world, &[results, &dlq])?,
+            withdrawn: withdrawn.len(),
+            delisted: delisted.len(),
+            wrongly_delisted,
             problems: audit.problems,
         })
     }
@@ -108,6 +131,7 @@ impl Verdict {
             + self.gaps
             + self.stalled
             + self.leaked_secrets
+            + self.wrongly_delisted
             == 0
     }
 }
@@ -162,6 +186,35 @@ fn not_rebuilt(audit: &Audit, stored: &BTreeMap<Identity, (Product, i64)>) -> us
             rebuilt.as_ref() != Some(product)
         })
         .count()
+}
+
+/// Stored products the state topic alone does not rebuild (last record per key in offset
+/// order, a tombstone removing it), and keys it holds that the store does not list.
+fn state_not_rebuilt(
+    settings: &Settings,
+    stored: &BTreeMap<Identity, (Product, i64)>,
+) -> anyhow::Result<usize> {
+    let mut records = read_all(settings, &settings.topics.state)?;
+    records.sort_by_key(|m| (m.partition(), m.offset()));
+    let mut state: BTreeMap<String, Value> = BTreeMap::new();
+    for m in &records {
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        match m.payload() {
+            None => state.remove(&key),
+            Some(_) => state.insert(key, json_of(m)),
+        };
+    }
+    let wrong = stored
+        .iter()
+        .filter(|(identity, (product, revision))| {
+            let v = state.remove(&format!("wms/{}", identity.event_key()));
+            v.is_none_or(|v| {
+                v["revision"] != *revision
+                    || Product::from_json(&v["product"]).ok().as_ref() != Some(product)
+            })
+        })
+        .count();
+    Ok(wrong + state.len())
 }
 
 /// Bad commands without a DLQ record (with a reason), or without a `rejected` result of their

@@ -272,7 +272,8 @@ async fn main() -> anyhow::Result<()> {
     faults
         .run(&world, &mut instances, &producer, run.run_for)
         .await?;
-    let (mut good, bad_sent) = stream.stop().await?;
+    let streamed = stream.stop().await?;
+    let (mut good, bad_sent) = (streamed.good, streamed.bad);
     world.sim.set_faults(Faults::default());
     for slot in 0..3 {
         instances.start(slot)?;
@@ -290,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
         good: &good,
         bad: &bad_sent,
         hostile: &faults.hostile_ids,
+        withdrawn: &streamed.withdrawn,
     };
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
     world.sim_stop.cancel();
@@ -315,8 +317,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Upstream settles; a last round asks for every selector once more, so the store's final
-/// state can be compared with the final truth. Returns the commands' ids.
+/// Upstream settles; a last round asks for every selector once more and takes a snapshot of
+/// the whole catalogue (delisting what was withdrawn), so the store's final state can be
+/// compared with the final truth. Returns the commands' ids.
 async fn final_round(
     producer: &FutureProducer,
     settings: &Settings,
@@ -327,6 +330,18 @@ async fn final_round(
         send_command(producer, settings, &id, selector).await?;
         ids.push(id);
     }
+    let id = "chaos-final-snapshot";
+    let body = json!({"request_id": id, "selector": {"all": true}, "mode": "snapshot"});
+    producer
+        .send(
+            FutureRecord::to(&settings.topics.requests)
+                .key(id)
+                .payload(&body.to_string()),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    ids.push(id.to_owned());
     Ok(ids)
 }
 
@@ -341,7 +356,7 @@ fn result_line(
 ) {
     let max_stall_s = max_stall.as_secs();
     println!(
-        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={}",
+        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={} withdrawn={} delisted={} wrongly_delisted={}",
         faults.kills,
         faults.sigterms,
         faults.broker_restarts,
@@ -357,6 +372,9 @@ fn result_line(
         instances.unclean_exits,
         verdict.out_of_order,
         verdict.repeats,
+        verdict.withdrawn,
+        verdict.delisted,
+        verdict.wrongly_delisted,
     );
     for problem in &verdict.problems {
         eprintln!("chaos: change topic: {problem}");

@@ -122,12 +122,13 @@ async fn own_database(seed: u64) -> anyhow::Result<url::Url> {
 /// Topics of this run's own, 12 partitions each.
 async fn own_topics(settings: &Settings) -> anyhow::Result<()> {
     let t = &settings.topics;
-    let specs: Vec<TopicSpec> = [&t.requests, &t.changes, &t.results, &t.dlq]
+    let specs: Vec<TopicSpec> = [&t.requests, &t.changes, &t.results, &t.dlq, &t.state]
         .into_iter()
         .map(|n| TopicSpec {
             name: n.clone(),
             partitions: 12,
             replication_factor: 1,
+            compacted: *n == t.state,
         })
         .collect();
     ensure_topics(&settings.kafka, &specs)
@@ -166,6 +167,7 @@ fn environment(o: &Options, db_url: &url::Url, sim_url: &str) -> HashMap<String,
         ("PRODUCT_SYNC__TOPICS__CHANGES", format!("{prefix}.changes")),
         ("PRODUCT_SYNC__TOPICS__RESULTS", format!("{prefix}.results")),
         ("PRODUCT_SYNC__TOPICS__DLQ", format!("{prefix}.dlq")),
+        ("PRODUCT_SYNC__TOPICS__STATE", format!("{prefix}.state")),
         ("PRODUCT_SYNC__TOPICS__PARTITIONS", "12".to_owned()),
         ("PRODUCT_SYNC__DATABASE__URL", db_url.to_string()),
         ("PRODUCT_SYNC__DATABASE__MAX_CONNECTIONS", "6".to_owned()),
@@ -201,7 +203,15 @@ fn environment(o: &Options, db_url: &url::Url, sim_url: &str) -> HashMap<String,
 /// malformed one (each kind twice), and every fifth step a burst of upstream changes.
 pub struct CommandStream {
     stop: CancellationToken,
-    task: JoinHandle<(Vec<String>, Vec<String>)>,
+    task: JoinHandle<Streamed>,
+}
+
+/// What the command stream did: the good commands' ids, the bad ones' keys, and the identity
+/// keys of the products it withdrew upstream (never offered again).
+pub struct Streamed {
+    pub good: Vec<String>,
+    pub bad: Vec<String>,
+    pub withdrawn: Vec<String>,
 }
 
 impl CommandStream {
@@ -217,8 +227,8 @@ impl CommandStream {
         CommandStream { stop, task }
     }
 
-    /// Stops the stream; returns the good commands' ids and the bad ones' keys.
-    pub async fn stop(self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    /// Stops the stream; returns what it sent and withdrew.
+    pub async fn stop(self) -> anyhow::Result<Streamed> {
         self.stop.cancel();
         Ok(self.task.await?)
     }
@@ -230,10 +240,10 @@ async fn stream(
     sim: Sim,
     seed: u64,
     stop: CancellationToken,
-) -> (Vec<String>, Vec<String>) {
+) -> Streamed {
     let (selectors, bad) = (selectors(), bad_commands());
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    let (mut good, mut bad_sent) = (Vec::new(), Vec::new());
+    let (mut good, mut bad_sent, mut withdrawn) = (Vec::new(), Vec::new(), Vec::new());
     let send = |key: String, payload: Vec<u8>| {
         let producer = producer.clone();
         let topic = topic.clone();
@@ -250,9 +260,24 @@ async fn stream(
     while !stop.is_cancelled() {
         n += 1;
         let id = format!("chaos-{n}");
-        let selector = &selectors[rng.gen_range(0..selectors.len())];
-        let body = json!({"request_id": id, "selector": selector}).to_string();
-        good.extend(send(id, body.into_bytes()).await);
+        let body = if n.is_multiple_of(11) {
+            // A snapshot: the whole catalogue or one category.
+            let scope = snapshot_scopes()[rng.gen_range(0..6)].clone();
+            json!({"request_id": id, "selector": scope, "mode": "snapshot"})
+        } else {
+            let selector = &selectors[rng.gen_range(0..selectors.len())];
+            json!({"request_id": id, "selector": selector})
+        };
+        good.extend(send(id, body.to_string().into_bytes()).await);
+        if n.is_multiple_of(7) {
+            // Upstream stops offering a few products, for good.
+            let catalogue = sim.catalogue();
+            let products = catalogue.products();
+            let keys: Vec<String> = (0..rng.gen_range(1..4))
+                .map(|_| products[rng.gen_range(0..products.len())].identity().key())
+                .collect();
+            withdrawn.extend(sim.withdraw(&keys).iter().map(|p| p.identity().key()));
+        }
         if n.is_multiple_of(3) && bad_sent.len() < bad.len() * 2 {
             let (key, bytes) = &bad[bad_sent.len() % bad.len()];
             bad_sent.extend(send(format!("{key}-{n}"), bytes.clone()).await);
@@ -265,7 +290,20 @@ async fn stream(
             _ = tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1200))) => {}
         }
     }
-    (good, bad_sent)
+    Streamed {
+        good,
+        bad: bad_sent,
+        withdrawn,
+    }
+}
+
+/// The scopes of the stream's snapshots: the whole catalogue, and each category.
+pub fn snapshot_scopes() -> Vec<serde_json::Value> {
+    let mut scopes = vec![json!({"all": true})];
+    for c in ["fixed_income", "equity", "mixed", "cash", "structured"] {
+        scopes.push(json!({"category": c}));
+    }
+    scopes
 }
 
 /// The three `product-sync run` processes, by slot.

@@ -2,17 +2,18 @@
 //! scope was fetched and folded, the stored products of the scope it did not see are looked up
 //! by code once more; those still offered are folded as usual (moved to another category,
 //! say), the others are delisted — unless they are more than `upstream.max_delist_ratio` of
-//! the scope and the command does not say `force`.
+//! the scope and the command does not say `force`. A dry run folds nothing and delists
+//! nothing: it counts and lists what it would do.
 
 use std::collections::HashSet;
 
 use chrono::Utc;
 use futures::StreamExt;
 
-use super::{AttemptError, Failure, Processor};
+use super::{AttemptError, Failure, Processor, Scan};
 use crate::command::{Command, Selector};
-use crate::store::fold::{self, Candidate, FoldContext, FoldOutcome, Scope, fold_page};
-use crate::wire::{FailureClass, FailureKind};
+use crate::store::fold::{self, Candidate, FoldContext, Scope};
+use crate::wire::{DriftKind, FailureClass, FailureKind};
 
 /// Codes per confirming lookup (keeps the request's URL short).
 const LOOKUP_CODES: usize = 100;
@@ -23,9 +24,11 @@ pub(super) async fn complete(
     p: &Processor,
     command: &Command,
     ctx: &FoldContext<'_>,
-    seen: &HashSet<String>,
-    outcome: &mut FoldOutcome,
+    scan: &mut Scan,
 ) -> Result<Option<Failure>, AttemptError> {
+    let Some(seen) = &scan.seen else {
+        return Ok(None);
+    };
     let selector = command.selector();
     let scope = match &selector.category {
         Some(category) if !selector.all => Scope::Category(category),
@@ -35,7 +38,8 @@ pub(super) async fn complete(
     if candidates.is_empty() {
         return Ok(None);
     }
-    let offered = match confirm(p, ctx, &candidates, outcome).await? {
+    let dry_run = command.dry_run();
+    let offered = match confirm(p, dry_run, ctx, &candidates, scan).await? {
         Ok(offered) => offered,
         Err(failure) => return Ok(Some(failure)),
     };
@@ -49,6 +53,17 @@ pub(super) async fn complete(
         })
         .collect();
     if gone.is_empty() {
+        return Ok(None);
+    }
+    if dry_run {
+        // What a forced snapshot would delist; a dry run is never refused by the guard.
+        scan.outcome.delisted = gone.len() as u64;
+        for c in &gone {
+            scan.drift.note(
+                DriftKind::Delisted,
+                format!("{}/{}", ctx.system, event_key(&c.identity)),
+            );
+        }
         return Ok(None);
     }
     let ratio = p.max_delist_ratio;
@@ -70,22 +85,28 @@ pub(super) async fn complete(
             kind: FailureKind::DelistGuard,
         }));
     }
-    outcome.delisted = fold::delist(&p.db, ctx, &gone, Utc::now()).await?;
+    scan.outcome.delisted = fold::delist(&p.db, ctx, &gone, Utc::now()).await?;
     tracing::info!(
-        delisted = outcome.delisted,
+        delisted = scan.outcome.delisted,
         in_scope,
         "snapshot delisted the products the management system no longer offers"
     );
     Ok(None)
 }
 
+/// The change-topic key part of a stored identity key (`code:X` → `X`, `name:…` unchanged).
+fn event_key(identity: &str) -> &str {
+    identity.strip_prefix("code:").unwrap_or(identity)
+}
+
 /// Looks the coded candidates up by code; folds what comes back and returns its identity
 /// keys, or the management system's failure.
 async fn confirm(
     p: &Processor,
+    dry_run: bool,
     ctx: &FoldContext<'_>,
     candidates: &[Candidate],
-    outcome: &mut FoldOutcome,
+    scan: &mut Scan,
 ) -> Result<Result<HashSet<String>, Failure>, AttemptError> {
     let codes: Vec<String> = candidates
         .iter()
@@ -110,7 +131,9 @@ async fn confirm(
                 }
             };
             offered.extend(page.items.iter().map(|item| item.identity().key()));
-            outcome.add(fold_page(&p.db, ctx, &page.items, &p.fold_policy).await?);
+            let (folded, drift) = p.apply(dry_run, ctx, &page.items).await?;
+            scan.outcome.add(folded);
+            scan.drift.merge(drift);
         }
     }
     Ok(Ok(offered))

@@ -29,6 +29,8 @@ pub struct Model {
     pub relisted: i64,
     /// A failed command's stable error kind (`upstream`, `delist_guard`, …).
     pub error_kind: Option<String>,
+    /// A dry run's drift (`wire::Drift`).
+    pub drift: Option<Json>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,7 +1,8 @@
 //! Snapshots and delisting: `products.delisted_at` (set when a snapshot found the product
 //! gone from the management system; the row stays, its history goes on) and the result
 //! counts `requests.delisted` / `requests.relisted`, and `requests.error_kind` (a failed
-//! command's stable error kind, e.g. `delist_guard`, carried on its result).
+//! command's stable error kind, e.g. `delist_guard`, carried on its result) and
+//! `requests.drift` (what a dry run found different).
 //!
 //! Safe on a live database with several instances: nullable or defaulted columns only
 //! (PostgreSQL adds them without rewriting the table), run under the existing migration lock;
@@ -25,6 +26,7 @@ enum Requests {
     Delisted,
     Relisted,
     ErrorKind,
+    Drift,
 }
 
 #[async_trait::async_trait]
@@ -66,6 +68,16 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
+        if !manager.has_column("requests", "drift").await? {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Requests::Table)
+                        .add_column(json_null(Requests::Drift))
+                        .to_owned(),
+                )
+                .await?;
+        }
         Ok(())
     }
 
@@ -78,7 +90,12 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        for column in [Requests::Delisted, Requests::Relisted, Requests::ErrorKind] {
+        for column in [
+            Requests::Delisted,
+            Requests::Relisted,
+            Requests::ErrorKind,
+            Requests::Drift,
+        ] {
             manager
                 .alter_table(
                     Table::alter()
