@@ -456,38 +456,16 @@ async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
             traceparent: None,
         }
         .headers();
-        let mut record = FutureRecord::to(&topic)
+        let record = FutureRecord::to(&topic)
             .key(key)
             .payload(payload)
             .headers(headers);
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((_, r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
+        deliveries.push(send_waiting(&producer, record).await);
         let mut record = FutureRecord::<String, String>::to(&state_topic).key(key);
         if let Some(state) = state {
             record = record.payload(state);
         }
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((_, r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
+        deliveries.push(send_waiting(&producer, record).await);
     }
     for d in deliveries {
         d.await?.map_err(|(e, _)| e)?;
@@ -499,6 +477,22 @@ async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
         relay_rate / broker_rate
     );
     Ok(())
+}
+
+/// Hands a record to the producer, waiting while its local queue is full.
+async fn send_waiting<'a>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'a, String, String>,
+) -> rdkafka::producer::DeliveryFuture {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return delivery,
+            Err((_, r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
 }
 
 async fn mutate(sim_url: &str, count: usize) -> Result<(), Error> {

@@ -220,6 +220,21 @@ impl World {
             .expect("command produced");
     }
 
+    /// Sends `body` to one partition of the request topic.
+    pub async fn send_to(&self, partition: i32, key: &str, body: &Value) {
+        self.producer
+            .send(
+                FutureRecord::to(&self.settings.topics.requests)
+                    .partition(partition)
+                    .key(key)
+                    .payload(&body.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("command produced");
+    }
+
     pub async fn command(&self, request_id: &str, selector: Value) {
         let body = json!({"request_id": request_id, "selector": selector}).to_string();
         self.send(request_id, body.as_bytes(), &[]).await;
@@ -1220,18 +1235,8 @@ async fn offsets_stored_before_a_rebalance_are_committed_on_revoke() {
     .await;
     let ids: Vec<String> = (0..6).map(|p| format!("revoke-{p}")).collect();
     for (p, id) in ids.iter().enumerate() {
-        let body = json!({"request_id": id, "selector": {"category": "cash"}}).to_string();
-        w.producer
-            .send(
-                FutureRecord::to(&w.settings.topics.requests)
-                    .partition(p as i32)
-                    .key(id.as_str())
-                    .payload(body.as_bytes()),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("command produced");
+        let body = json!({"request_id": id, "selector": {"category": "cash"}});
+        w.send_to(p as i32, id, &body).await;
     }
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     w.wait_results(&refs, Duration::from_secs(60)).await;

@@ -450,7 +450,6 @@ async fn the_state_topic_alone_rebuilds_the_catalogue_equal_to_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshots_and_incremental_commands_racing_on_two_instances_keep_every_invariant() {
-    use rdkafka::producer::FutureRecord;
     use std::collections::BTreeSet;
     let w = world(400, 4).await;
     let (a, b) = (w.start().await, w.start().await);
@@ -478,17 +477,7 @@ async fn snapshots_and_incremental_commands_racing_on_two_instances_keep_every_i
             let id = format!("race-{round}-{p}");
             let mut body = body;
             body["request_id"] = json!(id);
-            w.producer
-                .send(
-                    FutureRecord::to(&w.settings.topics.requests)
-                        .partition(p as i32)
-                        .key(id.as_str())
-                        .payload(&body.to_string()),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .expect("command produced");
+            w.send_to(p as i32, &id, &body).await;
             ids.push(id);
         }
     }

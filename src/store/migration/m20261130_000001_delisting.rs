@@ -29,56 +29,66 @@ enum Requests {
     Drift,
 }
 
+/// Adds `column` to `table` unless it is there already.
+async fn add_column<T: IntoIden + 'static>(
+    manager: &SchemaManager<'_>,
+    table: T,
+    table_name: &str,
+    mut column: ColumnDef,
+) -> Result<(), DbErr> {
+    let name = column.get_column_name();
+    if manager.has_column(table_name, &name).await? {
+        return Ok(());
+    }
+    manager
+        .alter_table(
+            Table::alter()
+                .table(table)
+                .add_column(&mut column)
+                .to_owned(),
+        )
+        .await
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if !manager.has_column("products", "delisted_at").await? {
-            manager
-                .alter_table(
-                    Table::alter()
-                        .table(Products::Table)
-                        .add_column(timestamp_with_time_zone_null(Products::DelistedAt))
-                        .to_owned(),
-                )
-                .await?;
-        }
-        // SQLite adds one column per ALTER TABLE.
-        for (name, column) in [
-            ("delisted", Requests::Delisted),
-            ("relisted", Requests::Relisted),
-        ] {
-            if !manager.has_column("requests", name).await? {
-                manager
-                    .alter_table(
-                        Table::alter()
-                            .table(Requests::Table)
-                            .add_column(big_integer(column).default(0))
-                            .to_owned(),
-                    )
-                    .await?;
-            }
-        }
-        if !manager.has_column("requests", "error_kind").await? {
-            manager
-                .alter_table(
-                    Table::alter()
-                        .table(Requests::Table)
-                        .add_column(string_len_null(Requests::ErrorKind, 64))
-                        .to_owned(),
-                )
-                .await?;
-        }
-        if !manager.has_column("requests", "drift").await? {
-            manager
-                .alter_table(
-                    Table::alter()
-                        .table(Requests::Table)
-                        .add_column(json_null(Requests::Drift))
-                        .to_owned(),
-                )
-                .await?;
-        }
-        Ok(())
+        // One column per ALTER TABLE (SQLite's rule); each skipped when there (a re-run).
+        add_column(
+            manager,
+            Products::Table,
+            "products",
+            timestamp_with_time_zone_null(Products::DelistedAt),
+        )
+        .await?;
+        add_column(
+            manager,
+            Requests::Table,
+            "requests",
+            big_integer(Requests::Delisted).default(0).to_owned(),
+        )
+        .await?;
+        add_column(
+            manager,
+            Requests::Table,
+            "requests",
+            big_integer(Requests::Relisted).default(0).to_owned(),
+        )
+        .await?;
+        add_column(
+            manager,
+            Requests::Table,
+            "requests",
+            string_len_null(Requests::ErrorKind, 64),
+        )
+        .await?;
+        add_column(
+            manager,
+            Requests::Table,
+            "requests",
+            json_null(Requests::Drift),
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
