@@ -514,4 +514,6 @@ fn record_fold(outcome: &FoldOutcome) {
     p.with_label_values(&["unchanged"])
         .inc_by(outcome.unchanged);
     p.with_label_values(&["stale"]).inc_by(outcome.stale);
+    p.with_label_values(&["relisted"]).inc_by(outcome.relisted);
+    p.with_label_values(&["delisted"]).inc_by(outcome.delisted);
 }

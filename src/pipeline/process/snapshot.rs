@@ -12,7 +12,7 @@ use futures::StreamExt;
 
 use super::{AttemptError, Failure, Processor, Scan};
 use crate::command::{Command, Selector};
-use crate::store::fold::{self, Candidate, FoldContext, Scope};
+use crate::store::fold::{self, Candidate, FoldContext, FoldOutcome, Scope};
 use crate::wire::{DriftKind, FailureClass, FailureKind};
 
 /// Codes per confirming lookup (keeps the request's URL short).
@@ -86,6 +86,10 @@ pub(super) async fn complete(
         }));
     }
     scan.outcome.delisted = fold::delist(&p.db, ctx, &gone, Utc::now()).await?;
+    super::record_fold(&FoldOutcome {
+        delisted: scan.outcome.delisted,
+        ..FoldOutcome::default()
+    });
     tracing::info!(
         delisted = scan.outcome.delisted,
         in_scope,
@@ -132,6 +136,9 @@ async fn confirm(
             };
             offered.extend(page.items.iter().map(|item| item.identity().key()));
             let (folded, drift) = p.apply(dry_run, ctx, &page.items).await?;
+            if !dry_run {
+                super::record_fold(&folded);
+            }
             scan.outcome.add(folded);
             scan.drift.merge(drift);
         }
