@@ -11,11 +11,11 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait,
-    FromQueryResult, QueryFilter, QuerySelect, Set, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 
-use super::{FoldContext, read_full, to_json_text};
+use super::{FoldContext, read_full};
 use crate::product::{Identity, Product};
 use crate::store::StoreError;
 use crate::store::entity::{outbox_pending, product_changes, products};
@@ -92,7 +92,9 @@ async fn delist_chunk(
     let last_states = read_full(db, &ids).await?;
     let changed_at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let txn = db.begin().await?;
-    let mut delisted = 0;
+    // One guarded write per row, in identity order (the lock order the fold uses too); the
+    // history and queue rows of those written go in one statement each.
+    let mut changes = Vec::new();
     for candidate in chunk {
         let Some(before) = last_states.get(&candidate.id) else {
             continue;
@@ -107,25 +109,52 @@ async fn delist_chunk(
             .filter(products::Column::DelistedAt.is_null())
             .exec(&txn)
             .await?;
-        if written.rows_affected != 1 {
-            continue;
+        if written.rows_affected == 1 {
+            changes.push(delisted_change(
+                ctx,
+                candidate,
+                before,
+                revision,
+                now,
+                &changed_at,
+            )?);
         }
-        let change = delisted_change(ctx, candidate, before, revision, now, &changed_at)?
-            .insert(&txn)
+    }
+    let delisted = changes.len() as u64;
+    if delisted > 0 {
+        let event_ids: Vec<String> = changes
+            .iter()
+            .filter_map(|c| c.event_id.try_as_ref().cloned())
+            .collect();
+        product_changes::Entity::insert_many(changes)
+            .exec_without_returning(&txn)
             .await?;
-        outbox_pending::ActiveModel {
-            shard_key: Set(candidate.id),
-            change_id: Set(Some(change.id)),
-            product_id: Set(Some(candidate.id)),
-            request_id: Set(None),
-            created_at: Set(now),
-            parked_at: Set(None),
-            park_error: Set(None),
-            ..Default::default()
-        }
-        .insert(&txn)
+        // Queued in change-id order, as the fold queues its rows.
+        let written: Vec<(i64, i64)> = product_changes::Entity::find()
+            .select_only()
+            .columns([
+                product_changes::Column::Id,
+                product_changes::Column::ProductId,
+            ])
+            .filter(product_changes::Column::EventId.is_in(event_ids))
+            .order_by_asc(product_changes::Column::Id)
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        outbox_pending::Entity::insert_many(written.into_iter().map(|(change_id, product_id)| {
+            outbox_pending::ActiveModel {
+                shard_key: Set(product_id),
+                change_id: Set(Some(change_id)),
+                product_id: Set(Some(product_id)),
+                request_id: Set(None),
+                created_at: Set(now),
+                parked_at: Set(None),
+                park_error: Set(None),
+                ..Default::default()
+            }
+        }))
+        .exec_without_returning(&txn)
         .await?;
-        delisted += 1;
     }
     txn.commit().await?;
     Ok(delisted)
@@ -140,7 +169,7 @@ fn delisted_change(
     now: DateTime<Utc>,
     changed_at: &str,
 ) -> Result<product_changes::ActiveModel, StoreError> {
-    let payload = to_json_text(&ChangeEvent {
+    let payload = serde_json::to_value(ChangeEvent {
         op: "delisted",
         system: ctx.system,
         product_code: candidate.product_code.as_deref(),
@@ -152,7 +181,8 @@ fn delisted_change(
         source_version: before.version,
         changed_at,
         reduced: false,
-    })?;
+    })
+    .map_err(|e| StoreError::Db(sea_orm::DbErr::Json(e.to_string())))?;
     let identity: Identity = before.identity();
     Ok(product_changes::ActiveModel {
         product_id: Set(candidate.id),
@@ -168,8 +198,7 @@ fn delisted_change(
         op: Set("delisted".to_owned()),
         request_id: Set(ctx.request_id.map(str::to_owned)),
         traceparent: Set(ctx.traceparent.map(str::to_owned)),
-        payload: Set(serde_json::from_str(&payload)
-            .map_err(|e| StoreError::Db(sea_orm::DbErr::Json(e.to_string())))?),
+        payload: Set(payload),
         created_at: Set(now),
         published_at: Set(None),
         ..Default::default()
