@@ -117,6 +117,10 @@ pub enum Fault {
     BadRecord,
     Unauthorized,
     Forbidden,
+    /// The page starts one product after the cursor: what an offset cursor serves when a
+    /// product before it was withdrawn during the scan (the product at the cursor is never
+    /// served to that scan).
+    SkipOne,
 }
 
 /// How the simulator starts.
@@ -601,6 +605,7 @@ async fn products(
         return response;
     }
     let bad_record = fault == Some(Fault::BadRecord);
+    let offset = offset + usize::from(fault == Some(Fault::SkipOne));
     let body = render_page(&sim, &selector, offset, page_size, bad_record);
     if fault == Some(Fault::Drop) {
         return dropped(body);

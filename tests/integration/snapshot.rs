@@ -266,6 +266,57 @@ async fn a_snapshot_whose_scan_fails_part_way_delists_nothing() {
     app.stop().await;
 }
 
+/// An upstream with offset cursors skips a product when one before the cursor is withdrawn
+/// during the scan. A skipped product with a code is confirmed by its lookup; a code-less one
+/// by a second scan — so only the product really withdrawn is delisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_code_less_product_a_shifting_scan_skipped_is_not_delisted() {
+    let w = world(200, 1).await;
+    let mut settings = w.settings.clone();
+    settings.upstream.page_size = 13;
+    let app = w.start_with(settings).await;
+    sync_all(&w, "full").await;
+    let products = w.sim.sim.catalogue().products().to_vec();
+    // The simulator leaves every fortieth product without a code: 39, 79, …
+    let (skipped, withdrawn) = (products[39].identity().key(), products[79].identity().key());
+    assert!(products[39].content.product_code.is_none() && skipped.starts_with("name:"));
+    assert!(products[79].content.product_code.is_none());
+    assert_eq!(
+        w.sim.sim.withdraw(std::slice::from_ref(&withdrawn)).len(),
+        1
+    );
+    // Pages of 13 start at 0, 13, 26, 39: the fourth starts one further and skips 39.
+    w.sim.sim.set_faults(Faults {
+        script: [Fault::Pass, Fault::Pass, Fault::Pass, Fault::SkipOne].into(),
+        ..Faults::default()
+    });
+    snapshot(&w, "shifted", json!({"all": true}), false).await;
+    let r = result(&w, "shifted").await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(
+        w.sim
+            .sim
+            .stats()
+            .faults_injected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the scan did skip a product"
+    );
+    assert_eq!(
+        r["counts"]["delisted"], 1,
+        "only the withdrawn product: {r}"
+    );
+    let rows = rows(&w).await;
+    assert_eq!(rows[&withdrawn], (2, true), "{withdrawn}: delisted");
+    assert_eq!(
+        rows[&skipped],
+        (1, false),
+        "{skipped}: still listed, untouched"
+    );
+    audited_changes(&w).await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dry_run_reports_the_exact_drift_and_writes_nothing() {
     use std::collections::BTreeSet;

@@ -4,6 +4,11 @@
 //! say), the others are delisted — unless they are more than `upstream.max_delist_ratio` of
 //! the scope and the command does not say `force`. A dry run folds nothing and delists
 //! nothing: it counts and lists what it would do.
+//!
+//! Code-less products cannot be looked up: a whole-catalogue snapshot that misses some scans
+//! the catalogue a second time and delists only those missing from both scans. An upstream
+//! whose cursors are offsets skips a product whenever one before the cursor is withdrawn
+//! during the scan; a product skipped so must not be delisted.
 
 use std::collections::HashSet;
 
@@ -39,17 +44,15 @@ pub(super) async fn complete(
         return Ok(None);
     }
     let dry_run = command.dry_run();
-    let offered = match confirm(p, dry_run, ctx, &candidates, scan).await? {
+    let offered = match confirm(p, dry_run, ctx, scope, &candidates, scan).await? {
         Ok(offered) => offered,
         Err(failure) => return Ok(Some(failure)),
     };
-    // Code-less products cannot be looked up: only a whole-catalogue snapshot vouches that
-    // they are gone.
+    // Only a whole-catalogue snapshot vouches that a code-less product is gone.
     let gone: Vec<Candidate> = candidates
         .into_iter()
-        .filter(|c| match c.product_code {
-            Some(_) => !offered.contains(&c.identity),
-            None => scope == Scope::All,
+        .filter(|c| {
+            !offered.contains(&c.identity) && (c.product_code.is_some() || scope == Scope::All)
         })
         .collect();
     if gone.is_empty() {
@@ -103,12 +106,14 @@ fn event_key(identity: &str) -> &str {
     identity.strip_prefix("code:").unwrap_or(identity)
 }
 
-/// Looks the coded candidates up by code; folds what comes back and returns its identity
+/// Looks the coded candidates up by code and, for a whole-catalogue snapshot, scans once more
+/// for the code-less ones; folds the candidates that come back and returns their identity
 /// keys, or the management system's failure.
 async fn confirm(
     p: &Processor,
     dry_run: bool,
     ctx: &FoldContext<'_>,
+    scope: Scope<'_>,
     candidates: &[Candidate],
     scan: &mut Scan,
 ) -> Result<Result<HashSet<String>, Failure>, AttemptError> {
@@ -122,26 +127,69 @@ async fn confirm(
             product_codes: batch.to_vec(),
             ..Selector::default()
         };
-        let mut pages = std::pin::pin!(p.client.pages(lookup));
-        while let Some(page) = pages.next().await {
-            let page = match page {
-                Ok(page) => page,
-                Err(e) => {
-                    return Ok(Err(Failure {
-                        reason: format!("confirming the snapshot's missing products: {e}"),
-                        class: FailureClass::of(e.is_transient()),
-                        kind: FailureKind::Upstream,
-                    }));
-                }
-            };
-            offered.extend(page.items.iter().map(|item| item.identity().key()));
-            let (folded, drift) = p.apply(dry_run, ctx, &page.items).await?;
-            if !dry_run {
-                super::record_fold(&folded);
-            }
-            scan.outcome.add(folded);
-            scan.drift.merge(drift);
+        if let Err(failure) = refetch(p, dry_run, ctx, lookup, None, &mut offered, scan).await? {
+            return Ok(Err(failure));
+        }
+    }
+    let codeless: HashSet<String> = candidates
+        .iter()
+        .filter(|c| c.product_code.is_none())
+        .map(|c| c.identity.clone())
+        .collect();
+    if scope == Scope::All && !codeless.is_empty() {
+        tracing::info!(
+            codeless = codeless.len(),
+            "scanning the catalogue again for the code-less products the snapshot missed"
+        );
+        let all = Selector {
+            all: true,
+            ..Selector::default()
+        };
+        let keep = Some(&codeless);
+        if let Err(failure) = refetch(p, dry_run, ctx, all, keep, &mut offered, scan).await? {
+            return Ok(Err(failure));
         }
     }
     Ok(Ok(offered))
+}
+
+/// Fetches `selector` page by page and folds the products it returns — only those in `keep`
+/// when given — adding their identity keys to `offered`; the management system's failure
+/// ends it.
+async fn refetch(
+    p: &Processor,
+    dry_run: bool,
+    ctx: &FoldContext<'_>,
+    selector: Selector,
+    keep: Option<&HashSet<String>>,
+    offered: &mut HashSet<String>,
+    scan: &mut Scan,
+) -> Result<Result<(), Failure>, AttemptError> {
+    let mut pages = std::pin::pin!(p.client.pages(selector));
+    while let Some(page) = pages.next().await {
+        let mut items = match page {
+            Ok(page) => page.items,
+            Err(e) => {
+                return Ok(Err(Failure {
+                    reason: format!("confirming the snapshot's missing products: {e}"),
+                    class: FailureClass::of(e.is_transient()),
+                    kind: FailureKind::Upstream,
+                }));
+            }
+        };
+        if let Some(keep) = keep {
+            items.retain(|item| keep.contains(&item.identity().key()));
+            if items.is_empty() {
+                continue;
+            }
+        }
+        offered.extend(items.iter().map(|item| item.identity().key()));
+        let (folded, drift) = p.apply(dry_run, ctx, &items).await?;
+        if !dry_run {
+            super::record_fold(&folded);
+        }
+        scan.outcome.add(folded);
+        scan.drift.merge(drift);
+    }
+    Ok(Ok(()))
 }
