@@ -18,10 +18,10 @@ use crate::kafka::{self, KafkaError, TopicSpec};
 use crate::ops::{OpsServer, OpsState};
 use crate::outbox::shards::Leases;
 use crate::outbox::{Relay, RelaySettings};
-use crate::pipeline::{Membership, Pipeline, PipelineError, Processor};
+use crate::pipeline::{Membership, Pipeline, PipelineError, Processor, RetryRoute};
 use crate::retry::RetryPolicy;
 use crate::store::{self, StoreError};
-use crate::upstream::{self, Governance, ProductClient, TokenSource, UpstreamError};
+use crate::upstream::{self, Governance, Systems, UpstreamError};
 
 /// Start-up and run failures of the service.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +83,7 @@ impl Application {
         warn_if_topics_refuse_large_events(&settings).await;
         let u = &settings.upstream;
         let http = upstream::http_client(u.timeout)?;
-        let client = Arc::new(product_client(&settings, http.clone())?);
+        let systems = Arc::new(Systems::build(&settings)?);
         let producer: FutureProducer =
             kafka::producer_config(&settings.kafka, settings.pipeline.max_event_bytes)
                 .create()
@@ -95,33 +95,42 @@ impl Application {
             .pipeline
             .relay_enabled
             .then(|| relay(&settings, &db, &producer, &instance_id, wake.clone()));
+        let retry = Some(&settings.topics.retry)
+            .filter(|t| !t.is_empty() && !settings.pipeline.retry_delays.is_empty())
+            .map(|topic| RetryRoute {
+                topic: topic.clone(),
+                delays: settings.pipeline.retry_delays.clone(),
+            });
         let pipeline = Pipeline {
             kafka: settings.kafka.clone(),
             requests_topic: settings.topics.requests.clone(),
+            retry_topic: retry.as_ref().map(|r| r.topic.clone()),
             max_in_flight: settings.pipeline.max_in_flight,
             drain_timeout: settings.pipeline.drain_timeout,
             processor: Arc::new(Processor {
                 db: db.clone(),
-                client,
+                systems: systems.clone(),
                 producer: producer.clone(),
-                system: u.system.clone(),
                 dlq_topic: settings.topics.dlq.clone(),
                 results_topic: settings.topics.results.clone(),
+                retry,
                 fold_policy: RetryPolicy::with_budget(settings.database.connect_timeout),
                 relay_wake: wake,
-                max_delist_ratio: u.max_delist_ratio,
             }),
             membership: membership.clone(),
         };
         let g = &settings.governance;
         let governance = g.enabled.then(|| {
-            Arc::new(Governance::new(
-                http.clone(),
-                &g.base_url,
-                &g.app_id,
-                instance_id.clone(),
-                RetryPolicy::with_budget(u.retry_max_elapsed),
-            ))
+            Arc::new(
+                Governance::new(
+                    http.clone(),
+                    &g.base_url,
+                    &g.app_id,
+                    instance_id.clone(),
+                    RetryPolicy::with_budget(u.retry_max_elapsed),
+                )
+                .with_systems(systems.names()),
+            )
         });
         let state = OpsState::new(
             db.clone(),
@@ -235,9 +244,11 @@ async fn stop_all(tasks: &TaskTracker, parts: &CancellationToken, deadline: Inst
 fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let t = &settings.topics;
     let state = Some(&t.state).filter(|s| !s.is_empty());
+    let retry = Some(&t.retry).filter(|s| !s.is_empty());
     [&t.requests, &t.changes, &t.results, &t.dlq]
         .into_iter()
         .chain(state)
+        .chain(retry)
         .map(|name| TopicSpec {
             name: name.clone(),
             partitions: t.partitions,
@@ -245,32 +256,6 @@ fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
             compacted: *name == t.state,
         })
         .collect()
-}
-
-/// The management system's client: OAuth2 tokens, paging, and the limits on what it may send.
-fn product_client(
-    settings: &Settings,
-    http: reqwest::Client,
-) -> Result<ProductClient, UpstreamError> {
-    let u = &settings.upstream;
-    let policy = RetryPolicy::with_budget(u.retry_max_elapsed);
-    let tokens = Arc::new(TokenSource::new(
-        http.clone(),
-        &u.base_url,
-        u.client_id.clone(),
-        u.client_secret.clone(),
-        policy,
-    )?);
-    Ok(
-        ProductClient::new(http, &u.base_url, tokens, u.page_size, policy)?.with_limits(
-            upstream::products::Limits {
-                max_page_bytes: u.max_page_bytes,
-                max_pages: u.max_pages,
-                command_timeout: u.command_timeout,
-                max_record_bytes: u.max_record_bytes,
-            },
-        ),
-    )
 }
 
 /// The outbox relay: leases on PostgreSQL, all shards in this process on SQLite.

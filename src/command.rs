@@ -145,6 +145,16 @@ impl Command {
 
     /// Parses and validates a command's bytes for the management system `system`.
     pub fn parse(payload: Option<&[u8]>, system: &str) -> Result<Command, CommandError> {
+        Command::parse_among(payload, system, &[])
+    }
+
+    /// Parses and validates a command's bytes for a deployment serving `default` (commands
+    /// naming no system) and the `others`.
+    pub fn parse_among(
+        payload: Option<&[u8]>,
+        default: &str,
+        others: &[String],
+    ) -> Result<Command, CommandError> {
         let bytes = payload.ok_or(CommandError::Empty)?;
         if bytes.is_empty() {
             return Err(CommandError::Empty);
@@ -156,17 +166,31 @@ impl Command {
             at: e.valid_up_to(),
         })?;
         let wire: CommandWire = serde_json::from_str(text).map_err(|e| classify_json_error(&e))?;
-        Command::validate(wire, system)
+        Command::validate_among(wire, default, others)
     }
 
-    /// Checks a wire command against the rules.
+    /// Checks a wire command against the rules, for the one system `system`.
     pub fn validate(wire: CommandWire, system: &str) -> Result<Command, CommandError> {
+        Command::validate_among(wire, system, &[])
+    }
+
+    /// Checks a wire command against the rules, for a deployment serving `default` and the
+    /// `others`.
+    pub fn validate_among(
+        wire: CommandWire,
+        default: &str,
+        others: &[String],
+    ) -> Result<Command, CommandError> {
         validate_request_id(&wire.request_id)?;
-        let named = wire.system.clone().unwrap_or_else(|| system.to_owned());
-        if named != system {
+        let named = wire.system.clone().unwrap_or_else(|| default.to_owned());
+        if named != default && !others.contains(&named) {
+            let expected: Vec<String> = std::iter::once(default)
+                .chain(others.iter().map(String::as_str).filter(|s| *s != default))
+                .map(|s| format!("{s:?}"))
+                .collect();
             return Err(CommandError::UnknownSystem {
                 named: truncate(&named, 64),
-                expected: system.to_owned(),
+                expected: expected.join(", "),
             });
         }
         let s = &wire.selector;
@@ -307,7 +331,7 @@ pub enum CommandError {
         "the selector names nothing (give a keyword, product codes, a category or updated_since)"
     )]
     EmptySelector,
-    #[error("the command names system {named:?}, but this service syncs {expected:?}")]
+    #[error("the command names system {named:?}, but this service syncs {expected}")]
     UnknownSystem { named: String, expected: String },
 }
 

@@ -79,6 +79,10 @@ pub struct Settings {
     pub http: HttpSettings,
     pub pipeline: PipelineSettings,
     pub log: LogSettings,
+    /// The further management systems (`[upstream.systems.<name>]`): each a whole
+    /// `UpstreamSettings`, every key it does not set taken from `[upstream]`.
+    #[serde(skip)]
+    pub systems: Vec<UpstreamSettings>,
 }
 
 /// The consumer loop and the outbox relay.
@@ -111,6 +115,9 @@ pub struct PipelineSettings {
     /// Events (change and result) larger than this are published in the reduced form. Keep
     /// it below the topics' `max.message.bytes` and the producer's `message.max.bytes`.
     pub max_event_bytes: usize,
+    /// Delays before the attempts of a command on the retry topic; after the last, the DLQ.
+    #[serde(rename = "retry_delays_ms", deserialize_with = "millis_list")]
+    pub retry_delays: Vec<Duration>,
     /// How long start-up waits for the broker before giving up.
     #[serde(rename = "broker_wait_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
@@ -188,6 +195,9 @@ pub struct TopicSettings {
     /// Compacted: the current state of every product (a tombstone once delisted); empty
     /// disables it.
     pub state: String,
+    /// Where commands failed by a transient cause wait for their next attempt (same
+    /// partitions as `requests`); empty sends them straight to the DLQ.
+    pub retry: String,
     /// Create missing topics at start-up.
     pub create: bool,
     /// Partition count for topics created at start-up; bounds the consumer group's parallelism.
@@ -260,6 +270,16 @@ pub struct UpstreamSettings {
     /// command says `force` (an upstream briefly answering an empty catalogue must never wipe
     /// the copy).
     pub max_delist_ratio: f64,
+    /// Requests per second one instance sends to this system (a token bucket; unset or 0:
+    /// no limit). Every instance has its own bucket.
+    #[serde(default)]
+    pub rate_limit_per_s: Option<u32>,
+    /// Consecutive transient failures that open the system's circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit refuses requests before one half-open probe is let through.
+    #[serde(rename = "circuit_open_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub circuit_open: Duration,
 }
 
 /// The service-governance platform that instances register with.
@@ -380,6 +400,9 @@ fn build(sources: &Sources) -> Result<Config, ConfigError> {
         // Values stay the strings they were written as: a client secret `00123` must not
         // become `123`, nor `1e3` a float. Numeric and boolean keys still parse from them.
         .try_parsing(false)
+        // The one list key: PRODUCT_SYNC__PIPELINE__RETRY_DELAYS_MS=10000,60000.
+        .list_separator(",")
+        .with_list_parse_key("pipeline.retry_delays_ms")
         .source(sources.vars.clone().map(|vars| vars.into_iter().collect()));
     builder = builder.add_source(env);
 
@@ -404,11 +427,13 @@ fn file_source(
 
 fn deserialize(config: &Config, sources: &Sources) -> Result<Settings, ConfigError> {
     let tree = tree_of(config);
-    let mut settings: Settings =
-        serde_path_to_error::deserialize(config.clone()).map_err(|err| {
-            let path = err.path().to_string();
-            describe(&tree, &path, err.into_inner())
-        })?;
+    let (base, systems) = split_systems(&tree)?;
+    let root = Value::new(None, ValueKind::Table(base.clone()));
+    let mut settings: Settings = serde_path_to_error::deserialize(root).map_err(|err| {
+        let path = err.path().to_string();
+        describe(&tree, &path, err.into_inner())
+    })?;
+    settings.systems = systems_of(&tree, &base, systems)?;
     // librdkafka option names use dots, which environment variable names cannot hold: from the
     // environment, `_` stands for `.` (`…__LIBRDKAFKA__SASL_PASSWORD` sets `sasl.password`).
     let prefix = format!("{ENV_PREFIX}__KAFKA__LIBRDKAFKA__");
@@ -429,6 +454,81 @@ fn deserialize(config: &Config, sources: &Sources) -> Result<Settings, ConfigErr
         }
     }
     Ok(settings)
+}
+
+type Table = config::Map<String, Value>;
+
+/// The tree without `upstream.systems`, and the tables of that key by system name.
+fn split_systems(tree: &Table) -> Result<(Table, Vec<(String, Table)>), ConfigError> {
+    let mut base = tree.clone();
+    let Some(Value {
+        kind: ValueKind::Table(upstream),
+        ..
+    }) = base.get_mut("upstream")
+    else {
+        return Ok((base, Vec::new()));
+    };
+    let Some(systems) = upstream.remove("systems") else {
+        return Ok((base, Vec::new()));
+    };
+    let invalid = |key: String, reason: &str| ConfigError::Invalid {
+        origin: origin_of(tree, &key),
+        key,
+        reason: reason.to_owned(),
+    };
+    let ValueKind::Table(systems) = systems.kind else {
+        return Err(invalid(
+            "upstream.systems".to_owned(),
+            "must be a table of systems ([upstream.systems.<name>])",
+        ));
+    };
+    let mut named = Vec::new();
+    for (name, value) in systems {
+        let key = format!("upstream.systems.{name}");
+        let ValueKind::Table(table) = value.kind else {
+            return Err(invalid(key, "must be a table of upstream keys"));
+        };
+        if table.contains_key("system") {
+            return Err(invalid(
+                format!("{key}.system"),
+                "is the table's name: remove the key",
+            ));
+        }
+        named.push((name, table));
+    }
+    Ok((base, named))
+}
+
+/// Each further system's settings: `[upstream]` overlaid with its own table.
+fn systems_of(
+    tree: &Table,
+    base: &Table,
+    systems: Vec<(String, Table)>,
+) -> Result<Vec<UpstreamSettings>, ConfigError> {
+    let defaults = match base.get("upstream") {
+        Some(Value {
+            kind: ValueKind::Table(t),
+            ..
+        }) => t.clone(),
+        _ => Table::new(),
+    };
+    let mut out = Vec::with_capacity(systems.len());
+    for (name, table) in systems {
+        let mut merged = defaults.clone();
+        merged.extend(table);
+        merged.insert("system".to_owned(), Value::new(None, name.clone()));
+        let value = Value::new(None, ValueKind::Table(merged));
+        let settings: UpstreamSettings =
+            serde_path_to_error::deserialize(value).map_err(|err| {
+                let path = match err.path().to_string() {
+                    p if p == "." => format!("upstream.systems.{name}"),
+                    p => format!("upstream.systems.{name}.{p}"),
+                };
+                describe(tree, &path, err.into_inner())
+            })?;
+        out.push(settings);
+    }
+    Ok(out)
 }
 
 /// The merged key tree, each leaf with its origin.
@@ -555,6 +655,29 @@ impl Settings {
         self.check_bounds().map_err(invalid)?;
         self.check_drain().map_err(invalid)?;
         self.check_topics().map_err(invalid)?;
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in self.all_systems().enumerate() {
+            let prefix = match i {
+                0 => "upstream".to_owned(),
+                _ => format!("upstream.systems.{}", u.system),
+            };
+            if let Err((leaf, reason)) = u.check(i > 0) {
+                let key = format!("{prefix}.{leaf}");
+                return Err(ConfigError::Invalid {
+                    origin: origin_of(&tree, &key),
+                    key,
+                    reason,
+                });
+            }
+            if !names.insert(u.system.as_str()) {
+                let key = format!("{prefix}.system");
+                return Err(ConfigError::Invalid {
+                    origin: origin_of(&tree, &key),
+                    key,
+                    reason: format!("{:?} names a system twice", u.system),
+                });
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid(("log.level", e.to_string())));
         }
@@ -570,20 +693,12 @@ impl Settings {
             ("topics.changes", &self.topics.changes),
             ("topics.results", &self.topics.results),
             ("topics.dlq", &self.topics.dlq),
-            ("upstream.system", &self.upstream.system),
-            ("upstream.client_id", &self.upstream.client_id),
             ("governance.app_id", &self.governance.app_id),
         ];
         for (key, value) in non_empty {
             if value.trim().is_empty() {
                 return Err((key, "must not be empty".to_owned()));
             }
-        }
-        if self.upstream.system.contains('/') {
-            return Err((
-                "upstream.system",
-                "must not contain '/' (it is part of event keys)".to_owned(),
-            ));
         }
         Ok(())
     }
@@ -633,75 +748,27 @@ impl Settings {
                 ));
             }
         }
-        for (key, value, allow_http, allow_key) in [
-            (
-                "upstream.base_url",
-                &self.upstream.base_url,
-                self.upstream.allow_http,
-                "upstream.allow_http",
-            ),
-            (
-                "governance.base_url",
-                &self.governance.base_url,
-                self.governance.allow_http,
-                "governance.allow_http",
-            ),
-        ] {
-            match url::Url::parse(value) {
-                Ok(u) if u.scheme() == "https" => {}
-                Ok(u) if u.scheme() == "http" && allow_http => {}
-                Ok(u) if u.scheme() == "http" => {
-                    return Err((
-                        key,
-                        format!(
-                            "{} is plain http: the client secret and tokens would travel in clear \
-                             text; use https, or set {allow_key} = true (development only)",
-                            redact_url(value)
-                        ),
-                    ));
-                }
-                _ => {
-                    return Err((key, format!("{} is not an http(s) URL", redact_url(value))));
-                }
-            }
-        }
-        Ok(())
+        check_url(
+            &self.governance.base_url,
+            self.governance.allow_http,
+            "governance.allow_http",
+        )
+        .map_err(|reason| ("governance.base_url", reason))
     }
 
     /// Sizes, counts and durations within their ranges.
     fn check_bounds(&self) -> Result<(), (&'static str, String)> {
-        if !(1..=1000).contains(&self.upstream.page_size) {
+        if self.pipeline.retry_delays.len() > 20
+            || self
+                .pipeline
+                .retry_delays
+                .iter()
+                .any(|d| d.is_zero() || *d > Duration::from_secs(7 * 86_400))
+        {
             return Err((
-                "upstream.page_size",
-                "must be between 1 and 1000".to_owned(),
+                "pipeline.retry_delays_ms",
+                "must hold at most 20 delays, each above 0 and at most 7 days".to_owned(),
             ));
-        }
-        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.upstream.max_page_bytes) {
-            return Err((
-                "upstream.max_page_bytes",
-                "must be between 65536 and 1073741824".to_owned(),
-            ));
-        }
-        if !(1024..=64 * 1024 * 1024).contains(&self.upstream.max_record_bytes) {
-            return Err((
-                "upstream.max_record_bytes",
-                "must be between 1024 and 67108864".to_owned(),
-            ));
-        }
-        if self.upstream.max_pages == 0 {
-            return Err(("upstream.max_pages", "must be at least 1".to_owned()));
-        }
-        if !(0.0..=1.0).contains(&self.upstream.max_delist_ratio) {
-            return Err((
-                "upstream.max_delist_ratio",
-                "must be between 0 and 1".to_owned(),
-            ));
-        }
-        if self.upstream.command_timeout.is_zero() {
-            return Err(("upstream.command_timeout_ms", "must be above 0".to_owned()));
-        }
-        if self.upstream.timeout.is_zero() {
-            return Err(("upstream.timeout_ms", "must be above 0".to_owned()));
         }
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "must be above 0".to_owned()));
@@ -767,6 +834,115 @@ impl Settings {
     }
 }
 
+/// A list of milliseconds as durations.
+fn millis_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Ok(Vec::<u64>::deserialize(d)?
+        .into_iter()
+        .map(Duration::from_millis)
+        .collect())
+}
+
+/// An http(s) URL, plain http only when allowed.
+fn check_url(value: &str, allow_http: bool, allow_key: &str) -> Result<(), String> {
+    match url::Url::parse(value) {
+        Ok(u) if u.scheme() == "https" => Ok(()),
+        Ok(u) if u.scheme() == "http" && allow_http => Ok(()),
+        Ok(u) if u.scheme() == "http" => Err(format!(
+            "{} is plain http: the client secret and tokens would travel in clear text; use \
+             https, or set {allow_key} = true (development only)",
+            redact_url(value)
+        )),
+        _ => Err(format!("{} is not an http(s) URL", redact_url(value))),
+    }
+}
+
+impl Settings {
+    /// Every management system: `[upstream]` first, then `[upstream.systems.*]`.
+    pub fn all_systems(&self) -> impl Iterator<Item = &UpstreamSettings> {
+        std::iter::once(&self.upstream).chain(&self.systems)
+    }
+}
+
+impl UpstreamSettings {
+    /// Checks one system's keys; the failing key is named relative to its table. A further
+    /// system's name (`further`) must be usable in environment variable names, too.
+    fn check(&self, further: bool) -> Result<(), (&'static str, String)> {
+        if self.system.trim().is_empty() || self.system.contains('/') {
+            return Err((
+                "system",
+                "must not be empty nor contain '/' (it is part of event keys)".to_owned(),
+            ));
+        }
+        if further
+            && !(self.system.len() <= 64
+                && self
+                    .system
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        {
+            return Err((
+                "system",
+                "a further system's name is lowercase letters, digits and _ (at most 64)"
+                    .to_owned(),
+            ));
+        }
+        if self.client_id.trim().is_empty() {
+            return Err(("client_id", "must not be empty".to_owned()));
+        }
+        check_url(&self.base_url, self.allow_http, "allow_http").map_err(|r| ("base_url", r))?;
+        self.check_bounds()
+    }
+
+    fn check_bounds(&self) -> Result<(), (&'static str, String)> {
+        let bound = |ok: bool, key: &'static str, why: &str| match ok {
+            true => Ok(()),
+            false => Err((key, why.to_owned())),
+        };
+        bound(
+            (1..=1000).contains(&self.page_size),
+            "page_size",
+            "must be between 1 and 1000",
+        )?;
+        bound(
+            (64 * 1024..=1024 * 1024 * 1024).contains(&self.max_page_bytes),
+            "max_page_bytes",
+            "must be between 65536 and 1073741824",
+        )?;
+        bound(
+            (1024..=64 * 1024 * 1024).contains(&self.max_record_bytes),
+            "max_record_bytes",
+            "must be between 1024 and 67108864",
+        )?;
+        bound(self.max_pages > 0, "max_pages", "must be at least 1")?;
+        bound(
+            (0.0..=1.0).contains(&self.max_delist_ratio),
+            "max_delist_ratio",
+            "must be between 0 and 1",
+        )?;
+        bound(
+            !self.command_timeout.is_zero(),
+            "command_timeout_ms",
+            "must be above 0",
+        )?;
+        bound(!self.timeout.is_zero(), "timeout_ms", "must be above 0")?;
+        bound(
+            self.rate_limit_per_s.unwrap_or(0) <= 100_000,
+            "rate_limit_per_s",
+            "must be at most 100000 (0 or unset: no limit)",
+        )?;
+        bound(
+            (1..=1000).contains(&self.circuit_failures),
+            "circuit_failures",
+            "must be between 1 and 1000",
+        )?;
+        bound(
+            !self.circuit_open.is_zero() && self.circuit_open <= Duration::from_secs(3600),
+            "circuit_open_ms",
+            "must be above 0 and at most 3600000",
+        )
+    }
+}
+
 /// A URL with its password replaced, safe for logs and errors.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -827,6 +1003,7 @@ impl Settings {
         writeln!(f, "topics.results = {:?}", self.topics.results)?;
         writeln!(f, "topics.dlq = {:?}", self.topics.dlq)?;
         writeln!(f, "topics.state = {:?}", self.topics.state)?;
+        writeln!(f, "topics.retry = {:?}", self.topics.retry)?;
         writeln!(f, "topics.create = {}", self.topics.create)?;
         writeln!(f, "topics.partitions = {}", self.topics.partitions)?;
         writeln!(
@@ -855,43 +1032,12 @@ impl Settings {
             "database.connect_timeout_ms = {}",
             self.database.connect_timeout.as_millis()
         )?;
-        writeln!(f, "upstream.system = {:?}", self.upstream.system)?;
-        writeln!(f, "upstream.base_url = {:?}", self.upstream.base_url)?;
-        writeln!(f, "upstream.client_id = {:?}", self.upstream.client_id)?;
-        writeln!(f, "upstream.client_secret = \"[redacted]\"")?;
-        writeln!(f, "upstream.page_size = {}", self.upstream.page_size)?;
-        writeln!(
-            f,
-            "upstream.timeout_ms = {}",
-            self.upstream.timeout.as_millis()
-        )?;
-        writeln!(
-            f,
-            "upstream.retry_max_elapsed_ms = {}",
-            self.upstream.retry_max_elapsed.as_millis()
-        )?;
-        writeln!(
-            f,
-            "upstream.max_page_bytes = {}",
-            self.upstream.max_page_bytes
-        )?;
-        writeln!(f, "upstream.max_pages = {}", self.upstream.max_pages)?;
-        writeln!(
-            f,
-            "upstream.max_delist_ratio = {}",
-            self.upstream.max_delist_ratio
-        )?;
-        writeln!(
-            f,
-            "upstream.max_record_bytes = {}",
-            self.upstream.max_record_bytes
-        )?;
-        writeln!(
-            f,
-            "upstream.command_timeout_ms = {}",
-            self.upstream.command_timeout.as_millis()
-        )?;
-        writeln!(f, "upstream.allow_http = {}", self.upstream.allow_http)?;
+        for (i, u) in self.all_systems().enumerate() {
+            match i {
+                0 => u.fmt_keys(f, "upstream")?,
+                _ => u.fmt_keys(f, &format!("upstream.systems.{}", u.system))?,
+            }
+        }
         writeln!(f, "kafka.require_tls = {}", self.kafka.require_tls)?;
         writeln!(f, "database.require_tls = {}", self.database.require_tls)?;
         writeln!(f, "governance.enabled = {}", self.governance.enabled)?;
@@ -926,8 +1072,42 @@ impl Settings {
         writeln!(f, "pipeline.relay_shards = {}", p.relay_shards)?;
         writeln!(f, "pipeline.max_event_bytes = {}", p.max_event_bytes)?;
         writeln!(f, "pipeline.broker_wait_ms = {}", p.broker_wait.as_millis())?;
+        let delays: Vec<String> = p
+            .retry_delays
+            .iter()
+            .map(|d| d.as_millis().to_string())
+            .collect();
+        writeln!(f, "pipeline.retry_delays_ms = [{}]", delays.join(", "))?;
         writeln!(f, "log.level = {:?}", self.log.level)?;
         write!(f, "log.format = {:?}", self.log.format)
+    }
+}
+
+impl UpstreamSettings {
+    /// One system's keys under `prefix`, the secret redacted.
+    fn fmt_keys(&self, f: &mut fmt::Formatter<'_>, prefix: &str) -> fmt::Result {
+        if prefix == "upstream" {
+            writeln!(f, "{prefix}.system = {:?}", self.system)?;
+        }
+        writeln!(f, "{prefix}.base_url = {:?}", self.base_url)?;
+        writeln!(f, "{prefix}.client_id = {:?}", self.client_id)?;
+        writeln!(f, "{prefix}.client_secret = \"[redacted]\"")?;
+        let ms = |d: Duration| d.as_millis();
+        writeln!(f, "{prefix}.page_size = {}", self.page_size)?;
+        writeln!(f, "{prefix}.timeout_ms = {}", ms(self.timeout))?;
+        let retry = ms(self.retry_max_elapsed);
+        writeln!(f, "{prefix}.retry_max_elapsed_ms = {retry}")?;
+        writeln!(f, "{prefix}.max_page_bytes = {}", self.max_page_bytes)?;
+        writeln!(f, "{prefix}.max_pages = {}", self.max_pages)?;
+        writeln!(f, "{prefix}.max_delist_ratio = {}", self.max_delist_ratio)?;
+        writeln!(f, "{prefix}.max_record_bytes = {}", self.max_record_bytes)?;
+        let timeout = ms(self.command_timeout);
+        writeln!(f, "{prefix}.command_timeout_ms = {timeout}")?;
+        let rate = self.rate_limit_per_s.unwrap_or(0);
+        writeln!(f, "{prefix}.rate_limit_per_s = {rate}")?;
+        writeln!(f, "{prefix}.circuit_failures = {}", self.circuit_failures)?;
+        writeln!(f, "{prefix}.circuit_open_ms = {}", ms(self.circuit_open))?;
+        writeln!(f, "{prefix}.allow_http = {}", self.allow_http)
     }
 }
 
@@ -972,6 +1152,55 @@ mod tests {
         assert_eq!(s.kafka.librdkafka.get("security.protocol"), Some("ssl"));
         // The local environment file is layered over the defaults.
         assert_eq!(s.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn a_further_system_takes_its_own_keys_and_its_secret_from_the_environment() {
+        let dir = std::env::temp_dir().join(format!("ps-systems-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("systems.toml");
+        std::fs::write(
+            &file,
+            "[upstream.systems.fund]\nbase_url = \"https://fund.example\"\nrate_limit_per_s = 20\n",
+        )
+        .unwrap();
+        let mut src = sources(&[
+            ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "wms-secret-1"),
+            (
+                "PRODUCT_SYNC__UPSTREAM__SYSTEMS__FUND__CLIENT_SECRET",
+                "fund-secret-2",
+            ),
+            ("PRODUCT_SYNC__UPSTREAM__PAGE_SIZE", "250"),
+        ]);
+        src.file = Some(file.clone());
+        let s = load(&src).unwrap();
+        let names: Vec<&str> = s.all_systems().map(|u| u.system.as_str()).collect();
+        assert_eq!(names, ["wms", "fund"]);
+        let fund = &s.systems[0];
+        assert_eq!(fund.base_url, "https://fund.example");
+        assert_eq!(fund.client_secret.expose_secret(), "fund-secret-2");
+        assert_eq!(fund.rate_limit_per_s, Some(20));
+        assert_eq!(fund.page_size, 250, "inherited from [upstream]");
+        assert_eq!(s.upstream.client_secret.expose_secret(), "wms-secret-1");
+        let shown = s.to_string();
+        assert!(shown.contains("upstream.systems.fund.base_url = \"https://fund.example\""));
+        assert!(shown.contains("upstream.systems.fund.client_secret = \"[redacted]\""));
+        assert!(!shown.contains("fund-secret-2") && !shown.contains("wms-secret-1"));
+
+        std::fs::write(&file, "[upstream.systems.fund]\nbase_urll = \"x\"\n").unwrap();
+        let err = load(&src).unwrap_err().to_string();
+        assert!(err.contains("upstream.systems.fund.base_urll"), "{err}");
+        assert!(err.contains("systems.toml"), "names the file: {err}");
+        std::fs::write(&file, "[upstream.systems.fund]\ncircuit_failures = 0\n").unwrap();
+        let err = load(&src).unwrap_err().to_string();
+        assert!(
+            err.contains("upstream.systems.fund.circuit_failures"),
+            "{err}"
+        );
+        std::fs::write(&file, "[upstream.systems.wms]\n").unwrap();
+        let err = load(&src).unwrap_err().to_string();
+        assert!(err.contains("names a system twice"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 /// Options of `request`.
 #[derive(Debug, Args)]
 pub struct RequestArgs {
+    /// The management system (default: `upstream.system`).
+    #[arg(long)]
+    pub system: Option<String>,
     /// A keyword the products share.
     #[arg(long)]
     pub keyword: Option<String>,
@@ -92,6 +95,12 @@ pub struct SimulateArgs {
     /// Address to listen on; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    /// Serve several management systems, comma-separated: the first on --listen, each next
+    /// one on the next port (or a free one with port 0), each with its own catalogue (seed +
+    /// its position), faults and secret (`<client-secret>-<name>` after the first). One line
+    /// per system on stdout: `<name> listening on http://IP:PORT`.
+    #[arg(long, value_delimiter = ',')]
+    pub systems: Vec<String>,
     /// Size of the generated catalogue (ignored with --catalogue).
     #[arg(long, default_value_t = 1000)]
     pub products: usize,
@@ -199,7 +208,7 @@ pub async fn run(settings: Settings) -> ExitCode {
 pub async fn request(settings: Settings, args: RequestArgs) -> ExitCode {
     let wire = product_sync::command::CommandWire {
         request_id: args.id.unwrap_or_default(),
-        system: None,
+        system: args.system,
         selector: product_sync::command::Selector {
             all: args.all,
             keyword: args.keyword,
@@ -369,14 +378,17 @@ async fn simulator(args: SimulateArgs, stop: CancellationToken) -> anyhow::Resul
         ..Faults::default()
     };
     let config = SimConfig {
-        client_id: args.client_id,
-        client_secret: args.client_secret,
+        client_id: args.client_id.clone(),
+        client_secret: args.client_secret.clone(),
         token_ttl: Duration::from_secs(args.token_ttl_s),
-        app_ids: args.app_ids,
+        app_ids: args.app_ids.clone(),
         lease_seconds: args.lease_s,
         faults,
         seed: args.seed,
     };
+    if args.systems.len() > 1 {
+        return several(&args, config, catalogue, stop).await;
+    }
     let sim = Sim::new(config, catalogue);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -389,6 +401,56 @@ async fn simulator(args: SimulateArgs, stop: CancellationToken) -> anyhow::Resul
     }
     tracing::info!(%bound, products, "simulator serving the management-system and governance contract");
     sim.serve(listener, stop).await?;
+    Ok(())
+}
+
+/// `simulate --systems a,b,…`: one simulator per system, each its own catalogue, faults and
+/// secret, on consecutive ports.
+#[cfg(feature = "dev-tools")]
+async fn several(
+    args: &SimulateArgs,
+    config: product_sync::sim::SimConfig,
+    first: product_sync::sim::Catalogue,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    use product_sync::sim::{Catalogue, Sim, SimConfig};
+    let mut serving = tokio::task::JoinSet::new();
+    let mut first = Some(first);
+    for (i, name) in args.systems.iter().enumerate() {
+        let catalogue = first
+            .take()
+            .unwrap_or_else(|| Catalogue::generate(args.products, args.seed + i as u64));
+        let config = SimConfig {
+            client_secret: match i {
+                0 => config.client_secret.clone(),
+                _ => format!("{}-{name}", config.client_secret),
+            },
+            seed: config.seed + i as u64,
+            ..config.clone()
+        };
+        let port = match args.listen.port() {
+            0 => 0,
+            p => p.saturating_add(i as u16),
+        };
+        let addr = std::net::SocketAddr::new(args.listen.ip(), port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for system {name}"))?;
+        let bound = listener.local_addr()?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{name} listening on http://{bound}")?;
+            out.flush()?;
+        }
+        tracing::info!(%bound, system = %name, products = catalogue.len(), "simulator serving one management system");
+        let sim = Sim::new(config, catalogue);
+        serving.spawn(sim.serve(listener, stop.clone()));
+    }
+    while let Some(done) = serving.join_next().await {
+        done??;
+    }
     Ok(())
 }
 

@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric of product-sync.
@@ -16,8 +16,17 @@ pub struct Metrics {
     pub commands: IntCounterVec,
     /// Products folded, by outcome (`created`, `updated`, `unchanged`, `stale`).
     pub products: IntCounterVec,
-    /// Time to fetch one page from the management system (retries included).
-    pub fetch_seconds: Histogram,
+    /// Time to fetch one page from the management system (retries included), by system.
+    pub fetch_seconds: HistogramVec,
+    /// Requests sent to each management system, by outcome (`ok`, `server_error`,
+    /// `transport`, `throttled`, `refused`).
+    pub upstream_requests: IntCounterVec,
+    /// 1 while a system's circuit is open (or half-open), else 0.
+    pub circuit_open: IntGaugeVec,
+    /// Times a system's circuit opened.
+    pub circuit_opened: IntCounterVec,
+    /// Commands moved to the retry topic, by system.
+    pub retried_commands: IntCounterVec,
     /// Time to fold one page into the store (retries included).
     pub fold_seconds: Histogram,
     /// Events the relay published, by kind (`change`, `result`).
@@ -59,6 +68,27 @@ fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
     h
 }
 
+fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     registry
@@ -95,10 +125,35 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Products folded, by outcome",
             &["outcome"],
         ),
-        fetch_seconds: histogram(
+        fetch_seconds: histogram_vec(
             &registry,
             "product_sync_fetch_page_seconds",
-            "Time to fetch one page",
+            "Time to fetch one page, by management system",
+            &["system"],
+        ),
+        upstream_requests: counter(
+            &registry,
+            "product_sync_upstream_requests_total",
+            "Requests sent to a management system, by outcome",
+            &["system", "outcome"],
+        ),
+        circuit_open: gauge_vec(
+            &registry,
+            "product_sync_upstream_circuit_open",
+            "1 while a management system's circuit is open or half-open",
+            &["system"],
+        ),
+        circuit_opened: counter(
+            &registry,
+            "product_sync_upstream_circuit_opened_total",
+            "Times a management system's circuit opened",
+            &["system"],
+        ),
+        retried_commands: counter(
+            &registry,
+            "product_sync_commands_retried_total",
+            "Commands moved to the retry topic, by management system",
+            &["system"],
         ),
         fold_seconds: histogram(
             &registry,

@@ -23,6 +23,11 @@ pub trait Transient {
     fn retry_after(&self) -> Option<Duration> {
         None
     }
+    /// A transient failure that retrying within this call cannot heal (a circuit open): the
+    /// call gives up at once, and the caller's caller tries again later.
+    fn stops_retries(&self) -> bool {
+        false
+    }
 }
 
 /// How long and how fast to retry.
@@ -86,7 +91,7 @@ where
             let attempt = op();
             async move {
                 attempt.await.map_err(|e| {
-                    if !e.is_transient() {
+                    if !e.is_transient() || e.stops_retries() {
                         backoff::Error::permanent(e)
                     } else if let Some(wait) = e.retry_after() {
                         if started.elapsed() + wait > policy.max_elapsed {

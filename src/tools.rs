@@ -30,9 +30,13 @@ pub async fn request(settings: &Settings, mut wire: CommandWire) -> Result<Strin
         wire.request_id = format!("req-{}", uuid::Uuid::new_v4().simple());
     }
     let request_id = wire.request_id.clone();
-    wire.system = Some(settings.upstream.system.clone());
+    let systems: Vec<String> = settings.all_systems().map(|u| u.system.clone()).collect();
+    wire.system = Some(
+        wire.system
+            .unwrap_or_else(|| settings.upstream.system.clone()),
+    );
     // Refuse here what the service would refuse, with the same message.
-    Command::validate(wire.clone(), &settings.upstream.system)?;
+    Command::validate_among(wire.clone(), &settings.upstream.system, &systems)?;
     let body = serde_json::to_string(&wire).unwrap_or_default();
     let producer: FutureProducer = client_config(&settings.kafka)
         .set("enable.idempotence", "true")

@@ -38,6 +38,55 @@ pub mod dlq {
     pub const FAILED_AT: &str = "dlq.failed_at";
 }
 
+/// Header names of a command on the retry topic (DESIGN.md "The retry topic").
+pub mod retry {
+    /// Every retry header starts with this; moving a command on replaces them, a DLQ replay
+    /// strips them.
+    pub const PREFIX: &str = "retry.";
+    /// Which retry this is: 1 for the first.
+    pub const ATTEMPT: &str = "retry.attempt";
+    /// The earliest time the attempt may start (RFC 3339).
+    pub const NOT_BEFORE: &str = "retry.not_before";
+    /// Why the previous attempt failed (cut short).
+    pub const REASON: &str = "retry.reason";
+}
+
+/// A command's headers for its next attempt on the retry topic: the original ones (its
+/// `traceparent` among them) without the previous attempt's `retry.*`, then the new ones.
+pub fn for_retry<H: Headers>(
+    original: Option<&H>,
+    attempt: u32,
+    not_before: &str,
+    reason: &str,
+) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new();
+    if let Some(original) = original {
+        for header in original
+            .iter()
+            .filter(|h| !h.key.starts_with(retry::PREFIX))
+        {
+            h = h.insert(Header {
+                key: header.key,
+                value: header.value,
+            });
+        }
+    }
+    let attempt = attempt.to_string();
+    let reason = crate::text::quote(reason);
+    h.insert(Header {
+        key: retry::ATTEMPT,
+        value: Some(attempt.as_bytes()),
+    })
+    .insert(Header {
+        key: retry::NOT_BEFORE,
+        value: Some(not_before.as_bytes()),
+    })
+    .insert(Header {
+        key: retry::REASON,
+        value: Some(reason.as_bytes()),
+    })
+}
+
 /// Whether a dead-lettered command may succeed when replayed: `dlq.error_class`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
@@ -140,11 +189,15 @@ impl DeadLetter<'_> {
     }
 }
 
-/// A record's headers without the DLQ's (what a replay puts back on the request topic).
+/// A record's headers without the DLQ's and the retry topic's (what a replay puts back on
+/// the request topic: a replayed command starts its attempts over).
 pub fn without_dlq<H: Headers>(original: Option<&H>) -> OwnedHeaders {
     let mut h = OwnedHeaders::new();
     if let Some(original) = original {
-        for header in original.iter().filter(|h| !h.key.starts_with(dlq::PREFIX)) {
+        for header in original
+            .iter()
+            .filter(|h| !h.key.starts_with(dlq::PREFIX) && !h.key.starts_with(retry::PREFIX))
+        {
             h = h.insert(Header {
                 key: header.key,
                 value: header.value,
@@ -382,7 +435,7 @@ pub struct Counts {
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ResultEvent {
     pub request_id: String,
-    /// `completed`, `failed` or `rejected`.
+    /// `completed`, `failed`, `rejected`, or `retrying` (a later result follows).
     pub status: String,
     pub counts: Counts,
     /// Pages fetched from the management system.
@@ -405,6 +458,12 @@ pub struct ResultEvent {
     /// A dry run's drift: which products it would have changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drift: Option<Drift>,
+    /// A `retrying` result: which retry comes next (1 for the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// A `retrying` result: the earliest time that retry starts (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
     /// Present and `true` only when published in the reduced form (see [`reduce`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schemars(default)]
@@ -425,6 +484,8 @@ impl ResultEvent {
             error_kind: Some(kind.to_owned()),
             dry_run: false,
             drift: None,
+            attempt: None,
+            next_attempt_at: None,
             reduced: false,
         }
     }

@@ -27,6 +27,13 @@
 //!   wait for its answer: revoked partitions' tasks are stopped, drained and *joined* (so their
 //!   queues are gone before a partition can be split again) before the callback commits and
 //!   returns. Nothing waits on a runtime worker thread, so any tokio runtime will do.
+//!
+//! # The retry topic
+//! The instances consume `topics.retry` beside the request topic, in the same group. A command
+//! there carries `retry.not_before`: its partition's task waits until then with the partition
+//! paused (nothing fetched for it, no permit held, no other partition held up, the driver
+//! still polling — so no expulsion from the group), then resumes it and runs the command.
+//! The wait is bounded by the longest configured delay, whatever the header says.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -34,6 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
@@ -55,7 +63,7 @@ use crate::retry::{Backoff, RetryPolicy};
 
 pub mod process;
 
-pub use process::Processor;
+pub use process::{Processor, RetryRoute};
 
 /// After this long past the drain deadline, an abandoned command's task is aborted.
 const ABANDON_GRACE: Duration = Duration::from_secs(5);
@@ -198,6 +206,8 @@ fn consumer_config(kafka: &KafkaSettings) -> rdkafka::ClientConfig {
 pub struct Pipeline {
     pub kafka: KafkaSettings,
     pub requests_topic: String,
+    /// The retry topic, consumed beside the request topic; `None` when disabled.
+    pub retry_topic: Option<String>,
     pub max_in_flight: usize,
     pub drain_timeout: Duration,
     pub processor: Arc<Processor>,
@@ -218,10 +228,12 @@ impl Pipeline {
             })
             .map_err(PipelineError::Consumer)?;
         let consumer = Arc::new(consumer);
+        let mut topics = vec![self.requests_topic.as_str()];
+        topics.extend(self.retry_topic.as_deref());
         consumer
-            .subscribe(&[&self.requests_topic])
+            .subscribe(&topics)
             .map_err(|source| PipelineError::Subscribe {
-                topic: self.requests_topic.clone(),
+                topic: topics.join(","),
                 source,
             })?;
         tracing::info!(topic = %self.requests_topic, group = %self.kafka.group_id, "consuming product-request commands");
@@ -234,6 +246,9 @@ impl Pipeline {
             processor: self.processor.clone(),
             permits: Arc::new(Semaphore::new(self.max_in_flight)),
             drain_timeout: self.drain_timeout,
+            max_retry_wait: self.processor.retry.as_ref().map_or(Duration::ZERO, |r| {
+                r.delays.iter().copied().max().unwrap_or(Duration::ZERO)
+            }),
         };
         loop {
             tokio::select! {
@@ -335,6 +350,8 @@ struct Partitions {
     processor: Arc<Processor>,
     permits: Arc<Semaphore>,
     drain_timeout: Duration,
+    /// The longest a retry-topic command waits, whatever its header says.
+    max_retry_wait: Duration,
 }
 
 /// One partition's task.
@@ -375,6 +392,7 @@ impl Partitions {
                 permits: self.permits.clone(),
                 stop_taking: stop_taking.clone(),
                 abandon: abandon.clone(),
+                max_retry_wait: self.max_retry_wait,
             }
             .run(),
         );
@@ -435,6 +453,7 @@ struct PartitionTask {
     permits: Arc<Semaphore>,
     stop_taking: CancellationToken,
     abandon: CancellationToken,
+    max_retry_wait: Duration,
 }
 
 impl PartitionTask {
@@ -459,6 +478,9 @@ impl PartitionTask {
                     continue;
                 }
             };
+            if self.wait_for_its_time(&message).await.is_err() {
+                break;
+            }
             let permit = tokio::select! {
                 biased;
                 _ = self.stop_taking.cancelled() => break,
@@ -476,6 +498,48 @@ impl PartitionTask {
                 }
             }
         }
+    }
+
+    /// A retry-topic command waits for its `retry.not_before` (at most the longest configured
+    /// delay) with its partition paused; `Err` when the partition is taken away meanwhile
+    /// (the command is left for redelivery).
+    async fn wait_for_its_time(&self, message: &OwnedMessage) -> Result<(), ()> {
+        let Some(not_before) = process::header(message, crate::wire::retry::NOT_BEFORE)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
+        else {
+            return Ok(());
+        };
+        let wait = (not_before.with_timezone(&Utc) - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(self.max_retry_wait);
+        if wait.is_zero() {
+            return Ok(());
+        }
+        let mut partition = TopicPartitionList::new();
+        partition.add_partition(&self.key.0, self.key.1);
+        if let Err(e) = self.consumer.pause(&partition) {
+            tracing::warn!(error = %e, topic = %self.key.0, partition = self.key.1, "could not pause the partition; its task waits all the same");
+        }
+        tracing::info!(
+            topic = %self.key.0,
+            partition = self.key.1,
+            offset = message.offset(),
+            wait_ms = wait.as_millis() as u64,
+            "a retried command waits for its time; partition paused"
+        );
+        let waited = tokio::select! {
+            biased;
+            _ = self.stop_taking.cancelled() => Err(()),
+            _ = tokio::time::sleep(wait) => Ok(()),
+        };
+        if waited.is_ok()
+            && let Err(e) = self.consumer.resume(&partition)
+        {
+            tracing::warn!(error = %e, topic = %self.key.0, partition = self.key.1, "could not resume the partition");
+        }
+        waited
     }
 
     /// Abandoning drops the command mid-way: an open transaction rolls back, nothing is stored

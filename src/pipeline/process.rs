@@ -1,7 +1,9 @@
 //! Processing one product-request command: validate it (bad ones go to the DLQ with a
 //! `rejected` result), skip it if already completed (its result is emitted again), otherwise
-//! fetch every page from the management system and fold each into the store, then record the
-//! request's outcome — whose result event the relay publishes.
+//! fetch every page from its management system and fold each into the store, then record the
+//! request's outcome — whose result event the relay publishes. A command failed by a transient
+//! cause (its system down beyond the retry budget, its circuit open, the system paused) moves
+//! to the retry topic for a later attempt, until its delays run out and it goes to the DLQ.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use crate::product::Product;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::store::fold::{FoldContext, FoldOutcome, compare_page, fold_page};
 use crate::store::{StoreError, requests};
-use crate::upstream::{ProductClient, UpstreamError};
+use crate::upstream::{System, Systems, UpstreamError};
 use crate::wire::{self, CloudEvent, Drift, FailureClass, FailureKind, ResultEvent};
 
 /// Header names of DLQ records (defined in [`crate::wire::dlq`]).
@@ -63,15 +65,34 @@ impl AttemptError {
 /// Everything processing needs; shared by the partition workers.
 pub struct Processor {
     pub db: DatabaseConnection,
-    pub client: Arc<ProductClient>,
+    /// The management systems, by name (commands route by their `system`).
+    pub systems: Arc<Systems>,
     pub producer: FutureProducer,
-    pub system: String,
     pub dlq_topic: String,
     pub results_topic: String,
+    /// Where transiently failed commands wait for their next attempt; `None`: the DLQ.
+    pub retry: Option<RetryRoute>,
     pub fold_policy: RetryPolicy,
     pub relay_wake: Arc<Notify>,
-    /// `upstream.max_delist_ratio`: the snapshot guard.
-    pub max_delist_ratio: f64,
+}
+
+/// The retry topic and the delays before each attempt on it (`pipeline.retry_delays_ms`).
+#[derive(Debug, Clone)]
+pub struct RetryRoute {
+    pub topic: String,
+    pub delays: Vec<Duration>,
+}
+
+/// Which retry a message is: 0 on the request topic, `retry.attempt` on the retry topic (a
+/// header that does not parse counts as the last, so the command cannot loop).
+fn retry_attempt(msg: &OwnedMessage) -> u32 {
+    match header(msg, wire::retry::ATTEMPT) {
+        None => 0,
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u32::MAX),
+    }
 }
 
 /// Why a command failed, as its DLQ record and `failed` result say.
@@ -130,7 +151,7 @@ impl Processor {
         abandon: &CancellationToken,
     ) -> Result<(), Abandoned> {
         let traceparent = header(msg, wire::headers::TRACEPARENT).and_then(valid_traceparent);
-        let command = match Command::parse(msg.payload(), &self.system) {
+        let command = match self.parse(msg) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(kind = e.kind(), reason = %e, "rejected a malformed command");
@@ -192,7 +213,7 @@ impl Processor {
             class: FailureClass::Permanent,
             kind: FailureKind::Panic,
         };
-        match Command::parse(msg.payload(), &self.system) {
+        match self.parse(msg) {
             Ok(command) => {
                 self.persist(abandon, || async {
                     requests::begin(&self.db, &command, None, Utc::now()).await?;
@@ -202,6 +223,11 @@ impl Processor {
             }
             Err(e) => self.persist(abandon, || self.reject(msg, &e, None)).await,
         }
+    }
+
+    fn parse(&self, msg: &OwnedMessage) -> Result<Command, CommandError> {
+        let systems = &self.systems;
+        Command::parse_among(msg.payload(), systems.default_name(), &systems.names())
     }
 
     /// Retries `step` until it succeeds or `abandon` fires.
@@ -245,12 +271,35 @@ impl Processor {
             return Ok(());
         }
         requests::begin(&self.db, command, traceparent, Utc::now()).await?;
+        let Some(system) = self.systems.get(command.system()).cloned() else {
+            // Validation admits only configured systems; a command cannot get here without one.
+            let failure = Failure {
+                reason: format!("no management system {:?} is configured", command.system()),
+                class: FailureClass::Permanent,
+                kind: FailureKind::Upstream,
+            };
+            return self.fail(msg, command, Progress::NONE, &failure).await;
+        };
+        if system.is_paused() {
+            let failure = Failure {
+                reason: format!(
+                    "management system {:?} is paused by an operator",
+                    system.name
+                ),
+                class: FailureClass::Transient,
+                kind: FailureKind::Upstream,
+            };
+            tracing::info!("the command's management system is paused");
+            return self
+                .fail_or_retry(msg, command, Progress::NONE, &failure)
+                .await;
+        }
         let ctx = FoldContext {
             system: command.system(),
             request_id: Some(command.request_id()),
             traceparent,
         };
-        let (mut scan, upstream_failed) = self.fold_pages(command, &ctx).await?;
+        let (mut scan, upstream_failed) = self.fold_pages(&system, command, &ctx).await?;
         if let Some(e) = upstream_failed {
             let failure = Failure {
                 reason: e.to_string(),
@@ -259,11 +308,15 @@ impl Processor {
             };
             let class = failure.class.as_str();
             tracing::error!(error = %e, class, "the management system failed this command");
-            return self.fail(msg, command, scan.progress(), &failure).await;
+            return self
+                .fail_or_retry(msg, command, scan.progress(), &failure)
+                .await;
         }
         // A snapshot whose every page was folded: confirm and delist what it did not see.
-        if let Some(failure) = snapshot::complete(self, command, &ctx, &mut scan).await? {
-            return self.fail(msg, command, scan.progress(), &failure).await;
+        if let Some(failure) = snapshot::complete(self, &system, command, &ctx, &mut scan).await? {
+            return self
+                .fail_or_retry(msg, command, scan.progress(), &failure)
+                .await;
         }
         let outcome = &scan.outcome;
         requests::finish(
@@ -319,6 +372,7 @@ impl Processor {
     /// was folded, and the management system's failure if paging stopped on one.
     async fn fold_pages(
         &self,
+        system: &System,
         command: &Command,
         ctx: &FoldContext<'_>,
     ) -> Result<(Scan, Option<UpstreamError>), AttemptError> {
@@ -330,7 +384,7 @@ impl Processor {
             drift: Drift::default(),
             seen: snapshot.then(HashSet::new),
         };
-        let folds = self
+        let folds = system
             .client
             .pages(command.selector().clone())
             .map(|page| async move {
@@ -368,6 +422,102 @@ impl Processor {
             tracing::debug!(page = number, items, "page folded");
         }
         Ok((scan, None))
+    }
+
+    /// A command failed by a transient cause moves to the retry topic while it has delays
+    /// left; any other failure, and the last, go to the DLQ.
+    async fn fail_or_retry(
+        &self,
+        msg: &OwnedMessage,
+        command: &Command,
+        progress: Progress<'_>,
+        failure: &Failure,
+    ) -> Result<(), AttemptError> {
+        if failure.class == FailureClass::Transient
+            && let Some(route) = &self.retry
+            && let Some(delay) = route.delays.get(retry_attempt(msg) as usize)
+        {
+            let next = retry_attempt(msg) + 1;
+            return self
+                .retry_later(
+                    msg,
+                    command,
+                    progress,
+                    failure,
+                    (&route.topic, next, *delay),
+                )
+                .await;
+        }
+        self.fail(msg, command, progress, failure).await
+    }
+
+    /// Puts the command on the retry topic for attempt `next` after `delay` (acknowledged
+    /// before anything else: only then may its offset be stored), records it as retrying,
+    /// and sends its `retrying` result.
+    async fn retry_later(
+        &self,
+        msg: &OwnedMessage,
+        command: &Command,
+        progress: Progress<'_>,
+        failure: &Failure,
+        (topic, next, delay): (&str, u32, Duration),
+    ) -> Result<(), AttemptError> {
+        let now = Utc::now();
+        let not_before = now + chrono::Duration::from_std(delay).unwrap_or_default();
+        let at = not_before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let headers = wire::for_retry(msg.headers(), next, &at, &failure.reason);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = msg.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = msg.payload() {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(e, _)| AttemptError::Kafka(e))?;
+        let id = command.request_id();
+        let error = (failure.kind.as_str(), failure.reason.as_str());
+        requests::retrying(&self.db, id, progress.outcome, progress.pages, error, now).await?;
+        let Some(row) = requests::find(&self.db, id).await? else {
+            return Ok(());
+        };
+        let mut event = requests::result_event(&row);
+        event.attempt = Some(next);
+        event.next_attempt_at = Some(at.clone());
+        let payload = event.to_json();
+        let ce_id = wire::result_ce_id(id, now.timestamp_micros());
+        let time = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let headers = CloudEvent {
+            id: &ce_id,
+            ce_type: &wire::result_ce_type("retrying"),
+            source: &wire::ce_source(command.system()),
+            subject: id,
+            time: &time,
+            traceparent: row.traceparent.as_deref(),
+        }
+        .headers();
+        let record = FutureRecord::to(&self.results_topic)
+            .key(id)
+            .payload(&payload)
+            .headers(headers);
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(e, _)| AttemptError::Kafka(e))?;
+        metrics().commands.with_label_values(&["retrying"]).inc();
+        metrics()
+            .retried_commands
+            .with_label_values(&[command.system()])
+            .inc();
+        tracing::warn!(
+            attempt = next,
+            next_attempt_at = %at,
+            error = %failure.reason,
+            "command moved to the retry topic"
+        );
+        Ok(())
     }
 
     /// Records a failed command and dead-letters it.
@@ -419,7 +569,7 @@ impl Processor {
         let headers = CloudEvent {
             id: &ce_id,
             ce_type: &wire::result_ce_type("rejected"),
-            source: &wire::ce_source(&self.system),
+            source: &wire::ce_source(self.systems.default_name()),
             subject: &request_id,
             time: &time,
             traceparent,

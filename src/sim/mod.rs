@@ -162,6 +162,9 @@ pub struct Stats {
     pub registrations: AtomicU64,
     pub heartbeats: AtomicU64,
     pub deregistrations: AtomicU64,
+    /// When each products request arrived (the first 100,000), to measure rate limits.
+    #[serde(skip)]
+    pub product_request_times: Mutex<Vec<std::time::Instant>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -171,6 +174,7 @@ struct RegistrationEntry {
     instance_id: String,
     app_id: String,
     version: String,
+    systems: Vec<String>,
     heartbeats: u64,
 }
 
@@ -572,6 +576,12 @@ async fn products(
         .stats
         .product_requests
         .fetch_add(1, Ordering::Relaxed);
+    {
+        let mut times = lock(&sim.inner.stats.product_request_times);
+        if times.len() < 100_000 {
+            times.push(std::time::Instant::now());
+        }
+    }
     if sim.is_down() {
         return unavailable();
     }
@@ -753,6 +763,8 @@ struct RegisterBody {
     app_id: String,
     #[serde(default)]
     version: String,
+    #[serde(default)]
+    systems: Vec<String>,
 }
 
 async fn register(State(sim): State<Sim>, Json(body): Json<RegisterBody>) -> Response {
@@ -779,6 +791,7 @@ async fn register(State(sim): State<Sim>, Json(body): Json<RegisterBody>) -> Res
             instance_id: body.instance_id,
             app_id: body.app_id,
             version: body.version,
+            systems: body.systems,
             heartbeats: 0,
         },
     );

@@ -20,10 +20,12 @@ use crate::wire::{Counts, Drift, ResultEvent};
 /// The longest error text stored for a request (and so published in its result).
 pub const MAX_ERROR_CHARS: usize = 2000;
 
-/// Final states of a command.
+/// States of a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Running,
+    /// Waiting on the retry topic for its next attempt.
+    Retrying,
     Completed,
     Failed,
 }
@@ -32,6 +34,7 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Running => "running",
+            Status::Retrying => "retrying",
             Status::Completed => "completed",
             Status::Failed => "failed",
         }
@@ -165,6 +168,40 @@ pub async fn finish(
     Ok(())
 }
 
+/// Records that a command waits on the retry topic: its status, counts so far and error. No
+/// result is queued: the `retrying` result goes straight to the result topic (a row queued
+/// here could be running again by the time the relay reads it).
+pub async fn retrying(
+    db: &DatabaseConnection,
+    request_id: &str,
+    outcome: &FoldOutcome,
+    pages: i32,
+    error: (&str, &str),
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    use requests::Column as C;
+    requests::Entity::update_many()
+        .col_expr(C::Status, Expr::value(Status::Retrying.as_str()))
+        .col_expr(C::Fetched, Expr::value(outcome.fetched as i64))
+        .col_expr(C::Created, Expr::value(outcome.created as i64))
+        .col_expr(C::Updated, Expr::value(outcome.updated as i64))
+        .col_expr(C::Unchanged, Expr::value(outcome.unchanged as i64))
+        .col_expr(C::Stale, Expr::value(outcome.stale as i64))
+        .col_expr(C::Delisted, Expr::value(outcome.delisted as i64))
+        .col_expr(C::Relisted, Expr::value(outcome.relisted as i64))
+        .col_expr(C::Pages, Expr::value(pages))
+        .col_expr(
+            C::Error,
+            Expr::value(error.1.chars().take(MAX_ERROR_CHARS).collect::<String>()),
+        )
+        .col_expr(C::ErrorKind, Expr::value(error.0))
+        .col_expr(C::FinishedAt, Expr::value(Some(now)))
+        .filter(C::RequestId.eq(request_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Makes a finished request's result due again (a command seen again after completion).
 pub async fn reemit(db: &DatabaseConnection, request_id: &str) -> Result<(), StoreError> {
     use requests::Column as C;
@@ -260,6 +297,8 @@ pub fn result_event(row: &requests::Model) -> ResultEvent {
             .drift
             .as_ref()
             .and_then(|d| serde_json::from_value(d.clone()).ok()),
+        attempt: None,
+        next_attempt_at: None,
         reduced: false,
     }
 }

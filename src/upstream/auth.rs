@@ -2,6 +2,7 @@
 //! cached token, refreshed shortly before it expires or once after a 401, shared by every
 //! caller — concurrent callers wait for the one refresh in flight instead of each asking.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -81,6 +82,8 @@ pub struct TokenSource {
     cache: Mutex<Option<Cached>>,
     generation: AtomicU64,
     requests: AtomicU64,
+    /// The system's rate limit and circuit; none in tools and some tests.
+    guard: Option<Arc<super::Guard>>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -111,7 +114,14 @@ impl TokenSource {
             cache: Mutex::new(None),
             generation: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            guard: None,
         })
+    }
+
+    /// The same source behind a system's rate limit and circuit.
+    pub fn with_guard(mut self, guard: Arc<super::Guard>) -> Self {
+        self.guard = Some(guard);
+        self
     }
 
     /// The client id (not secret), for messages.
@@ -136,7 +146,16 @@ impl TokenSource {
             {
                 return Ok(cached.token.clone());
             }
-            let fresh = self.request().await?;
+            let fresh = match &self.guard {
+                Some(guard) => {
+                    guard.check()?;
+                    guard.pace().await;
+                    let fresh = self.request().await;
+                    guard.record(&fresh);
+                    fresh?
+                }
+                None => self.request().await?,
+            };
             let token = fresh.token.clone();
             *cache = Some(fresh);
             Ok(token)

@@ -37,6 +37,8 @@ pub struct Governance {
     /// Unique per process (host + pid + random), so N instances are N registrations.
     pub instance_id: String,
     policy: RetryPolicy,
+    /// The management systems served, reported at registration.
+    systems: Vec<String>,
 }
 
 impl Governance {
@@ -48,6 +50,7 @@ impl Governance {
         policy: RetryPolicy,
     ) -> Self {
         Self {
+            systems: Vec::new(),
             http,
             base_url: base_url.to_owned(),
             service: "product-sync".to_owned(),
@@ -55,6 +58,12 @@ impl Governance {
             instance_id,
             policy,
         }
+    }
+
+    /// The same registration, reporting the management systems this instance serves.
+    pub fn with_systems(mut self, systems: Vec<String>) -> Self {
+        self.systems = systems;
+        self
     }
 
     /// Registers, retrying transient failures; an unknown identity (403) is permanent.
@@ -76,6 +85,7 @@ impl Governance {
                 "instance_id": self.instance_id,
                 "app_id": self.app_id,
                 "version": env!("CARGO_PKG_VERSION"),
+                "systems": self.systems,
             }))
             .send()
             .await

@@ -14,11 +14,15 @@ use crate::retry::Transient;
 
 pub mod auth;
 pub mod governance;
+pub mod guard;
 pub mod products;
+pub mod systems;
 
 pub use auth::TokenSource;
 pub use governance::{Governance, Registration};
+pub use guard::{CircuitState, Guard};
 pub use products::{Page, ProductClient};
+pub use systems::{System, Systems};
 
 /// Errors at the upstream boundary. `what` names the call ("token request", "products page 3").
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,11 @@ pub enum UpstreamError {
     /// or more items on a page than asked for.
     #[error("{what}: {reason}")]
     Runaway { what: String, reason: String },
+    /// The system's circuit is open: no request was sent.
+    #[error(
+        "management system {system:?} is failing: its circuit is open after repeated failures (no request sent; the next probe in {retry_in_ms} ms)"
+    )]
+    CircuitOpen { system: String, retry_in_ms: u64 },
     /// Any other status.
     #[error("{what}: unexpected HTTP status {status}")]
     UnexpectedStatus { what: String, status: u16 },
@@ -88,7 +97,12 @@ impl Transient for UpstreamError {
             UpstreamError::Throttled { .. }
                 | UpstreamError::Server { .. }
                 | UpstreamError::Transport { .. }
+                | UpstreamError::CircuitOpen { .. }
         )
+    }
+
+    fn stops_retries(&self) -> bool {
+        matches!(self, UpstreamError::CircuitOpen { .. })
     }
 
     fn retry_after(&self) -> Option<Duration> {
@@ -103,6 +117,22 @@ impl UpstreamError {
     /// See [`Transient::is_transient`].
     pub fn is_transient(&self) -> bool {
         Transient::is_transient(self)
+    }
+
+    /// See [`Transient::stops_retries`].
+    pub fn stops_retries(&self) -> bool {
+        Transient::stops_retries(self)
+    }
+
+    /// The outcome label of a request that ended with this error.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            UpstreamError::Server { .. } => "server_error",
+            UpstreamError::Transport { .. } => "transport",
+            UpstreamError::Throttled { .. } => "throttled",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
+            _ => "refused",
+        }
     }
 
     /// Maps a non-success status to its error (401 is handled by the callers).

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::auth::{Token, TokenSource};
+use super::guard::Guard;
 use super::{UpstreamError, join, read_limited, retry_after};
 use crate::command::Selector;
 use crate::product::Product;
@@ -61,6 +62,8 @@ pub struct ProductClient {
     page_size: u32,
     policy: RetryPolicy,
     limits: Limits,
+    /// The system's rate limit and circuit; none in tools and some tests.
+    guard: Option<Arc<Guard>>,
 }
 
 impl ProductClient {
@@ -78,7 +81,19 @@ impl ProductClient {
             page_size,
             policy,
             limits: Limits::default(),
+            guard: None,
         })
+    }
+
+    /// The same client behind a system's rate limit and circuit.
+    pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// The system's rate limit and circuit, if any.
+    pub fn guard(&self) -> Option<&Arc<Guard>> {
+        self.guard.as_ref()
     }
 
     /// The same client with other limits.
@@ -181,12 +196,28 @@ impl ProductClient {
     ) -> Result<Page, UpstreamError> {
         let what = format!("products page {number}");
         let started = std::time::Instant::now();
-        let page = retry(&self.policy, &what, || {
-            self.fetch_once(selector, cursor, number, &what)
+        let system = self.guard.as_ref().map_or("default", |g| g.system());
+        let page = retry(&self.policy, &what, || async {
+            if let Some(guard) = &self.guard {
+                guard.admit()?;
+            }
+            let outcome = self.fetch_once(selector, cursor, number, &what).await;
+            if let Some(guard) = &self.guard {
+                guard.record(&outcome);
+            }
+            let label = outcome
+                .as_ref()
+                .map_or_else(UpstreamError::outcome, |_| "ok");
+            crate::metrics::metrics()
+                .upstream_requests
+                .with_label_values(&[system, label])
+                .inc();
+            outcome
         })
         .await;
         crate::metrics::metrics()
             .fetch_seconds
+            .with_label_values(&[system])
             .observe(started.elapsed().as_secs_f64());
         page
     }
@@ -266,6 +297,9 @@ impl ProductClient {
         }
         if let Some(c) = cursor {
             query.push(("cursor", c.to_owned()));
+        }
+        if let Some(guard) = &self.guard {
+            guard.pace().await;
         }
         self.http
             .get(self.products_url.clone())

@@ -17,4 +17,5 @@ mod pipeline;
 mod relay;
 mod snapshot;
 mod store_smoke;
+mod systems;
 mod upstream;

@@ -41,13 +41,13 @@ pub async fn world(products: usize, partitions: i32) -> World {
     let db_settings = fresh_pg_database().await;
     let sim = start_sim(products, SimConfig::default()).await;
     let prefix = unique("e2e");
-    let topics =
-        ["requests", "changes", "results", "dlq", "state"].map(|t| format!("{prefix}.{t}"));
+    let topics = ["requests", "changes", "results", "dlq", "state", "retry"]
+        .map(|t| format!("{prefix}.{t}"));
     let specs: Vec<TopicSpec> = topics
         .iter()
         .map(|name| TopicSpec {
             name: name.clone(),
-            partitions: if name.ends_with(".requests") {
+            partitions: if name.ends_with(".requests") || name.ends_with(".retry") {
                 partitions
             } else {
                 3
@@ -77,6 +77,9 @@ pub async fn world(products: usize, partitions: i32) -> World {
         ("PRODUCT_SYNC__TOPICS__RESULTS", topics[2].clone()),
         ("PRODUCT_SYNC__TOPICS__DLQ", topics[3].clone()),
         ("PRODUCT_SYNC__TOPICS__STATE", topics[4].clone()),
+        // Off unless a test turns it on (`World::with_retry_topic`): most tests are about
+        // what a transient failure does without it (the DLQ).
+        ("PRODUCT_SYNC__TOPICS__RETRY", String::new()),
         ("PRODUCT_SYNC__TOPICS__PARTITIONS", partitions.to_string()),
         (
             "PRODUCT_SYNC__DATABASE__URL",

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use super::{AttemptError, Failure, Processor, Scan};
 use crate::command::{Command, Selector};
 use crate::store::fold::{self, Candidate, FoldContext, FoldOutcome, Scope};
+use crate::upstream::System;
 use crate::wire::{DriftKind, FailureClass, FailureKind};
 
 /// Codes per confirming lookup (keeps the request's URL short).
@@ -27,6 +28,7 @@ const LOOKUP_CODES: usize = 100;
 /// system failed a lookup (nothing delisted) or the guard refused.
 pub(super) async fn complete(
     p: &Processor,
+    system: &System,
     command: &Command,
     ctx: &FoldContext<'_>,
     scan: &mut Scan,
@@ -44,7 +46,7 @@ pub(super) async fn complete(
         return Ok(None);
     }
     let dry_run = command.dry_run();
-    let offered = match confirm(p, dry_run, ctx, scope, &candidates, scan).await? {
+    let offered = match confirm((p, system), dry_run, ctx, scope, &candidates, scan).await? {
         Ok(offered) => offered,
         Err(failure) => return Ok(Some(failure)),
     };
@@ -69,7 +71,7 @@ pub(super) async fn complete(
         }
         return Ok(None);
     }
-    let ratio = p.max_delist_ratio;
+    let ratio = system.max_delist_ratio;
     if gone.len() as f64 > ratio * in_scope as f64 && !command.force() {
         tracing::error!(
             to_delist = gone.len(),
@@ -110,7 +112,7 @@ fn event_key(identity: &str) -> &str {
 /// for the code-less ones; folds the candidates that come back and returns their identity
 /// keys, or the management system's failure.
 async fn confirm(
-    p: &Processor,
+    p: (&Processor, &System),
     dry_run: bool,
     ctx: &FoldContext<'_>,
     scope: Scope<'_>,
@@ -157,7 +159,7 @@ async fn confirm(
 /// when given — adding their identity keys to `offered`; the management system's failure
 /// ends it.
 async fn refetch(
-    p: &Processor,
+    (p, system): (&Processor, &System),
     dry_run: bool,
     ctx: &FoldContext<'_>,
     selector: Selector,
@@ -165,7 +167,7 @@ async fn refetch(
     offered: &mut HashSet<String>,
     scan: &mut Scan,
 ) -> Result<Result<(), Failure>, AttemptError> {
-    let mut pages = std::pin::pin!(p.client.pages(selector));
+    let mut pages = std::pin::pin!(system.client.pages(selector));
     while let Some(page) = pages.next().await {
         let mut items = match page {
             Ok(page) => page.items,
