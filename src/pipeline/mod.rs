@@ -239,6 +239,9 @@ impl Pipeline {
         tracing::info!(topic = %self.requests_topic, group = %self.kafka.group_id, "consuming product-request commands");
 
         let driver_stop = CancellationToken::new();
+        // Should this future be dropped rather than run to its end (its runtime shutting
+        // down), the driver's thread must still stop: a runtime waits for its blocking threads.
+        let _driver_stops_on_drop = driver_stop.clone().drop_guard();
         let mut driver = drive(consumer.clone(), driver_stop.clone());
         let mut partitions = Partitions {
             running: HashMap::new(),
