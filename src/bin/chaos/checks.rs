@@ -20,7 +20,10 @@ use serde_json::Value;
 
 use crate::stalls::position;
 use crate::world::World;
-use crate::{PARTITIONS, SECRET, json_of, read_all, selectors, with_status};
+use crate::{FUND_SECRET, PARTITIONS, SECRET, json_of, read_all, selectors, with_status};
+
+/// A system's stored products with their revisions.
+type Stored = BTreeMap<Identity, (Product, i64)>;
 
 /// What the run sent.
 pub struct Sent<'a> {
@@ -37,6 +40,8 @@ pub struct Sent<'a> {
 /// The figures of the result line (the run's own counts are added by `main`).
 pub struct Verdict {
     pub products: usize,
+    /// Of which the second system's.
+    pub fund_products: usize,
     pub events: usize,
     /// Products not as the truth has them (either way), good commands without a completed
     /// result, rows left unpublished, products the change topic does not rebuild, bad commands
@@ -71,9 +76,22 @@ impl Verdict {
             .into_iter()
             .map(|(i, p, r)| (i, (p, r)))
             .collect();
+        let fund: BTreeMap<Identity, (Product, i64)> = load_all(&db, "fund")
+            .await?
+            .into_iter()
+            .map(|(i, p, r)| (i, (p, r)))
+            .collect();
         let values: Vec<Value> = results.iter().map(json_of).collect();
         let completed = with_status(&values, &["completed"]);
+        let fund_truth: BTreeMap<Identity, Product> = world
+            .fund
+            .catalogue()
+            .products()
+            .iter()
+            .map(|p| (p.identity(), p.clone()))
+            .collect();
         let mut lost = not_the_truth(world, &stored)?
+            + differ(&fund_truth, &fund)
             + sent
                 .good
                 .iter()
@@ -82,12 +100,16 @@ impl Verdict {
             + unpublished(&db).await?;
         let events = read_all(settings, &settings.topics.changes)?;
         let audit = Audit::of(&events);
-        let keys = stored
-            .iter()
-            .map(|(identity, (_, revision))| (format!("wms/{}", identity.event_key()), *revision));
+        let keys = [("wms", &stored), ("fund", &fund)]
+            .into_iter()
+            .flat_map(|(system, rows)| {
+                rows.iter().map(move |(identity, (_, revision))| {
+                    (format!("{system}/{}", identity.event_key()), *revision)
+                })
+            });
         let gaps = audit.gaps(keys);
-        lost += not_rebuilt(&audit, &stored);
-        lost += state_not_rebuilt(settings, &stored)?;
+        lost += not_rebuilt(&audit, "wms", &stored) + not_rebuilt(&audit, "fund", &fund);
+        lost += state_not_rebuilt(settings, &[("wms", &stored), ("fund", &fund)])?;
         let dlq = read_all(settings, &settings.topics.dlq)?;
         lost += bad_not_rejected(sent, &dlq, results);
         let withdrawn: BTreeSet<String> = sent
@@ -108,7 +130,8 @@ impl Verdict {
             .filter(|id| !ended.contains(id.as_str()))
             .count();
         Ok(Verdict {
-            products: stored.len(),
+            products: stored.len() + fund.len(),
+            fund_products: fund.len(),
             events: events.len(),
             lost,
             doubled: audit.doubled,
@@ -152,12 +175,20 @@ fn not_the_truth(
                 .map(|p| (p.identity(), p.clone())),
         );
     }
+    Ok(differ(&truth, stored))
+}
+
+/// Products of `truth` the store does not hold as they are, and stored products it lacks.
+fn differ(
+    truth: &BTreeMap<Identity, Product>,
+    stored: &BTreeMap<Identity, (Product, i64)>,
+) -> usize {
     let missing = truth
         .iter()
         .filter(|(i, p)| stored.get(*i).map(|(s, _)| s) != Some(*p))
         .count();
     let extra = stored.keys().filter(|i| !truth.contains_key(*i)).count();
-    Ok(missing + extra)
+    missing + extra
 }
 
 /// Rows still in the relay's queue.
@@ -174,11 +205,11 @@ async fn unpublished(db: &DatabaseConnection) -> anyhow::Result<usize> {
 }
 
 /// Stored products the change topic does not rebuild: the last revision's `after` is the row.
-fn not_rebuilt(audit: &Audit, stored: &BTreeMap<Identity, (Product, i64)>) -> usize {
+fn not_rebuilt(audit: &Audit, system: &str, stored: &BTreeMap<Identity, (Product, i64)>) -> usize {
     stored
         .iter()
         .filter(|(identity, (product, _))| {
-            let key = format!("wms/{}", identity.event_key());
+            let key = format!("{system}/{}", identity.event_key());
             let rebuilt = audit
                 .last
                 .get(&key)
@@ -190,10 +221,7 @@ fn not_rebuilt(audit: &Audit, stored: &BTreeMap<Identity, (Product, i64)>) -> us
 
 /// Stored products the state topic alone does not rebuild (last record per key in offset
 /// order, a tombstone removing it), and keys it holds that the store does not list.
-fn state_not_rebuilt(
-    settings: &Settings,
-    stored: &BTreeMap<Identity, (Product, i64)>,
-) -> anyhow::Result<usize> {
+fn state_not_rebuilt(settings: &Settings, systems: &[(&str, &Stored)]) -> anyhow::Result<usize> {
     let mut records = read_all(settings, &settings.topics.state)?;
     records.sort_by_key(|m| (m.partition(), m.offset()));
     let mut state: BTreeMap<String, Value> = BTreeMap::new();
@@ -204,16 +232,19 @@ fn state_not_rebuilt(
             Some(_) => state.insert(key, json_of(m)),
         };
     }
-    let wrong = stored
-        .iter()
-        .filter(|(identity, (product, revision))| {
-            let v = state.remove(&format!("wms/{}", identity.event_key()));
-            v.is_none_or(|v| {
-                v["revision"] != *revision
-                    || Product::from_json(&v["product"]).ok().as_ref() != Some(product)
+    let mut wrong = 0;
+    for (system, stored) in systems {
+        wrong += stored
+            .iter()
+            .filter(|(identity, (product, revision))| {
+                let v = state.remove(&format!("{system}/{}", identity.event_key()));
+                v.is_none_or(|v| {
+                    v["revision"] != *revision
+                        || Product::from_json(&v["product"]).ok().as_ref() != Some(product)
+                })
             })
-        })
-        .count();
+            .count();
+    }
     Ok(wrong + state.len())
 }
 
@@ -271,7 +302,9 @@ fn stalled_partitions(world: &World) -> anyhow::Result<usize> {
 /// process and in every record of the given topics (payloads, keys and headers).
 fn leaked_secrets(world: &World, topics: &[&[OwnedMessage]]) -> anyhow::Result<usize> {
     let mut needles: Vec<String> = world.sim.issued_tokens();
+    needles.extend(world.fund.issued_tokens());
     needles.push(SECRET.to_owned());
+    needles.push(FUND_SECRET.to_owned());
     let count = |haystack: &[u8]| {
         needles
             .iter()

@@ -8,7 +8,11 @@
 //! system drains, it checks that nothing was lost, doubled, left with a gap, stalled, or
 //! leaked, and prints one line:
 //!
-//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> hostile_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n> crashes=<n> unclean_exits=<n> out_of_order=<n> max_stall_s=<n> repeats=<n>`
+//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> hostile_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n> crashes=<n> unclean_exits=<n> out_of_order=<n> max_stall_s=<n> repeats=<n> withdrawn=<n> delisted=<n> wrongly_delisted=<n> system_outages=<n> fund_products=<n>`
+//!
+//! A second management system, `fund`, gets every fourth command; the schedule takes it
+//! down for 15–40 s at a time (`system_outages`) while `wms` carries on: its commands must
+//! heal through the retry topic, its products match its own catalogue at the end.
 //!
 //! Exit status 1 when any of lost, doubled, gaps, stalled, leaked_secrets, crashes,
 //! unclean_exits, out_of_order is above zero, or max_stall_s above [`MAX_STALL`] (repeats —
@@ -36,6 +40,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
 const SECRET: &str = "chaos-client-secret-5d1b7f";
+/// The second management system's secret (searched for in logs and records too).
+const FUND_SECRET: &str = "chaos-fund-secret-93c0aa";
 
 struct Options {
     short: bool,
@@ -275,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
     let streamed = stream.stop().await?;
     let (mut good, bad_sent) = (streamed.good, streamed.bad);
     world.sim.set_faults(Faults::default());
+    world.fund.set_faults(Faults::default());
     for slot in 0..3 {
         instances.start(slot)?;
     }
@@ -330,6 +337,18 @@ async fn final_round(
         send_command(producer, settings, &id, selector).await?;
         ids.push(id);
     }
+    let id = "chaos-final-fund";
+    let body = json!({"request_id": id, "system": "fund", "selector": {"all": true}});
+    producer
+        .send(
+            FutureRecord::to(&settings.topics.requests)
+                .key(id)
+                .payload(&body.to_string()),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    ids.push(id.to_owned());
     let id = "chaos-final-snapshot";
     let body = json!({"request_id": id, "selector": {"all": true}, "mode": "snapshot"});
     producer
@@ -356,7 +375,7 @@ fn result_line(
 ) {
     let max_stall_s = max_stall.as_secs();
     println!(
-        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={} withdrawn={} delisted={} wrongly_delisted={}",
+        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={} withdrawn={} delisted={} wrongly_delisted={} system_outages={} fund_products={}",
         faults.kills,
         faults.sigterms,
         faults.broker_restarts,
@@ -375,6 +394,8 @@ fn result_line(
         verdict.withdrawn,
         verdict.delisted,
         verdict.wrongly_delisted,
+        faults.system_outages,
+        verdict.fund_products,
     );
     for problem in &verdict.problems {
         eprintln!("chaos: change topic: {problem}");

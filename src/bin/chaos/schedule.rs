@@ -1,6 +1,6 @@
 //! The fault schedule: every few seconds a fault drawn from the seed — kill -9, SIGTERM,
 //! 3 → 1 → 3 scaling, a broker or database restart, a hostile management system for one
-//! command, or a burst of simulator faults. Once the scheduled time is up, every kind the dice
+//! command, the second management system down for a while, or a burst of simulator faults. Once the scheduled time is up, every kind the dice
 //! left out is forced once (and kills up to the minimum).
 
 use std::time::{Duration, Instant};
@@ -24,6 +24,8 @@ pub struct Schedule {
     pub db_restarts: u32,
     pub scale_changes: u32,
     pub sim_faults: u32,
+    /// Times the second management system went down for a while.
+    pub system_outages: u32,
     /// The commands aimed at a hostile management system.
     pub hostile_ids: Vec<String>,
 }
@@ -39,6 +41,7 @@ impl Schedule {
             db_restarts: 0,
             scale_changes: 0,
             sim_faults: 0,
+            system_outages: 0,
             hostile_ids: Vec::new(),
         }
     }
@@ -52,7 +55,8 @@ impl Schedule {
             (self.broker_restarts == 0, 62),
             (self.db_restarts == 0, 70),
             (self.hostile_ids.is_empty(), 78),
-            (self.sim_faults == 0, 90),
+            (self.system_outages == 0, 85),
+            (self.sim_faults == 0, 92),
         ]
         .into_iter()
         .find_map(|(missing, roll)| missing.then_some(roll))
@@ -85,7 +89,8 @@ impl Schedule {
                 55..=61 => self.scale_down_and_up(instances).await?,
                 62..=69 => self.restart(world, "kafka.sh").await?,
                 70..=77 => self.restart(world, "postgres.sh").await?,
-                78..=86 => self.hostile(world, producer).await?,
+                78..=84 => self.hostile(world, producer).await?,
+                85..=91 => self.system_outage(world).await,
                 _ => self.sim_fault(world).await,
             }
             instances.restart_the_dead()?;
@@ -150,6 +155,18 @@ impl Schedule {
         self.pause(4_000..10_000).await;
         world.sim.set_faults(Faults::default());
         Ok(())
+    }
+
+    /// The second management system down (503 for everything) for 15–40 s: its circuit
+    /// opens, its commands move to the retry topic, the other system's go on.
+    async fn system_outage(&mut self, world: &World) {
+        world.fund.set_faults(Faults {
+            down: true,
+            ..Faults::default()
+        });
+        self.pause(15_000..40_000).await;
+        world.fund.set_faults(Faults::default());
+        self.system_outages += 1;
     }
 
     /// A burst of 500s, 429s, latency or dropped connections.

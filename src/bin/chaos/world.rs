@@ -1,5 +1,6 @@
-//! The chaos run's world: the simulator in this process, a database and topics of the run's
-//! own, the three instances, and the stream of commands.
+//! The chaos run's world: two management systems simulated in this process (`wms`, the
+//! default, and `fund`), a database and topics of the run's own, the three instances, and the
+//! stream of commands.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,13 +19,15 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Options, SECRET, bad_commands, selectors};
+use crate::{FUND_SECRET, Options, SECRET, bad_commands, selectors};
 
 /// Everything the run set up.
 pub struct World {
     pub dir: PathBuf,
     pub repo: PathBuf,
     pub sim: Sim,
+    /// The second management system, `fund`: its own catalogue and secret.
+    pub fund: Sim,
     pub sim_stop: CancellationToken,
     pub db_url: url::Url,
     pub settings: Settings,
@@ -67,8 +70,30 @@ impl World {
             .clone()
             .spawn("127.0.0.1:0".parse()?, sim_stop.clone())
             .await?;
+        let fund = Sim::new(
+            SimConfig {
+                client_secret: FUND_SECRET.to_owned(),
+                seed: o.seed + 1,
+                ..SimConfig::default()
+            },
+            Catalogue::generate(products / 5, o.seed + 1),
+        );
+        let fund_addr = fund
+            .clone()
+            .spawn("127.0.0.1:0".parse()?, sim_stop.clone())
+            .await?;
         let db_url = own_database(o.seed).await?;
-        let env = environment(o, &db_url, &format!("http://{sim_addr}"));
+        let mut env = environment(o, &db_url, &format!("http://{sim_addr}"));
+        env.extend(
+            [
+                ("BASE_URL", format!("http://{fund_addr}")),
+                ("CLIENT_SECRET", FUND_SECRET.to_owned()),
+                ("CIRCUIT_FAILURES", "3".to_owned()),
+                ("CIRCUIT_OPEN_MS", "3000".to_owned()),
+                ("RETRY_MAX_ELAPSED_MS", "10000".to_owned()),
+            ]
+            .map(|(k, v)| (format!("PRODUCT_SYNC__UPSTREAM__SYSTEMS__FUND__{k}"), v)),
+        );
         let settings = config::load(&Sources {
             dir: Some(o.repo.join("config")),
             env_name: None,
@@ -80,6 +105,7 @@ impl World {
             dir,
             repo: o.repo.clone(),
             sim,
+            fund,
             sim_stop,
             db_url,
             settings,
@@ -226,6 +252,7 @@ impl CommandStream {
             producer.clone(),
             world.settings.topics.requests.clone(),
             world.sim.clone(),
+            world.fund.clone(),
             seed,
             stop.clone(),
         ));
@@ -243,6 +270,7 @@ async fn stream(
     producer: FutureProducer,
     topic: String,
     sim: Sim,
+    fund: Sim,
     seed: u64,
     stop: CancellationToken,
 ) -> Streamed {
@@ -265,7 +293,11 @@ async fn stream(
     while !stop.is_cancelled() {
         n += 1;
         let id = format!("chaos-{n}");
-        let body = if n.is_multiple_of(11) {
+        let body = if n.is_multiple_of(4) {
+            // The second system: its whole catalogue or one category.
+            let scope = snapshot_scopes()[rng.gen_range(0..6)].clone();
+            json!({"request_id": id, "system": "fund", "selector": scope})
+        } else if n.is_multiple_of(11) {
             // A snapshot: the whole catalogue or one category.
             let scope = snapshot_scopes()[rng.gen_range(0..6)].clone();
             json!({"request_id": id, "selector": scope, "mode": "snapshot"})
@@ -289,6 +321,9 @@ async fn stream(
         }
         if n.is_multiple_of(5) {
             sim.mutate(rng.gen_range(10..60), rng.r#gen());
+        }
+        if n.is_multiple_of(6) {
+            fund.mutate(rng.gen_range(5..20), rng.r#gen());
         }
         tokio::select! {
             _ = stop.cancelled() => {}
