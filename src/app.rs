@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
+use crate::console::Console;
 use crate::kafka::{self, KafkaError, TopicSpec};
 use crate::ops::{OpsServer, OpsState};
 use crate::outbox::shards::Leases;
@@ -64,6 +65,7 @@ pub struct Application {
     governance: Option<Arc<Governance>>,
     ops: OpsServer,
     ops_addr: SocketAddr,
+    console: Console,
     shutdown_timeout: std::time::Duration,
 }
 
@@ -95,30 +97,7 @@ impl Application {
             .pipeline
             .relay_enabled
             .then(|| relay(&settings, &db, &producer, &instance_id, wake.clone()));
-        let retry = Some(&settings.topics.retry)
-            .filter(|t| !t.is_empty() && !settings.pipeline.retry_delays.is_empty())
-            .map(|topic| RetryRoute {
-                topic: topic.clone(),
-                delays: settings.pipeline.retry_delays.clone(),
-            });
-        let pipeline = Pipeline {
-            kafka: settings.kafka.clone(),
-            requests_topic: settings.topics.requests.clone(),
-            retry_topic: retry.as_ref().map(|r| r.topic.clone()),
-            max_in_flight: settings.pipeline.max_in_flight,
-            drain_timeout: settings.pipeline.drain_timeout,
-            processor: Arc::new(Processor {
-                db: db.clone(),
-                systems: systems.clone(),
-                producer: producer.clone(),
-                dlq_topic: settings.topics.dlq.clone(),
-                results_topic: settings.topics.results.clone(),
-                retry,
-                fold_policy: RetryPolicy::with_budget(settings.database.connect_timeout),
-                relay_wake: wake,
-            }),
-            membership: membership.clone(),
-        };
+        let pipeline = pipeline(&settings, &db, &systems, &producer, &membership, wake);
         let g = &settings.governance;
         let governance = g.enabled.then(|| {
             Arc::new(
@@ -141,7 +120,16 @@ impl Application {
         );
         let addr = settings.http.listen;
         let ops_error = |source| AppError::Ops { addr, source };
-        let ops = OpsServer::bind(addr, state).await.map_err(ops_error)?;
+        let console = Console::new(
+            db.clone(),
+            Arc::new(settings.clone()),
+            systems.clone(),
+            producer.clone(),
+        );
+        let ops = OpsServer::bind(addr, state)
+            .await
+            .map_err(ops_error)?
+            .with_routes(console.router());
         let ops_addr = ops.addr().map_err(ops_error)?;
         Ok(Self {
             db,
@@ -152,6 +140,7 @@ impl Application {
             governance,
             ops,
             ops_addr,
+            console,
             shutdown_timeout: settings.pipeline.shutdown_timeout,
         })
     }
@@ -183,6 +172,10 @@ impl Application {
         let parts = CancellationToken::new();
         let (relay_stop, governance_stop) = (parts.child_token(), parts.child_token());
         tasks.spawn(self.ops.run(parts.child_token()));
+        tasks.spawn(
+            self.console
+                .keep_gathering(CONSOLE_EVERY, parts.child_token()),
+        );
         let governance = match self.governance {
             Some(g) => match g.register().await {
                 Ok(first) => Some(tasks.spawn(g.keep(first, governance_stop.clone()))),
@@ -240,6 +233,44 @@ async fn stop_all(tasks: &TaskTracker, parts: &CancellationToken, deadline: Inst
         );
     }
 }
+
+/// The consumer loop and the processing of commands (with the retry route when on).
+fn pipeline(
+    settings: &Settings,
+    db: &DatabaseConnection,
+    systems: &Arc<Systems>,
+    producer: &FutureProducer,
+    membership: &Arc<Membership>,
+    wake: Arc<Notify>,
+) -> Pipeline {
+    let retry = Some(&settings.topics.retry)
+        .filter(|t| !t.is_empty() && !settings.pipeline.retry_delays.is_empty())
+        .map(|topic| RetryRoute {
+            topic: topic.clone(),
+            delays: settings.pipeline.retry_delays.clone(),
+        });
+    Pipeline {
+        kafka: settings.kafka.clone(),
+        requests_topic: settings.topics.requests.clone(),
+        retry_topic: retry.as_ref().map(|r| r.topic.clone()),
+        max_in_flight: settings.pipeline.max_in_flight,
+        drain_timeout: settings.pipeline.drain_timeout,
+        processor: Arc::new(Processor {
+            db: db.clone(),
+            systems: systems.clone(),
+            producer: producer.clone(),
+            dlq_topic: settings.topics.dlq.clone(),
+            results_topic: settings.topics.results.clone(),
+            retry,
+            fold_policy: RetryPolicy::with_budget(settings.database.connect_timeout),
+            relay_wake: wake,
+        }),
+        membership: membership.clone(),
+    }
+}
+
+/// How often the console's overview is gathered.
+const CONSOLE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let t = &settings.topics;

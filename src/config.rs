@@ -300,8 +300,11 @@ pub struct GovernanceSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    /// Address of `/metrics`, `/healthz`, `/readyz` and the console.
     pub listen: SocketAddr,
+    /// The bearer token the console's actions need; unset or empty disables them.
+    #[serde(default)]
+    pub admin_token: Option<SecretString>,
 }
 
 /// Logging.
@@ -661,7 +664,7 @@ impl Settings {
                 0 => "upstream".to_owned(),
                 _ => format!("upstream.systems.{}", u.system),
             };
-            if let Err((leaf, reason)) = u.check(i > 0) {
+            if let Err((leaf, reason)) = u.check(&prefix) {
                 let key = format!("{prefix}.{leaf}");
                 return Err(ConfigError::Invalid {
                     origin: origin_of(&tree, &key),
@@ -864,9 +867,10 @@ impl Settings {
 }
 
 impl UpstreamSettings {
-    /// Checks one system's keys; the failing key is named relative to its table. A further
-    /// system's name (`further`) must be usable in environment variable names, too.
-    fn check(&self, further: bool) -> Result<(), (&'static str, String)> {
+    /// Checks one system's keys (under `prefix`); the failing key is named relative to its
+    /// table. A further system's name must be usable in environment variable names, too.
+    fn check(&self, prefix: &str) -> Result<(), (&'static str, String)> {
+        let further = prefix != "upstream";
         if self.system.trim().is_empty() || self.system.contains('/') {
             return Err((
                 "system",
@@ -889,7 +893,8 @@ impl UpstreamSettings {
         if self.client_id.trim().is_empty() {
             return Err(("client_id", "must not be empty".to_owned()));
         }
-        check_url(&self.base_url, self.allow_http, "allow_http").map_err(|r| ("base_url", r))?;
+        let allow_key = format!("{prefix}.allow_http");
+        check_url(&self.base_url, self.allow_http, &allow_key).map_err(|r| ("base_url", r))?;
         self.check_bounds()
     }
 
@@ -1045,6 +1050,11 @@ impl Settings {
         writeln!(f, "governance.base_url = {:?}", self.governance.base_url)?;
         writeln!(f, "governance.app_id = {:?}", self.governance.app_id)?;
         writeln!(f, "http.listen = \"{}\"", self.http.listen)?;
+        let token = match &self.http.admin_token {
+            Some(t) if !t.expose_secret().is_empty() => "\"[redacted]\"",
+            _ => "(unset: console actions disabled)",
+        };
+        writeln!(f, "http.admin_token = {token}")?;
         Ok(())
     }
 

@@ -192,7 +192,7 @@ async fn replay_class(
     for m in &records {
         let of = header(m, dlq::ERROR_CLASS).and_then(|c| FailureClass::parse(&c));
         if of == class {
-            let headers = wire::without_dlq(m.headers());
+            let headers = wire::for_replay(m.headers());
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&settings.topics.requests).headers(headers);
             if let Some(k) = m.key() {

@@ -32,7 +32,8 @@
 //! | 5 | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing of change, state and result records |
 //! | 5 | [`pipeline`] | the consumer (driver thread, one task per partition queue, coordinator) and command processing |
 //! | 6 | [`ops`], [`dlq`], [`tools`] | `/healthz` `/readyz` `/metrics`; the dead-letter topic; `request`, `tail`, `schema` |
-//! | 7 | [`app`] | `run`: builds every part, runs them, stops them in order, joins every task |
+//! | 7 | [`console`] | the ops console: the page at `/`, the `/api/v1/` reads and the token-guarded actions |
+//! | 8 | [`app`] | `run`: builds every part, runs them, stops them in order, joins every task |
 //! | dev | `sim`, `demo`, `audit` | the contract simulator; `demo`; the change topic's order check (feature `dev-tools`, on by default) |
 //!
 //! Every boundary has its own `thiserror` error type that answers `is_transient()`.
@@ -42,6 +43,7 @@ pub mod app;
 pub mod audit;
 pub mod command;
 pub mod config;
+pub mod console;
 #[cfg(feature = "dev-tools")]
 pub mod demo;
 pub mod diff;

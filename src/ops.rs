@@ -57,13 +57,25 @@ impl OpsState {
 pub struct OpsServer {
     listener: TcpListener,
     state: OpsState,
+    /// More routes on the same address (the console).
+    more: Option<Router>,
 }
 
 impl OpsServer {
     /// Binds the ops endpoint (port 0 picks one).
     pub async fn bind(addr: SocketAddr, state: OpsState) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        Ok(OpsServer { listener, state })
+        Ok(OpsServer {
+            listener,
+            state,
+            more: None,
+        })
+    }
+
+    /// Serves `routes` beside the ops endpoint's own.
+    pub fn with_routes(mut self, routes: Router) -> Self {
+        self.more = Some(routes);
+        self
     }
 
     /// Where it listens.
@@ -74,11 +86,14 @@ impl OpsServer {
     /// Serves until `stop`, refreshing the readiness check in the background (every 5 s);
     /// returns when both have stopped.
     pub async fn run(self, stop: CancellationToken) {
-        let router = Router::new()
+        let mut router = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_page))
             .with_state(self.state.clone());
+        if let Some(more) = self.more {
+            router = router.merge(more);
+        }
         if let Ok(bound) = self.listener.local_addr() {
             tracing::info!(%bound, "ops endpoint listening (/healthz, /readyz, /metrics)");
         }

@@ -189,14 +189,24 @@ impl DeadLetter<'_> {
     }
 }
 
-/// A record's headers without the DLQ's and the retry topic's (what a replay puts back on
-/// the request topic: a replayed command starts its attempts over).
+/// A record's headers without the DLQ's (a DLQ record keeps the retry topic's: they say how
+/// many attempts the command had).
 pub fn without_dlq<H: Headers>(original: Option<&H>) -> OwnedHeaders {
+    without(original, &[dlq::PREFIX])
+}
+
+/// What a replay puts back on the request topic: the headers without the DLQ's and the retry
+/// topic's (a replayed command starts its attempts over).
+pub fn for_replay<H: Headers>(original: Option<&H>) -> OwnedHeaders {
+    without(original, &[dlq::PREFIX, retry::PREFIX])
+}
+
+fn without<H: Headers>(original: Option<&H>, prefixes: &[&str]) -> OwnedHeaders {
     let mut h = OwnedHeaders::new();
     if let Some(original) = original {
         for header in original
             .iter()
-            .filter(|h| !h.key.starts_with(dlq::PREFIX) && !h.key.starts_with(retry::PREFIX))
+            .filter(|h| !prefixes.iter().any(|p| h.key.starts_with(p)))
         {
             h = h.insert(Header {
                 key: header.key,

@@ -34,6 +34,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 deploy/local/kafka.sh up
 deploy/local/postgres.sh up
+deploy/local/browser.sh up
 t_services=$(date +%s)
 say "services ready after $((t_services - t0)) s"
 

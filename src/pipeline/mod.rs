@@ -228,15 +228,7 @@ impl Pipeline {
             })
             .map_err(PipelineError::Consumer)?;
         let consumer = Arc::new(consumer);
-        let mut topics = vec![self.requests_topic.as_str()];
-        topics.extend(self.retry_topic.as_deref());
-        consumer
-            .subscribe(&topics)
-            .map_err(|source| PipelineError::Subscribe {
-                topic: topics.join(","),
-                source,
-            })?;
-        tracing::info!(topic = %self.requests_topic, group = %self.kafka.group_id, "consuming product-request commands");
+        self.subscribe(&consumer)?;
 
         let driver_stop = CancellationToken::new();
         // Should this future be dropped rather than run to its end (its runtime shutting
@@ -298,6 +290,22 @@ impl Pipeline {
         if left.is_err() {
             tracing::error!("leaving the consumer group panicked");
         }
+        Ok(())
+    }
+}
+
+impl Pipeline {
+    /// Subscribes to the request topic and, when on, the retry topic.
+    fn subscribe(&self, consumer: &StreamConsumer<Context>) -> Result<(), PipelineError> {
+        let mut topics = vec![self.requests_topic.as_str()];
+        topics.extend(self.retry_topic.as_deref());
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| PipelineError::Subscribe {
+                topic: topics.join(","),
+                source,
+            })?;
+        tracing::info!(topics = %topics.join(","), group = %self.kafka.group_id, "consuming product-request commands");
         Ok(())
     }
 }

@@ -271,29 +271,10 @@ impl Processor {
             return Ok(());
         }
         requests::begin(&self.db, command, traceparent, Utc::now()).await?;
-        let Some(system) = self.systems.get(command.system()).cloned() else {
-            // Validation admits only configured systems; a command cannot get here without one.
-            let failure = Failure {
-                reason: format!("no management system {:?} is configured", command.system()),
-                class: FailureClass::Permanent,
-                kind: FailureKind::Upstream,
-            };
-            return self.fail(msg, command, Progress::NONE, &failure).await;
+        let system = match self.systems.get(command.system()) {
+            Some(system) if !system.is_paused() => system.clone(),
+            _ => return self.not_now(msg, command).await,
         };
-        if system.is_paused() {
-            let failure = Failure {
-                reason: format!(
-                    "management system {:?} is paused by an operator",
-                    system.name
-                ),
-                class: FailureClass::Transient,
-                kind: FailureKind::Upstream,
-            };
-            tracing::info!("the command's management system is paused");
-            return self
-                .fail_or_retry(msg, command, Progress::NONE, &failure)
-                .await;
-        }
         let ctx = FoldContext {
             system: command.system(),
             request_id: Some(command.request_id()),
@@ -422,6 +403,37 @@ impl Processor {
             tracing::debug!(page = number, items, "page folded");
         }
         Ok((scan, None))
+    }
+
+    /// A command whose system is paused waits on the retry topic, using up no attempt: it
+    /// comes back after the first delay, as often as it takes. (A command for a system that
+    /// is not configured cannot pass validation; should one get here, it fails.)
+    async fn not_now(&self, msg: &OwnedMessage, command: &Command) -> Result<(), AttemptError> {
+        let name = command.system();
+        let Some(_) = self.systems.get(name) else {
+            let failure = Failure {
+                reason: format!("no management system {name:?} is configured"),
+                class: FailureClass::Permanent,
+                kind: FailureKind::Upstream,
+            };
+            return self.fail(msg, command, Progress::NONE, &failure).await;
+        };
+        let failure = Failure {
+            reason: format!("management system {name:?} is paused by an operator"),
+            class: FailureClass::Transient,
+            kind: FailureKind::Upstream,
+        };
+        tracing::info!("the command's management system is paused");
+        if let Some(route) = &self.retry
+            && let Some(delay) = route.delays.first()
+        {
+            let attempt = retry_attempt(msg).min(route.delays.len() as u32);
+            let again = (route.topic.as_str(), attempt, *delay);
+            return self
+                .retry_later(msg, command, Progress::NONE, &failure, again)
+                .await;
+        }
+        self.fail(msg, command, Progress::NONE, &failure).await
     }
 
     /// A command failed by a transient cause moves to the retry topic while it has delays

@@ -57,6 +57,9 @@ pub struct Guard {
     failures_to_open: u32,
     open_for: Duration,
     state: Mutex<State>,
+    /// The last failure that counted, for the error of a refused call (already cut short: it
+    /// is our own error text, quoting at most what `UpstreamError` quotes).
+    last_failure: Mutex<String>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -86,6 +89,7 @@ impl Guard {
             failures_to_open: failures_to_open.max(1),
             open_for,
             state: Mutex::new(State::Closed { failures: 0 }),
+            last_failure: Mutex::new(String::new()),
         }
     }
 
@@ -138,6 +142,13 @@ impl Guard {
             Err(UpstreamError::CircuitOpen { .. } | UpstreamError::Throttled { .. }) => return,
             Err(_) => false,
         };
+        if let (true, Err(e)) = (failed, outcome) {
+            let text: String = e.to_string().chars().take(300).collect();
+            *self
+                .last_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = text;
+        }
         let mut state = self.lock();
         let next = match (&*state, failed) {
             (_, false) => State::Closed { failures: 0 },
@@ -190,6 +201,11 @@ impl Guard {
         UpstreamError::CircuitOpen {
             system: self.system.clone(),
             retry_in_ms: remaining.as_millis() as u64,
+            last: self
+                .last_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         }
     }
 

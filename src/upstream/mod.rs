@@ -79,9 +79,13 @@ pub enum UpstreamError {
     Runaway { what: String, reason: String },
     /// The system's circuit is open: no request was sent.
     #[error(
-        "management system {system:?} is failing: its circuit is open after repeated failures (no request sent; the next probe in {retry_in_ms} ms)"
+        "management system {system:?} is failing: its circuit is open after repeated failures, the last: {last} (no request sent; the next probe in {retry_in_ms} ms)"
     )]
-    CircuitOpen { system: String, retry_in_ms: u64 },
+    CircuitOpen {
+        system: String,
+        retry_in_ms: u64,
+        last: String,
+    },
     /// Any other status.
     #[error("{what}: unexpected HTTP status {status}")]
     UnexpectedStatus { what: String, status: u16 },

@@ -83,6 +83,93 @@ fn the_effective_configuration_prints_without_secrets() {
     );
 }
 
+#[test]
+fn config_shows_every_system_with_its_secret_redacted() {
+    let out = binary()
+        .arg("config")
+        .env(
+            "PRODUCT_SYNC__UPSTREAM__SYSTEMS__FUND__BASE_URL",
+            "https://fund.example",
+        )
+        .env(
+            "PRODUCT_SYNC__UPSTREAM__SYSTEMS__FUND__CLIENT_SECRET",
+            "cli-fund-secret-789",
+        )
+        .output()
+        .expect("config runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("upstream.systems.fund.base_url = \"https://fund.example\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upstream.systems.fund.client_secret = \"[redacted]\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("cli-fund-secret-789"), "{stdout}");
+}
+
+#[tokio::test]
+async fn simulate_serves_several_systems_each_with_its_own_secret() {
+    use std::io::{BufRead, BufReader};
+    /// Killed when the test ends, however it ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut c = binary();
+    c.args([
+        "simulate",
+        "--systems",
+        "wms,fund",
+        "--listen",
+        "127.0.0.1:0",
+        "--products",
+        "5",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    let mut child = Killed(c.spawn().expect("simulate starts"));
+    let stdout = child.0.stdout.take().expect("stdout");
+    let lines: Vec<String> = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .take(2)
+            .map(|l| l.expect("a line"))
+            .collect()
+    })
+    .await
+    .unwrap();
+    let url_of = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name} listening on ")))
+            .unwrap_or_else(|| panic!("{name} in {lines:?}"))
+            .to_owned()
+    };
+    let http = reqwest::Client::new();
+    let token = |base: String, secret: &'static str| {
+        let http = http.clone();
+        async move {
+            http.post(format!("{base}/oauth2/token"))
+                .basic_auth("product-sync", Some(secret))
+                .form(&[("grant_type", "client_credentials")])
+                .send()
+                .await
+                .expect("token request")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(token(url_of("wms"), "local-dev-secret").await, 200);
+    assert_eq!(token(url_of("fund"), "local-dev-secret-fund").await, 200);
+    assert_eq!(token(url_of("fund"), "local-dev-secret").await, 401);
+}
+
 #[tokio::test]
 async fn request_publishes_a_command_that_tail_shows() {
     let kafka = crate::helpers::require_kafka().await;

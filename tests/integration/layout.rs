@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["upstream", "store"],
     &["outbox", "pipeline"],
     &["ops", "dlq", "tools"],
+    &["console"],
     &["app"],
     // Development tools (feature `dev-tools`).
     &["sim", "audit"],

@@ -776,7 +776,7 @@ async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay
         .unwrap();
     assert_eq!(failed["status"], "failed");
     assert!(
-        failed["error"].as_str().unwrap().contains("503"),
+        failed["error"].as_str().unwrap().contains("HTTP 503"),
         "{failed}"
     );
     let dlq = w.read_all(&w.settings.topics.dlq).await;
@@ -1138,7 +1138,12 @@ async fn the_ops_endpoint_reports_health_readiness_and_moving_counters() {
         sample(&after, "product_sync_fold_page_seconds_count")
             > sample(&before, "product_sync_fold_page_seconds_count")
     );
-    assert!(sample(&after, "product_sync_fetch_page_seconds_count") > 0.0);
+    assert!(
+        sample(
+            &after,
+            "product_sync_fetch_page_seconds_count{system=\"wms\"}"
+        ) > 0.0
+    );
     assert!(after.contains("product_sync_outbox_backlog 0"), "{after}");
     assert!(
         after.contains("product_sync_relay_published_total"),

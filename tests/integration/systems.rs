@@ -300,3 +300,46 @@ async fn the_rate_limit_holds_as_measured_at_the_simulator() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_whose_retries_run_out_goes_to_the_dlq_with_its_attempts() {
+    let w = world(20, 1).await;
+    let fund = fund_sim(20).await;
+    let mut settings = two_systems(&w, &fund);
+    settings.pipeline.retry_delays = vec![Duration::from_millis(300); 2];
+    settings.systems[0].retry_max_elapsed = Duration::from_millis(500);
+    let app = w.start_with(settings).await;
+    fund.sim.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    send(&w, "f-out", Some("fund"), json!({"all": true})).await;
+    let results = wait_for("a failed result", Duration::from_secs(60), || async {
+        let results = w.results().await;
+        results_of(&results, "f-out")
+            .iter()
+            .any(|r| r["status"] == "failed")
+            .then_some(results)
+    })
+    .await;
+    let statuses: Vec<&Value> = results_of(&results, "f-out")
+        .iter()
+        .map(|r| &r["status"])
+        .collect();
+    assert_eq!(
+        statuses,
+        [&json!("retrying"), &json!("retrying"), &json!("failed")]
+    );
+    let attempts: Vec<&Value> = results_of(&results, "f-out")
+        .iter()
+        .map(|r| &r["attempt"])
+        .collect();
+    assert_eq!(attempts, [&json!(1), &json!(2), &Value::Null]);
+    let dlq = w.read_all(&w.settings.topics.dlq).await;
+    assert_eq!(dlq.len(), 1);
+    let header = |name| crate::pipeline::header_of(&dlq[0], name);
+    assert_eq!(header("retry.attempt").as_deref(), Some("2"));
+    assert_eq!(header("dlq.error_class").as_deref(), Some("transient"));
+    assert_eq!(json_of(&dlq[0])["request_id"], "f-out");
+    app.stop().await;
+}

@@ -1,0 +1,301 @@
+//! The ops console (DESIGN.md "The ops console"): a page for people at `/` and the JSON API
+//! behind it under `/api/v1/`, on the ops endpoint's address. Reads are bounded (limits,
+//! indexes, a timeout each) and the expensive figures — topic depths, the outbox backlog, the
+//! relay's holders — are gathered in the background every few seconds, so no number of open
+//! pages can slow the pipeline. Actions (replay the DLQ, pause or resume a system, submit a
+//! request) are `POST`s that need `Authorization: Bearer <http.admin_token>`; without a token
+//! configured they are disabled.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rdkafka::producer::FutureProducer;
+use sea_orm::DatabaseConnection;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::upstream::Systems;
+
+mod overview;
+mod reads;
+
+pub use overview::Overview;
+
+/// The page, served from the binary (no CDN, no build step).
+const PAGE: &str = include_str!("console.html");
+
+/// Longest time one API read may take before it answers 503.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Most rows any list answers.
+pub const MAX_ROWS: u64 = 200;
+
+/// What the console reads and acts on.
+#[derive(Clone)]
+pub struct Console {
+    db: DatabaseConnection,
+    settings: Arc<Settings>,
+    systems: Arc<Systems>,
+    admin_token: Option<SecretString>,
+    overview: Arc<RwLock<Overview>>,
+}
+
+impl Console {
+    pub fn new(
+        db: DatabaseConnection,
+        settings: Arc<Settings>,
+        systems: Arc<Systems>,
+        _producer: FutureProducer,
+    ) -> Self {
+        let admin_token = settings
+            .http
+            .admin_token
+            .clone()
+            .filter(|t| !t.expose_secret().is_empty());
+        Console {
+            db,
+            settings,
+            systems,
+            admin_token,
+            overview: Arc::default(),
+        }
+    }
+
+    /// The page and the API, to serve beside `/metrics`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/", get(page))
+            .route("/api/v1/overview", get(overview_api))
+            .route("/api/v1/requests", get(requests_api).post(submit_api))
+            .route("/api/v1/requests/{id}", get(request_api))
+            .route("/api/v1/products/{system}/{key}", get(product_api))
+            .route("/api/v1/dlq/replay", post(replay_api))
+            .route("/api/v1/systems/{name}/pause", post(pause_api))
+            .route("/api/v1/systems/{name}/resume", post(resume_api))
+            .with_state(self.clone())
+    }
+
+    /// Refreshes the overview every `every` until `stop`.
+    pub async fn keep_gathering(self, every: Duration, stop: CancellationToken) {
+        loop {
+            let fresh = overview::gather(&self.db, &self.settings, &self.systems).await;
+            *self.overview.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// `None` when the request carries the admin token (compared in constant time); else
+    /// the refusal to answer. The token is never logged, nor echoed.
+    fn refuse(&self, headers: &HeaderMap) -> Option<Response> {
+        let Some(expected) = &self.admin_token else {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "actions are disabled: no http.admin_token is configured",
+            ));
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = constant_time_eq::constant_time_eq(
+            given.as_bytes(),
+            expected.expose_secret().as_bytes(),
+        );
+        if same {
+            None
+        } else {
+            tracing::warn!("a console action was refused: missing or wrong admin token");
+            Some(error(
+                StatusCode::UNAUTHORIZED,
+                "this action needs Authorization: Bearer <http.admin_token>",
+            ))
+        }
+    }
+}
+
+/// A JSON error answer.
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({"error": message}))).into_response()
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn overview_api(State(c): State<Console>) -> Response {
+    let o = c.overview.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let systems: Vec<Value> = c
+        .systems
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "default": s.name == c.systems.default_name(),
+                "circuit": s.guard.circuit().as_str(),
+                "paused": s.is_paused(),
+            })
+        })
+        .collect();
+    let mut body = serde_json::to_value(&o).unwrap_or(Value::Null);
+    body["systems"] = json!(systems);
+    body["actions_enabled"] = json!(c.admin_token.is_some());
+    axum::Json(body).into_response()
+}
+
+/// `?q=` a request id or a product code; `limit` at most [`MAX_ROWS`].
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    q: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn requests_api(State(c): State<Console>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_ROWS);
+    let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    bounded(reads::requests(&c.db, search, limit)).await
+}
+
+async fn request_api(State(c): State<Console>, Path(id): Path<String>) -> Response {
+    bounded(reads::request(&c.db, &id)).await
+}
+
+async fn product_api(
+    State(c): State<Console>,
+    Path((system, key)): Path<(String, String)>,
+) -> Response {
+    bounded(reads::product(&c.db, &system, &key)).await
+}
+
+/// Runs a read under [`READ_TIMEOUT`]: its JSON, 404 when it found nothing, 503 on a store
+/// failure or timeout.
+async fn bounded<F>(read: F) -> Response
+where
+    F: std::future::Future<Output = Result<Option<Value>, crate::store::StoreError>>,
+{
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not found"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "a console read failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the store did not answer")
+        }
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store took too long to answer",
+        ),
+    }
+}
+
+/// Submits a request: the same validation as a command on the topic, then published there.
+async fn submit_api(State(c): State<Console>, headers: HeaderMap, body: String) -> Response {
+    if let Some(refused) = c.refuse(&headers) {
+        return refused;
+    }
+    if body.len() > crate::command::MAX_COMMAND_BYTES {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "the command is too large");
+    }
+    let wire: crate::command::CommandWire = match serde_json::from_str(&body) {
+        Ok(w) => w,
+        Err(e) => {
+            let reason = crate::text::quote(&e.to_string());
+            return error(StatusCode::BAD_REQUEST, &format!("not a command: {reason}"));
+        }
+    };
+    match crate::tools::request(&c.settings, wire).await {
+        Ok(id) => {
+            tracing::info!(request_id = %id, "a request was submitted from the console");
+            (StatusCode::ACCEPTED, axum::Json(json!({"request_id": id}))).into_response()
+        }
+        Err(crate::tools::ToolError::Invalid(e)) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("the command would be rejected: {e}"),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// `{"only": "transient"}` replays the transient failures only; `{}` every record.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    only: Option<String>,
+}
+
+async fn replay_api(State(c): State<Console>, headers: HeaderMap, body: String) -> Response {
+    if let Some(refused) = c.refuse(&headers) {
+        return refused;
+    }
+    let body: ReplayBody = match body.trim() {
+        "" => ReplayBody::default(),
+        text => match serde_json::from_str(text) {
+            Ok(b) => b,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "expected {\"only\": \"transient\"} or {}",
+                );
+            }
+        },
+    };
+    let only = match body.only.as_deref() {
+        None => None,
+        Some(class) => match crate::wire::FailureClass::parse(class) {
+            Some(c) => Some(c),
+            None => return error(StatusCode::BAD_REQUEST, "only: transient or permanent"),
+        },
+    };
+    match crate::dlq::replay(&c.settings, only).await {
+        Ok(n) => {
+            tracing::info!(replayed = n, "the DLQ was replayed from the console");
+            axum::Json(json!({"replayed": n})).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn pause_api(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    set_paused(&c, &headers, &name, true)
+}
+
+async fn resume_api(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    set_paused(&c, &headers, &name, false)
+}
+
+fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) -> Response {
+    if let Some(refused) = c.refuse(headers) {
+        return refused;
+    }
+    let Some(system) = c.systems.get(name) else {
+        return error(StatusCode::NOT_FOUND, "no such management system");
+    };
+    system.set_paused(paused);
+    tracing::warn!(system = %name, paused, "a management system was paused or resumed from the console");
+    axum::Json(json!({"system": name, "paused": paused})).into_response()
+}
