@@ -213,7 +213,14 @@ async fn submit_api(State(c): State<Console>, headers: HeaderMap, body: String) 
     if body.len() > crate::command::MAX_COMMAND_BYTES {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "the command is too large");
     }
-    let wire: crate::command::CommandWire = match serde_json::from_str(&body) {
+    // The request id may be left out: one is made up, as `product-sync request` does.
+    let wire = serde_json::from_str::<Value>(&body).and_then(|mut v| {
+        if let Some(o) = v.as_object_mut() {
+            o.entry("request_id").or_insert(json!(""));
+        }
+        serde_json::from_value::<crate::command::CommandWire>(v)
+    });
+    let wire = match wire {
         Ok(w) => w,
         Err(e) => {
             let reason = crate::text::quote(&e.to_string());

@@ -3,6 +3,7 @@
 //! which starts both). A missing service fails the test with the command that starts it.
 
 mod cli;
+mod console;
 mod deploy;
 mod dlq;
 mod fold;

@@ -71,16 +71,7 @@ impl Verdict {
     ) -> anyhow::Result<Self> {
         let settings = &world.settings;
         let db = Database::connect(world.db_url.to_string()).await?;
-        let stored: BTreeMap<Identity, (Product, i64)> = load_all(&db, "wms")
-            .await?
-            .into_iter()
-            .map(|(i, p, r)| (i, (p, r)))
-            .collect();
-        let fund: BTreeMap<Identity, (Product, i64)> = load_all(&db, "fund")
-            .await?
-            .into_iter()
-            .map(|(i, p, r)| (i, (p, r)))
-            .collect();
+        let (stored, fund) = (stored_of(&db, "wms").await?, stored_of(&db, "fund").await?);
         let values: Vec<Value> = results.iter().map(json_of).collect();
         let completed = with_status(&values, &["completed"]);
         let fund_truth: BTreeMap<Identity, Product> = world
@@ -176,6 +167,15 @@ fn not_the_truth(
         );
     }
     Ok(differ(&truth, stored))
+}
+
+/// One system's stored products.
+async fn stored_of(db: &DatabaseConnection, system: &str) -> anyhow::Result<Stored> {
+    Ok(load_all(db, system)
+        .await?
+        .into_iter()
+        .map(|(i, p, r)| (i, (p, r)))
+        .collect())
 }
 
 /// Products of `truth` the store does not hold as they are, and stored products it lacks.

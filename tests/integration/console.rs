@@ -1,0 +1,306 @@
+//! The ops console in a real headless browser (Debian's Chromium through ChromeDriver, which
+//! `deploy/local/browser.sh up` installs and starts), against the real broker, PostgreSQL and
+//! the simulator: the page loads with no error, a request submitted through it runs and shows
+//! its counts, a failed command shows its error, an action without the token is refused —
+//! and the API behind it answers the same way to scripts.
+//!
+//! With `PRODUCT_SYNC_SCREENSHOTS=<dir>` the test also saves the screenshots the README shows.
+
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use product_sync::sim::{Fault, Faults};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use crate::helpers::wait_for;
+use crate::pipeline::world;
+
+const TOKEN: &str = "console-admin-token-5f2e91";
+
+/// A fresh headless Chromium session.
+async fn browser() -> Client {
+    let url = std::env::var("PRODUCT_SYNC_TEST_WEBDRIVER_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:9515".to_owned());
+    let caps = json!({
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-quic", "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--window-size=1400,1200"],
+        }
+    });
+    let Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    ClientBuilder::rustls()
+        .expect("TLS roots")
+        .capabilities(caps)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("no WebDriver at {url} ({e}): start it with `deploy/local/browser.sh up`")
+        })
+}
+
+/// The text of the first element matching `css`, or "" while there is none.
+async fn text_of(c: &Client, css: &str) -> String {
+    match c.find(Locator::Css(css)).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// What the page recorded in `window.__errors` (uncaught errors, rejections, console.error).
+async fn page_errors(c: &Client) -> Vec<Value> {
+    match c.execute("return window.__errors || null;", vec![]).await {
+        Ok(Value::Array(errors)) => errors,
+        other => panic!("the page's error hook is missing: {other:?}"),
+    }
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    if let Ok(dir) = std::env::var("PRODUCT_SYNC_SCREENSHOTS") {
+        let png = c.screenshot().await.expect("screenshot");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(format!("{dir}/{name}.png"), png).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_action_without_the_token()
+ {
+    let w = world(150, 1).await;
+    let mut settings = w.settings.clone();
+    settings.http.admin_token = Some(SecretString::from(TOKEN));
+    let app = w.start_with(settings).await;
+    let base = format!("http://{}", app.ops);
+    // A command the management system refuses (403): the console must show its error.
+    w.sim.sim.set_faults(Faults {
+        script: [Fault::Forbidden].into(),
+        ..Faults::default()
+    });
+    w.command("refused-1", json!({"keyword": "稳健"})).await;
+    let results = w
+        .wait_results(&["refused-1"], Duration::from_secs(60))
+        .await;
+    assert!(results.iter().any(|r| r["status"] == "failed"));
+
+    let c = browser().await;
+    c.goto(&base).await.expect("open the console");
+    wait_for("the page to refresh", Duration::from_secs(30), || async {
+        text_of(&c, "#refreshed")
+            .await
+            .starts_with("refreshed")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        text_of(&c, "#systems tbody tr[data-system=wms] td:nth-child(2)").await,
+        "closed"
+    );
+    // The failed command, with its error in the list and in its detail.
+    let failed = "#commands tr[data-request-id='refused-1'][data-status=failed]";
+    wait_for(
+        "the failed command listed",
+        Duration::from_secs(30),
+        || async { c.find(Locator::Css(failed)).await.ok() },
+    )
+    .await
+    .click()
+    .await
+    .expect("open the failed command");
+    let error = wait_for("its error shown", Duration::from_secs(30), || async {
+        let t = text_of(&c, "#detail-error").await;
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
+    assert!(error.contains("HTTP 403"), "{error}");
+    screenshot(&c, "console-failed-command").await;
+
+    // A request submitted through the page runs and shows its counts.
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    let body = c.find(Locator::Css("#submit-body")).await.unwrap();
+    body.clear().await.unwrap();
+    body.send_keys(r#"{"request_id": "from-console", "selector": {"category": "cash"}}"#)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#submit-btn"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let row = "#commands tr[data-request-id='from-console'][data-status=completed]";
+    wait_for(
+        "the submitted request completed",
+        Duration::from_secs(60),
+        || async { c.find(Locator::Css(row)).await.ok() },
+    )
+    .await;
+    let cash = w
+        .truth(&serde_json::from_value(json!({"category": "cash"})).unwrap())
+        .len();
+    assert!(cash > 0);
+    // Columns: request, system, mode, status, fetched, created, …
+    assert_eq!(
+        text_of(&c, &format!("{row} td:nth-child(5)")).await,
+        cash.to_string()
+    );
+    assert_eq!(
+        text_of(&c, &format!("{row} td:nth-child(6)")).await,
+        cash.to_string()
+    );
+    c.find(Locator::Css(row))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        "its change events shown",
+        Duration::from_secs(30),
+        || async {
+            let n = c
+                .execute(
+                    "return document.querySelectorAll('#detail-changes tbody tr').length;",
+                    vec![],
+                )
+                .await
+                .ok()?;
+            (n == json!(cash)).then_some(())
+        },
+    )
+    .await;
+    screenshot(&c, "console").await;
+
+    // An action without the token is refused, and says so.
+    let token = c.find(Locator::Css("#token")).await.unwrap();
+    token.clear().await.unwrap();
+    c.find(Locator::Css("#replay-transient"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let said = wait_for("the refusal shown", Duration::from_secs(30), || async {
+        let t = text_of(&c, "#action-result").await;
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
+    assert!(said.contains("refused (HTTP 401)"), "{said}");
+    assert_eq!(
+        page_errors(&c).await,
+        Vec::<Value>::new(),
+        "no error on the page"
+    );
+    c.close().await.expect("close the browser");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_answers_scripts_and_guards_its_actions() {
+    let w = world(40, 1).await;
+    let mut settings = w.settings.clone();
+    settings.http.admin_token = Some(SecretString::from(TOKEN));
+    let app = w.start_with(settings).await;
+    let base = format!("http://{}", app.ops);
+    let http = reqwest::Client::new();
+    let post = |path: &str, token: Option<&str>, body: &str| {
+        let mut r = http.post(format!("{base}{path}")).body(body.to_owned());
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    // Refused without a token and with a wrong one; nothing was sent.
+    for token in [None, Some("wrong-token")] {
+        let r = post("/api/v1/requests", token, r#"{"selector":{"all":true}}"#)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = post("/api/v1/systems/wms/pause", Some("x"), "")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The same validation as a command on the topic.
+    let r = post(
+        "/api/v1/requests",
+        Some(TOKEN),
+        r#"{"selector":{"keyword":"k"},"mode":"snapshot"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let why: Value = r.json().await.unwrap();
+    assert!(why["error"].as_str().unwrap().contains("snapshot"), "{why}");
+    // Accepted, it runs like any command.
+    let r = post(
+        "/api/v1/requests",
+        Some(TOKEN),
+        r#"{"request_id":"api-1","selector":{"all":true}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202);
+    w.wait_results(&["api-1"], Duration::from_secs(60)).await;
+    let one: Value = http
+        .get(format!("{base}/api/v1/requests/api-1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["status"], "completed", "{one}");
+    assert_eq!(one["counts"]["created"], 40);
+    assert_eq!(one["changes"].as_array().unwrap().len(), 40);
+    // Searching by a product code finds the command that changed it; the product view shows
+    // its state and history.
+    let found: Value = http
+        .get(format!("{base}/api/v1/requests?q=WM0000001"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["items"][0]["request_id"], "api-1", "{found}");
+    let product: Value = http
+        .get(format!("{base}/api/v1/products/wms/WM0000001"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(product["revision"], 1);
+    assert_eq!(product["history"][0]["op"], "created");
+    assert_eq!(product["state"]["product_code"], "WM0000001");
+    // Pausing a system parks its commands on the retry topic; resuming lets them run.
+    let r = post("/api/v1/systems/wms/pause", Some(TOKEN), "")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let overview: Value = http
+        .get(format!("{base}/api/v1/overview"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(overview["systems"][0]["paused"], true, "{overview}");
+    assert_eq!(overview["actions_enabled"], true);
+    let r = post("/api/v1/systems/wms/resume", Some(TOKEN), "")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    app.stop().await;
+}
