@@ -32,6 +32,8 @@ pub struct DemoOptions {
     pub keep: bool,
     /// Products in the simulated catalogue.
     pub products: usize,
+    /// Leave the console up at this address once the story is told, until Ctrl-C.
+    pub serve: Option<std::net::SocketAddr>,
 }
 
 const TOPICS: [&str; 4] = [
@@ -48,6 +50,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .await
         .context("starting the pipeline")?;
     let db = app.db().clone();
+    let ops = app.ops_addr();
     let stop = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(stop.clone()));
     say("  pipeline:          started (registered with the governance platform)\n");
@@ -62,6 +65,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let delisted = act_three(&stage.sim, &producer, &watcher, &db).await?;
 
     let stored = load_all(&db, "wms").await.context("reading the store")?;
+    if let Some(token) = &stage.admin_token {
+        say(&format!(
+            "\nThe console is up: http://{}/  (admin token for its actions: {token})\nPress Ctrl-C to stop.",
+            ops
+        ));
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+    }
     stop.cancel();
     running
         .await
@@ -91,6 +103,8 @@ struct Stage {
     cluster: MockCluster<'static, DefaultProducerContext>,
     bootstrap: String,
     settings: Settings,
+    /// With `--serve`: the console's admin token, made up for this demo.
+    admin_token: Option<String>,
 }
 
 impl Stage {
@@ -127,7 +141,14 @@ impl Stage {
                 .context("creating a mock topic")?;
         }
         let bootstrap = cluster.bootstrap_servers();
-        let vars = overrides(&bootstrap, &db_path, &format!("http://{sim_addr}"));
+        let mut vars = overrides(&bootstrap, &db_path, &format!("http://{sim_addr}"));
+        let admin_token = options
+            .serve
+            .map(|_| format!("demo-{}", uuid::Uuid::new_v4().simple()));
+        if let (Some(addr), Some(token)) = (options.serve, &admin_token) {
+            vars.insert("PRODUCT_SYNC__HTTP__LISTEN".into(), addr.to_string());
+            vars.insert("PRODUCT_SYNC__HTTP__ADMIN_TOKEN".into(), token.clone());
+        }
         // A directory without files: the built-in defaults, then these overrides.
         let settings = config::load(&Sources {
             dir: Some(dir.path().join("no-config-files")),
@@ -143,6 +164,7 @@ impl Stage {
             cluster,
             bootstrap,
             settings,
+            admin_token,
         })
     }
 

@@ -324,7 +324,7 @@ pub async fn outbox(settings: Settings, command: OutboxCommand) -> ExitCode {
 
 /// `demo`: the pipeline on embedded parts.
 #[cfg(feature = "dev-tools")]
-pub async fn demo(keep: bool, products: usize) -> ExitCode {
+pub async fn demo(keep: bool, products: usize, serve: Option<std::net::SocketAddr>) -> ExitCode {
     use product_sync::config::{LogFormat, LogSettings};
     // The demo speaks for itself; only real errors are logged (the mock broker's connection
     // chatter at teardown is not one).
@@ -332,7 +332,14 @@ pub async fn demo(keep: bool, products: usize) -> ExitCode {
         level: "error,librdkafka=off,rdkafka=off".into(),
         format: LogFormat::Pretty,
     });
-    exit(product_sync::demo::run(product_sync::demo::DemoOptions { keep, products }).await)
+    exit(
+        product_sync::demo::run(product_sync::demo::DemoOptions {
+            keep,
+            products,
+            serve,
+        })
+        .await,
+    )
 }
 
 /// `simulate`: the contract simulator on HTTP until Ctrl-C. The first line on stdout is

@@ -36,6 +36,12 @@ enum Command {
         /// Size of the simulated catalogue.
         #[arg(long, default_value_t = 400)]
         products: usize,
+        /// Leave the ops console up at the end (until Ctrl-C) to click through what happened.
+        #[arg(long)]
+        serve: bool,
+        /// The console's address with --serve.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: std::net::SocketAddr,
     },
     /// Print the effective configuration (secrets redacted) and exit; 2 when it is invalid.
     Config,
@@ -68,7 +74,12 @@ async fn main() -> ExitCode {
         #[cfg(feature = "dev-tools")]
         Command::Simulate(args) => handlers::simulate(*args).await,
         #[cfg(feature = "dev-tools")]
-        Command::Demo { keep, products } => handlers::demo(keep, products).await,
+        Command::Demo {
+            keep,
+            products,
+            serve,
+            listen,
+        } => handlers::demo(keep, products, serve.then_some(listen)).await,
         Command::Schema => handlers::schema(),
         Command::Config => with_settings(file, handlers::print_config).await,
         Command::Migrate => with_settings(file, handlers::migrate).await,
