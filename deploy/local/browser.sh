@@ -21,12 +21,14 @@ die() { say "$*"; exit 1; }
 answers() { curl -fsS "http://127.0.0.1:$port/status" 2>/dev/null | grep -q '"ready": *true'; }
 
 install() {
-  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then return; fi
+  # A CJK font too: product names are Chinese, and screenshots should show them.
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] \
+    && [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; then return; fi
   command -v apt-get >/dev/null 2>&1 || die "Chromium is missing and apt-get is not available"
   [ "$(id -u)" = 0 ] || die "Chromium is missing: run as root (or sudo apt-get install chromium chromium-driver)"
-  say "installing Debian packages chromium and chromium-driver"
+  say "installing Debian packages chromium, chromium-driver and fonts-wqy-microhei"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-wqy-microhei >&2
 }
 
 up() {

@@ -302,5 +302,23 @@ async fn the_api_answers_scripts_and_guards_its_actions() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The overview's background figures: a malformed command's DLQ record is counted, and
+    // every relay shard has its holder (this instance).
+    w.send("bad-1", b"{not json", &[]).await;
+    let shards = w.settings.pipeline.relay_shards as usize;
+    let what = "the DLQ record and the shard holders in the overview";
+    wait_for(what, Duration::from_secs(30), || async {
+        let o: Value = http
+            .get(format!("{base}/api/v1/overview"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let holders = o["relay"].as_array().map(Vec::len);
+        (o["dlq_depth"] == 1 && holders == Some(shards)).then_some(())
+    })
+    .await;
     app.stop().await;
 }
