@@ -120,12 +120,7 @@ impl Application {
         );
         let addr = settings.http.listen;
         let ops_error = |source| AppError::Ops { addr, source };
-        let console = Console::new(
-            db.clone(),
-            Arc::new(settings.clone()),
-            systems.clone(),
-            producer.clone(),
-        );
+        let console = Console::new(db.clone(), Arc::new(settings.clone()), systems.clone());
         let ops = OpsServer::bind(addr, state)
             .await
             .map_err(ops_error)?

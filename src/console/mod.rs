@@ -14,7 +14,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use rdkafka::producer::FutureProducer;
 use sea_orm::DatabaseConnection;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -49,12 +48,7 @@ pub struct Console {
 }
 
 impl Console {
-    pub fn new(
-        db: DatabaseConnection,
-        settings: Arc<Settings>,
-        systems: Arc<Systems>,
-        _producer: FutureProducer,
-    ) -> Self {
+    pub fn new(db: DatabaseConnection, settings: Arc<Settings>, systems: Arc<Systems>) -> Self {
         let admin_token = settings
             .http
             .admin_token
@@ -86,7 +80,16 @@ impl Console {
     /// Refreshes the overview every `every` until `stop`.
     pub async fn keep_gathering(self, every: Duration, stop: CancellationToken) {
         loop {
-            let fresh = overview::gather(&self.db, &self.settings, &self.systems).await;
+            let fresh = overview::gather(&self.db, &self.settings).await;
+            // A pause made on any instance holds on this one within one round.
+            match crate::store::pauses::paused(&self.db).await {
+                Ok(paused) => {
+                    for s in self.systems.iter() {
+                        s.set_paused(paused.contains(&s.name));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the paused systems"),
+            }
             *self.overview.write().unwrap_or_else(|e| e.into_inner()) = fresh;
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -147,11 +150,16 @@ async fn overview_api(State(c): State<Console>) -> Response {
         .systems
         .iter()
         .map(|s| {
+            let health = s.guard.health();
             json!({
                 "name": s.name,
                 "default": s.name == c.systems.default_name(),
                 "circuit": s.guard.circuit().as_str(),
                 "paused": s.is_paused(),
+                "requests": health.requests,
+                "last_success_at": health.last_success_at,
+                "last_failure": health.last_failure,
+                "token_valid_s": s.client.tokens().valid_for().map(|d| d.as_secs()),
             })
         })
         .collect();
@@ -284,7 +292,7 @@ async fn pause_api(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    set_paused(&c, &headers, &name, true)
+    set_paused(&c, &headers, &name, true).await
 }
 
 async fn resume_api(
@@ -292,16 +300,27 @@ async fn resume_api(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    set_paused(&c, &headers, &name, false)
+    set_paused(&c, &headers, &name, false).await
 }
 
-fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) -> Response {
+/// Pauses or resumes a system: in the store (every instance follows within a few seconds)
+/// and at once in this instance.
+async fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) -> Response {
     if let Some(refused) = c.refuse(headers) {
         return refused;
     }
     let Some(system) = c.systems.get(name) else {
         return error(StatusCode::NOT_FOUND, "no such management system");
     };
+    let stored = crate::store::pauses::set_paused(&c.db, name, paused, chrono::Utc::now());
+    match tokio::time::timeout(READ_TIMEOUT, stored).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not record a pause");
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the store did not answer");
+        }
+        Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "the store took too long"),
+    }
     system.set_paused(paused);
     tracing::warn!(system = %name, paused, "a management system was paused or resumed from the console");
     axum::Json(json!({"system": name, "paused": paused})).into_response()

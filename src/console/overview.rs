@@ -13,7 +13,6 @@ use serde::Serialize;
 
 use crate::config::Settings;
 use crate::kafka::client_config;
-use crate::upstream::Systems;
 
 /// Longest time one part of the overview may take.
 const PART_TIMEOUT: Duration = Duration::from_secs(4);
@@ -56,7 +55,7 @@ pub struct Lag {
 }
 
 /// Gathers every part, each bounded in time.
-pub async fn gather(db: &DatabaseConnection, settings: &Settings, _systems: &Systems) -> Overview {
+pub async fn gather(db: &DatabaseConnection, settings: &Settings) -> Overview {
     let outbox = tokio::time::timeout(PART_TIMEOUT, crate::outbox::queue::backlog(db))
         .await
         .ok()

@@ -18,6 +18,7 @@ use crate::retry::{RetryPolicy, Transient, retry};
 pub mod entity;
 pub mod fold;
 pub mod migration;
+pub mod pauses;
 pub mod requests;
 
 /// Errors at the store boundary.

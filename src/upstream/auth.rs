@@ -163,6 +163,14 @@ impl TokenSource {
         .await
     }
 
+    /// How long the cached token is used before it is refreshed; `None` without one (or
+    /// while a refresh holds the cache).
+    pub fn valid_for(&self) -> Option<Duration> {
+        let cache = self.cache.try_lock().ok()?;
+        let cached = cache.as_ref()?;
+        cached.refresh_at.checked_duration_since(Instant::now())
+    }
+
     /// Forgets `token` after the server refused it (401), unless a newer one replaced it.
     pub async fn invalidate(&self, token: &Token) {
         let mut cache = self.cache.lock().await;

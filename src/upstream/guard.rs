@@ -10,6 +10,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -60,6 +61,18 @@ pub struct Guard {
     /// The last failure that counted, for the error of a refused call (already cut short: it
     /// is our own error text, quoting at most what `UpstreamError` quotes).
     last_failure: Mutex<String>,
+    /// Calls that reached the system (refused ones not counted).
+    requests: AtomicU64,
+    /// When a call last got an answer (RFC 3339).
+    last_success: Mutex<Option<String>>,
+}
+
+/// What the console shows of a system's recent calls.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub requests: u64,
+    pub last_success_at: Option<String>,
+    pub last_failure: Option<String>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -90,6 +103,8 @@ impl Guard {
             open_for,
             state: Mutex::new(State::Closed { failures: 0 }),
             last_failure: Mutex::new(String::new()),
+            requests: AtomicU64::new(0),
+            last_success: Mutex::new(None),
         }
     }
 
@@ -142,6 +157,14 @@ impl Guard {
             Err(UpstreamError::CircuitOpen { .. } | UpstreamError::Throttled { .. }) => return,
             Err(_) => false,
         };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !failed {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            *self
+                .last_success
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+        }
         if let (true, Err(e)) = (failed, outcome) {
             let text: String = e.to_string().chars().take(300).collect();
             *self
@@ -185,6 +208,24 @@ impl Guard {
                     tracing::info!(system = %self.system, "circuit closed: the management system answers again")
                 }
             }
+        }
+    }
+
+    /// Calls so far, the last answer's time and the last counted failure.
+    pub fn health(&self) -> Health {
+        let last_failure = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Health {
+            requests: self.requests.load(Ordering::Relaxed),
+            last_success_at: self
+                .last_success
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            last_failure: Some(last_failure).filter(|f| !f.is_empty()),
         }
     }
 

@@ -737,7 +737,11 @@ async fn malformed_commands_go_to_the_dlq_and_never_block_their_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay_completes_it() {
     let w = world(300, 1).await;
-    let instance = w.start().await;
+    // The retry budget and the DLQ without the retry topic (off in this world) or the circuit
+    // (which would keep refusing for `circuit_open_ms` after the outage: tests/…/systems.rs).
+    let mut settings = w.settings.clone();
+    settings.upstream.circuit_failures = 1000;
+    let instance = w.start_with(settings).await;
 
     // Down for a moment: retried within upstream.retry_max_elapsed_ms (3 s here).
     w.sim.sim.set_faults(Faults {

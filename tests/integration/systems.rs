@@ -343,3 +343,69 @@ async fn a_command_whose_retries_run_out_goes_to_the_dlq_with_its_attempts() {
     assert_eq!(json_of(&dlq[0])["request_id"], "f-out");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_system_s_commands_wait_without_using_attempts_and_run_once_resumed() {
+    let w = world(20, 1).await;
+    let fund = fund_sim(30).await;
+    let mut settings = two_systems(&w, &fund);
+    settings.pipeline.retry_delays = vec![Duration::from_millis(500); 2];
+    let app = w.start_with(settings).await;
+    // Paused in the store, as the console of any instance does: this instance follows.
+    let now = chrono::Utc::now();
+    product_sync::store::pauses::set_paused(&w.db, "fund", true, now)
+        .await
+        .unwrap();
+    let overview = format!("http://{}/api/v1/overview", app.ops);
+    wait_for(
+        "the instance to follow the pause",
+        Duration::from_secs(30),
+        || async {
+            let o: Value = reqwest::get(&overview).await.ok()?.json().await.ok()?;
+            let systems = o["systems"].as_array()?.clone();
+            systems
+                .iter()
+                .any(|s| s["name"] == "fund" && s["paused"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+    send(&w, "f-paused", Some("fund"), json!({"all": true})).await;
+    send(&w, "w-meanwhile", None, json!({"all": true})).await;
+    // More rounds than there are delays: a pause uses up no attempt.
+    let results = wait_for("three waits", Duration::from_secs(30), || async {
+        let results = w.results().await;
+        (results_of(&results, "f-paused").len() >= 3).then_some(results)
+    })
+    .await;
+    for r in results_of(&results, "f-paused") {
+        assert_eq!(r["status"], "retrying", "{r}");
+        assert!(r["error"].as_str().unwrap().contains("paused"), "{r}");
+    }
+    let w_done = results_of(&results, "w-meanwhile");
+    assert_eq!(w_done[0]["status"], "completed", "the other system runs on");
+    let requests = |s: &TestSim| {
+        s.sim
+            .stats()
+            .product_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(requests(&fund), 0, "nothing was sent to a paused system");
+    product_sync::store::pauses::set_paused(&w.db, "fund", false, now)
+        .await
+        .unwrap();
+    wait_for(
+        "the resumed command completed",
+        Duration::from_secs(30),
+        || async {
+            let results = w.results().await;
+            results_of(&results, "f-paused")
+                .iter()
+                .any(|r| r["status"] == "completed")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(w.read_all(&w.settings.topics.dlq).await.is_empty());
+    app.stop().await;
+}

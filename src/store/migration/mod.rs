@@ -5,7 +5,7 @@ use sea_orm_migration::prelude::*;
 mod m20261127_000001_initial;
 mod m20261128_000001_outbox_pending;
 mod m20261130_000001_delisting;
-mod m20261201_000001_console_indexes;
+mod m20261201_000001_console;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -17,7 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_initial::Migration),
             Box::new(m20261128_000001_outbox_pending::Migration),
             Box::new(m20261130_000001_delisting::Migration),
-            Box::new(m20261201_000001_console_indexes::Migration),
+            Box::new(m20261201_000001_console::Migration),
         ]
     }
 }
