@@ -1341,15 +1341,36 @@ async fn a_database_outage_holds_the_partition_and_the_command_completes_after_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_run_process_writes_no_secret_or_token_to_its_log_or_its_topics() {
     let w = world(300, 1).await;
+    let ops = {
+        // A free port for the console, whose admin token must not leak either.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    const ADMIN_TOKEN: &str = "admin-token-never-logged-7c1d";
+    const WRONG_TOKEN: &str = "wrong-token-never-logged-3b9e";
     let mut a = w.spawn_process(
         "a",
         &[
             ("PRODUCT_SYNC__LOG__LEVEL", "trace"),
             ("PRODUCT_SYNC__LOG__FORMAT", "json"),
+            ("PRODUCT_SYNC__HTTP__LISTEN", &ops),
+            ("PRODUCT_SYNC__HTTP__ADMIN_TOKEN", ADMIN_TOKEN),
         ],
     );
     w.command("ok-1", json!({"category": "cash"})).await;
     w.wait_results(&["ok-1"], Duration::from_secs(60)).await;
+    // Console actions with the right token and with a wrong one.
+    let http = reqwest::Client::new();
+    for (token, status) in [(ADMIN_TOKEN, 202), (WRONG_TOKEN, 401)] {
+        let r = http
+            .post(format!("http://{ops}/api/v1/requests"))
+            .bearer_auth(token)
+            .body(r#"{"request_id":"via-console","selector":{"category":"cash"}}"#)
+            .send()
+            .await
+            .expect("the console answers");
+        assert_eq!(r.status().as_u16(), status);
+    }
     // The next page meets a 401: a refresh, and a second token.
     w.sim.sim.revoke_tokens();
     w.command("ok-2", json!({"category": "mixed"})).await;
@@ -1409,8 +1430,12 @@ async fn a_run_process_writes_no_secret_or_token_to_its_log_or_its_topics() {
         }
     }
     let secret = w.vars["PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET"].clone();
+    let console = [ADMIN_TOKEN.to_owned(), WRONG_TOKEN.to_owned()];
     for (place, bytes) in &haystacks {
-        for needle in std::iter::once(&secret).chain(tokens.iter()) {
+        for needle in std::iter::once(&secret)
+            .chain(tokens.iter())
+            .chain(console.iter())
+        {
             assert!(
                 !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
                 "{place} holds a secret or a token ({} bytes long)",
