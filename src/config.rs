@@ -403,9 +403,6 @@ fn build(sources: &Sources) -> Result<Config, ConfigError> {
         // Values stay the strings they were written as: a client secret `00123` must not
         // become `123`, nor `1e3` a float. Numeric and boolean keys still parse from them.
         .try_parsing(false)
-        // The one list key: PRODUCT_SYNC__PIPELINE__RETRY_DELAYS_MS=10000,60000.
-        .list_separator(",")
-        .with_list_parse_key("pipeline.retry_delays_ms")
         .source(sources.vars.clone().map(|vars| vars.into_iter().collect()));
     builder = builder.add_source(env);
 
@@ -837,12 +834,32 @@ impl Settings {
     }
 }
 
-/// A list of milliseconds as durations.
+/// A list of milliseconds as durations: an array in a file, or comma-separated text from the
+/// environment (`PRODUCT_SYNC__PIPELINE__RETRY_DELAYS_MS=10000,60000`).
 fn millis_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
-    Ok(Vec::<u64>::deserialize(d)?
-        .into_iter()
-        .map(Duration::from_millis)
-        .collect())
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Millis {
+        List(Vec<u64>),
+        Text(String),
+    }
+    let millis = match Millis::deserialize(d)? {
+        Millis::List(list) => list,
+        Millis::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<u64>().map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{} is not a number of milliseconds",
+                        crate::text::quote(s)
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(millis.into_iter().map(Duration::from_millis).collect())
 }
 
 /// An http(s) URL, plain http only when allowed.
@@ -1211,6 +1228,29 @@ mod tests {
         let err = load(&src).unwrap_err().to_string();
         assert!(err.contains("names a system twice"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn retry_delays_come_from_a_file_as_a_list_and_from_the_environment_as_text() {
+        let s = load(&sources(&[])).unwrap();
+        assert_eq!(s.pipeline.retry_delays.len(), 4, "the default list");
+        assert_eq!(s.pipeline.retry_delays[0], Duration::from_secs(10));
+        let s = load(&sources(&[(
+            "PRODUCT_SYNC__PIPELINE__RETRY_DELAYS_MS",
+            "5000, 15000",
+        )]))
+        .unwrap();
+        assert_eq!(
+            s.pipeline.retry_delays,
+            [Duration::from_secs(5), Duration::from_secs(15)]
+        );
+        let err = load(&sources(&[(
+            "PRODUCT_SYNC__PIPELINE__RETRY_DELAYS_MS",
+            "5s",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("pipeline.retry_delays_ms"), "{err}");
     }
 
     #[test]

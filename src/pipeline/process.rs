@@ -478,17 +478,7 @@ impl Processor {
         let not_before = now + chrono::Duration::from_std(delay).unwrap_or_default();
         let at = not_before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let headers = wire::for_retry(msg.headers(), next, &at, &failure.reason);
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-        if let Some(key) = msg.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = msg.payload() {
-            record = record.payload(payload);
-        }
-        self.producer
-            .send(record, Timeout::After(Duration::from_secs(30)))
-            .await
-            .map_err(|(e, _)| AttemptError::Kafka(e))?;
+        self.forward(msg, topic, headers).await?;
         let id = command.request_id();
         let error = (failure.kind.as_str(), failure.reason.as_str());
         requests::retrying(&self.db, id, progress.outcome, progress.pages, error, now).await?;
@@ -598,6 +588,27 @@ impl Processor {
         Ok(())
     }
 
+    /// Sends the command's key and bytes to `topic` with `headers`; returns once acknowledged.
+    async fn forward(
+        &self,
+        msg: &OwnedMessage,
+        topic: &str,
+        headers: rdkafka::message::OwnedHeaders,
+    ) -> Result<(), AttemptError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = msg.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = msg.payload() {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(e, _)| AttemptError::Kafka(e))?;
+        Ok(())
+    }
+
     /// Sends the original bytes and key to the DLQ with headers naming the reason.
     async fn dead_letter(
         &self,
@@ -617,18 +628,7 @@ impl Processor {
             failed_at: &failed_at,
         }
         .headers(msg.headers());
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.dlq_topic).headers(headers);
-        if let Some(key) = msg.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = msg.payload() {
-            record = record.payload(payload);
-        }
-        self.producer
-            .send(record, Timeout::After(Duration::from_secs(30)))
-            .await
-            .map_err(|(e, _)| AttemptError::Kafka(e))?;
+        self.forward(msg, &self.dlq_topic, headers).await?;
         tracing::info!(
             topic = %self.dlq_topic,
             kind = kind.as_str(),

@@ -138,22 +138,7 @@ pub async fn finish(
     let (error_kind, error) = error.unzip();
     let drift = drift.map(|d| serde_json::to_value(d).unwrap_or(Value::Null));
     use requests::Column as C;
-    let update = requests::Entity::update_many()
-        .col_expr(C::Status, Expr::value(status.as_str()))
-        .col_expr(C::Fetched, Expr::value(outcome.fetched as i64))
-        .col_expr(C::Created, Expr::value(outcome.created as i64))
-        .col_expr(C::Updated, Expr::value(outcome.updated as i64))
-        .col_expr(C::Unchanged, Expr::value(outcome.unchanged as i64))
-        .col_expr(C::Stale, Expr::value(outcome.stale as i64))
-        .col_expr(C::Delisted, Expr::value(outcome.delisted as i64))
-        .col_expr(C::Relisted, Expr::value(outcome.relisted as i64))
-        .col_expr(C::Pages, Expr::value(pages))
-        // The error may quote what came from outside: stored (and published) cut short.
-        .col_expr(
-            C::Error,
-            Expr::value(error.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>())),
-        )
-        .col_expr(C::ErrorKind, Expr::value(error_kind.map(str::to_owned)))
+    let update = progress(status, outcome, pages, error_kind.zip(error))
         .col_expr(C::Drift, Expr::value(drift))
         .col_expr(C::FinishedAt, Expr::value(Some(now)))
         .col_expr(
@@ -168,6 +153,33 @@ pub async fn finish(
     Ok(())
 }
 
+/// The update of a request's status, counts, pages and error (kind, reason).
+fn progress(
+    status: Status,
+    outcome: &FoldOutcome,
+    pages: i32,
+    error: Option<(&str, &str)>,
+) -> sea_orm::UpdateMany<requests::Entity> {
+    use requests::Column as C;
+    let (kind, reason) = error.unzip();
+    requests::Entity::update_many()
+        .col_expr(C::Status, Expr::value(status.as_str()))
+        .col_expr(C::Fetched, Expr::value(outcome.fetched as i64))
+        .col_expr(C::Created, Expr::value(outcome.created as i64))
+        .col_expr(C::Updated, Expr::value(outcome.updated as i64))
+        .col_expr(C::Unchanged, Expr::value(outcome.unchanged as i64))
+        .col_expr(C::Stale, Expr::value(outcome.stale as i64))
+        .col_expr(C::Delisted, Expr::value(outcome.delisted as i64))
+        .col_expr(C::Relisted, Expr::value(outcome.relisted as i64))
+        .col_expr(C::Pages, Expr::value(pages))
+        // The error may quote what came from outside: stored (and published) cut short.
+        .col_expr(
+            C::Error,
+            Expr::value(reason.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>())),
+        )
+        .col_expr(C::ErrorKind, Expr::value(kind.map(str::to_owned)))
+}
+
 /// Records that a command waits on the retry topic: its status, counts so far and error. No
 /// result is queued: the `retrying` result goes straight to the result topic (a row queued
 /// here could be running again by the time the relay reads it).
@@ -180,21 +192,7 @@ pub async fn retrying(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     use requests::Column as C;
-    requests::Entity::update_many()
-        .col_expr(C::Status, Expr::value(Status::Retrying.as_str()))
-        .col_expr(C::Fetched, Expr::value(outcome.fetched as i64))
-        .col_expr(C::Created, Expr::value(outcome.created as i64))
-        .col_expr(C::Updated, Expr::value(outcome.updated as i64))
-        .col_expr(C::Unchanged, Expr::value(outcome.unchanged as i64))
-        .col_expr(C::Stale, Expr::value(outcome.stale as i64))
-        .col_expr(C::Delisted, Expr::value(outcome.delisted as i64))
-        .col_expr(C::Relisted, Expr::value(outcome.relisted as i64))
-        .col_expr(C::Pages, Expr::value(pages))
-        .col_expr(
-            C::Error,
-            Expr::value(error.1.chars().take(MAX_ERROR_CHARS).collect::<String>()),
-        )
-        .col_expr(C::ErrorKind, Expr::value(error.0))
+    progress(Status::Retrying, outcome, pages, Some(error))
         .col_expr(C::FinishedAt, Expr::value(Some(now)))
         .filter(C::RequestId.eq(request_id))
         .exec(db)

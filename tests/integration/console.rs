@@ -59,6 +59,16 @@ async fn page_errors(c: &Client) -> Vec<Value> {
     }
 }
 
+/// The JSON answer of a GET.
+async fn get_json(url: &str) -> Value {
+    reqwest::get(url)
+        .await
+        .expect("the console answers")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 async fn screenshot(c: &Client, name: &str) {
     if let Ok(dir) = std::env::var("PRODUCT_SYNC_SCREENSHOTS") {
         let png = c.screenshot().await.expect("screenshot");
@@ -250,36 +260,15 @@ async fn the_api_answers_scripts_and_guards_its_actions() {
     .unwrap();
     assert_eq!(r.status(), 202);
     w.wait_results(&["api-1"], Duration::from_secs(60)).await;
-    let one: Value = http
-        .get(format!("{base}/api/v1/requests/api-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: Value = get_json(&format!("{base}/api/v1/requests/api-1")).await;
     assert_eq!(one["status"], "completed", "{one}");
     assert_eq!(one["counts"]["created"], 40);
     assert_eq!(one["changes"].as_array().unwrap().len(), 40);
     // Searching by a product code finds the command that changed it; the product view shows
     // its state and history.
-    let found: Value = http
-        .get(format!("{base}/api/v1/requests?q=WM0000001"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let found: Value = get_json(&format!("{base}/api/v1/requests?q=WM0000001")).await;
     assert_eq!(found["items"][0]["request_id"], "api-1", "{found}");
-    let product: Value = http
-        .get(format!("{base}/api/v1/products/wms/WM0000001"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let product: Value = get_json(&format!("{base}/api/v1/products/wms/WM0000001")).await;
     assert_eq!(product["revision"], 1);
     assert_eq!(product["history"][0]["op"], "created");
     assert_eq!(product["state"]["product_code"], "WM0000001");
@@ -288,14 +277,7 @@ async fn the_api_answers_scripts_and_guards_its_actions() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let overview: Value = http
-        .get(format!("{base}/api/v1/overview"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let overview: Value = get_json(&format!("{base}/api/v1/overview")).await;
     assert_eq!(overview["systems"][0]["paused"], true, "{overview}");
     assert_eq!(overview["actions_enabled"], true);
     let r = post("/api/v1/systems/wms/resume", Some(TOKEN), "")

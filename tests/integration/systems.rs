@@ -67,6 +67,12 @@ fn catalogue_of(sim: &TestSim) -> BTreeMap<Identity, Product> {
         .collect()
 }
 
+/// The instance's Prometheus page.
+async fn metrics_of(app: &crate::pipeline::InProcess) -> String {
+    let url = format!("http://{}/metrics", app.ops);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 /// Sends a command for `system` (the default when `None`).
 async fn send(w: &World, id: &str, system: Option<&str>, selector: Value) {
     let mut body = json!({"request_id": id, "selector": selector});
@@ -180,12 +186,7 @@ async fn a_system_down_holds_up_no_other_and_its_commands_heal_through_the_retry
         waited < Duration::from_secs(20),
         "wms waited {waited:?}: longer than fund's retry budget, so fund held it up"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", app.ops))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&app).await;
     assert!(
         sample(
             &metrics,
@@ -243,12 +244,7 @@ async fn a_system_down_holds_up_no_other_and_its_commands_heal_through_the_retry
         assert!(crate::pipeline::header_of(m, "retry.not_before").is_some());
         assert_eq!(json_of(m)["system"], "fund");
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", app.ops))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&app).await;
     assert_eq!(
         sample(
             &metrics,

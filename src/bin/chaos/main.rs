@@ -337,30 +337,23 @@ async fn final_round(
         send_command(producer, settings, &id, selector).await?;
         ids.push(id);
     }
-    let id = "chaos-final-fund";
-    let body = json!({"request_id": id, "system": "fund", "selector": {"all": true}});
-    producer
-        .send(
-            FutureRecord::to(&settings.topics.requests)
-                .key(id)
-                .payload(&body.to_string()),
-            Duration::from_secs(60),
-        )
-        .await
-        .map_err(|(e, _)| e)?;
-    ids.push(id.to_owned());
-    let id = "chaos-final-snapshot";
-    let body = json!({"request_id": id, "selector": {"all": true}, "mode": "snapshot"});
-    producer
-        .send(
-            FutureRecord::to(&settings.topics.requests)
-                .key(id)
-                .payload(&body.to_string()),
-            Duration::from_secs(60),
-        )
-        .await
-        .map_err(|(e, _)| e)?;
-    ids.push(id.to_owned());
+    let last = [
+        json!({"request_id": "chaos-final-fund", "system": "fund", "selector": {"all": true}}),
+        json!({"request_id": "chaos-final-snapshot", "selector": {"all": true}, "mode": "snapshot"}),
+    ];
+    for body in last {
+        let id = body["request_id"].as_str().unwrap_or_default().to_owned();
+        producer
+            .send(
+                FutureRecord::to(&settings.topics.requests)
+                    .key(&id)
+                    .payload(&body.to_string()),
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        ids.push(id);
+    }
     Ok(ids)
 }
 
