@@ -851,10 +851,9 @@ fn millis_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, 
             .filter(|s| !s.is_empty())
             .map(|s| {
                 s.parse::<u64>().map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "{} is not a number of milliseconds",
-                        crate::text::quote(s)
-                    ))
+                    // Cut short: a config value quoted back need not be long.
+                    let cut: String = s.chars().take(40).collect();
+                    serde::de::Error::custom(format!("{cut:?} is not a number of milliseconds"))
                 })
             })
             .collect::<Result<_, _>>()?,

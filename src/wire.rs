@@ -49,6 +49,8 @@ pub mod retry {
     pub const NOT_BEFORE: &str = "retry.not_before";
     /// Why the previous attempt failed (cut short).
     pub const REASON: &str = "retry.reason";
+    /// `1` while the command waits out a pause of its system (no attempt used).
+    pub const PAUSED: &str = "retry.paused";
 }
 
 /// A command's headers for its next attempt on the retry topic: the original ones (its
@@ -58,6 +60,7 @@ pub fn for_retry<H: Headers>(
     attempt: u32,
     not_before: &str,
     reason: &str,
+    paused: bool,
 ) -> OwnedHeaders {
     let mut h = OwnedHeaders::new();
     if let Some(original) = original {
@@ -73,18 +76,26 @@ pub fn for_retry<H: Headers>(
     }
     let attempt = attempt.to_string();
     let reason = crate::text::quote(reason);
-    h.insert(Header {
-        key: retry::ATTEMPT,
-        value: Some(attempt.as_bytes()),
-    })
-    .insert(Header {
-        key: retry::NOT_BEFORE,
-        value: Some(not_before.as_bytes()),
-    })
-    .insert(Header {
-        key: retry::REASON,
-        value: Some(reason.as_bytes()),
-    })
+    let h = h
+        .insert(Header {
+            key: retry::ATTEMPT,
+            value: Some(attempt.as_bytes()),
+        })
+        .insert(Header {
+            key: retry::NOT_BEFORE,
+            value: Some(not_before.as_bytes()),
+        })
+        .insert(Header {
+            key: retry::REASON,
+            value: Some(reason.as_bytes()),
+        });
+    match paused {
+        true => h.insert(Header {
+            key: retry::PAUSED,
+            value: Some(b"1".as_slice()),
+        }),
+        false => h,
+    }
 }
 
 /// Whether a dead-lettered command may succeed when replayed: `dlq.error_class`.

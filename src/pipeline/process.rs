@@ -76,6 +76,16 @@ pub struct Processor {
     pub relay_wake: Arc<Notify>,
 }
 
+/// Where and when a command's next attempt goes.
+struct Next<'a> {
+    topic: &'a str,
+    /// Which retry it will be.
+    attempt: u32,
+    delay: Duration,
+    /// Waiting out a pause of its system (no attempt used).
+    paused: bool,
+}
+
 /// The retry topic and the delays before each attempt on it (`pipeline.retry_delays_ms`).
 #[derive(Debug, Clone)]
 pub struct RetryRoute {
@@ -427,8 +437,12 @@ impl Processor {
         if let Some(route) = &self.retry
             && let Some(delay) = route.delays.first()
         {
-            let attempt = retry_attempt(msg).min(route.delays.len() as u32);
-            let again = (route.topic.as_str(), attempt, *delay);
+            let again = Next {
+                topic: &route.topic,
+                attempt: retry_attempt(msg).min(route.delays.len() as u32),
+                delay: *delay,
+                paused: true,
+            };
             return self
                 .retry_later(msg, command, Progress::NONE, &failure, again)
                 .await;
@@ -449,36 +463,47 @@ impl Processor {
             && let Some(route) = &self.retry
             && let Some(delay) = route.delays.get(retry_attempt(msg) as usize)
         {
-            let next = retry_attempt(msg) + 1;
+            let next = Next {
+                topic: &route.topic,
+                attempt: retry_attempt(msg) + 1,
+                delay: *delay,
+                paused: false,
+            };
             return self
-                .retry_later(
-                    msg,
-                    command,
-                    progress,
-                    failure,
-                    (&route.topic, next, *delay),
-                )
+                .retry_later(msg, command, progress, failure, next)
                 .await;
         }
         self.fail(msg, command, progress, failure).await
     }
 
-    /// Puts the command on the retry topic for attempt `next` after `delay` (acknowledged
-    /// before anything else: only then may its offset be stored), records it as retrying,
-    /// and sends its `retrying` result.
+    /// Puts the command on the retry topic for its next attempt (acknowledged before anything
+    /// else: only then may its offset be stored), records it as retrying, and sends its
+    /// `retrying` result — once per pause: a command already waiting out a pause goes back
+    /// on the topic silently.
     async fn retry_later(
         &self,
         msg: &OwnedMessage,
         command: &Command,
         progress: Progress<'_>,
         failure: &Failure,
-        (topic, next, delay): (&str, u32, Duration),
+        next: Next<'_>,
     ) -> Result<(), AttemptError> {
         let now = Utc::now();
-        let not_before = now + chrono::Duration::from_std(delay).unwrap_or_default();
+        let not_before = now + chrono::Duration::from_std(next.delay).unwrap_or_default();
         let at = not_before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let headers = wire::for_retry(msg.headers(), next, &at, &failure.reason);
-        self.forward(msg, topic, headers).await?;
+        let headers = wire::for_retry(
+            msg.headers(),
+            next.attempt,
+            &at,
+            &failure.reason,
+            next.paused,
+        );
+        self.forward(msg, next.topic, headers).await?;
+        if next.paused && header(msg, wire::retry::PAUSED).is_some() {
+            tracing::debug!(next_attempt_at = %at, "still paused; the command waits on");
+            return Ok(());
+        }
+        let next = next.attempt;
         let id = command.request_id();
         let error = (failure.kind.as_str(), failure.reason.as_str());
         requests::retrying(&self.db, id, progress.outcome, progress.pages, error, now).await?;

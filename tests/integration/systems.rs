@@ -368,16 +368,27 @@ async fn a_paused_system_s_commands_wait_without_using_attempts_and_run_once_res
     .await;
     send(&w, "f-paused", Some("fund"), json!({"all": true})).await;
     send(&w, "w-meanwhile", None, json!({"all": true})).await;
-    // More rounds than there are delays: a pause uses up no attempt.
-    let results = wait_for("three waits", Duration::from_secs(30), || async {
-        let results = w.results().await;
-        (results_of(&results, "f-paused").len() >= 3).then_some(results)
+    // More rounds than there are delays: a pause uses up no attempt, and says so once.
+    let retry_topic = w.settings.topics.requests.replace(".requests", ".retry");
+    wait_for("three waits", Duration::from_secs(30), || async {
+        let waits = w.read_all(&retry_topic).await;
+        (waits.len() >= 3).then_some(())
     })
     .await;
-    for r in results_of(&results, "f-paused") {
-        assert_eq!(r["status"], "retrying", "{r}");
-        assert!(r["error"].as_str().unwrap().contains("paused"), "{r}");
+    for m in w.read_all(&retry_topic).await {
+        let header = |name| crate::pipeline::header_of(&m, name);
+        assert_eq!(header("retry.paused").as_deref(), Some("1"));
+        assert_eq!(
+            header("retry.attempt").as_deref(),
+            Some("0"),
+            "no attempt used"
+        );
     }
+    let results = w.results().await;
+    let paused = results_of(&results, "f-paused");
+    assert_eq!(paused.len(), 1, "one retrying result per pause: {paused:?}");
+    assert_eq!(paused[0]["status"], "retrying", "{}", paused[0]);
+    assert!(paused[0]["error"].as_str().unwrap().contains("paused"));
     let w_done = results_of(&results, "w-meanwhile");
     assert_eq!(w_done[0]["status"], "completed", "the other system runs on");
     let requests = |s: &TestSim| {
