@@ -179,7 +179,8 @@ struct ListQuery {
 async fn requests_api(State(c): State<Console>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_ROWS);
     let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    bounded(reads::requests(&c.db, search, limit)).await
+    let systems = c.systems.names();
+    bounded(reads::requests(&c.db, search, limit, &systems)).await
 }
 
 async fn request_api(State(c): State<Console>, Path(id): Path<String>) -> Response {

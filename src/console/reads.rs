@@ -10,11 +10,12 @@ use crate::store::StoreError;
 use crate::store::entity::{product_changes, products, requests};
 
 /// Recent commands, newest first; with `search`, the command with that id or the commands
-/// that changed a product with that code.
+/// that changed a product with that code in one of `systems`.
 pub async fn requests(
     db: &DatabaseConnection,
     search: Option<&str>,
     limit: u64,
+    systems: &[String],
 ) -> Result<Option<Value>, StoreError> {
     use requests::Column as C;
     let rows = match search {
@@ -27,7 +28,7 @@ pub async fn requests(
         }
         Some(q) => {
             let mut ids: Vec<String> = vec![q.to_owned()];
-            ids.extend(requests_touching(db, q, limit).await?);
+            ids.extend(requests_touching(db, q, limit, systems).await?);
             requests::Entity::find()
                 .filter(C::RequestId.is_in(ids))
                 .order_by_desc(C::StartedAt)
@@ -40,15 +41,18 @@ pub async fn requests(
     Ok(Some(json!({"items": items})))
 }
 
-/// Ids of the commands whose change events touched the product(s) with this code.
+/// Ids of the commands whose change events touched the product(s) with this code (looked up
+/// by system and identity: the products' unique index).
 async fn requests_touching(
     db: &DatabaseConnection,
     code: &str,
     limit: u64,
+    systems: &[String],
 ) -> Result<Vec<String>, StoreError> {
     let ids: Vec<i64> = products::Entity::find()
         .select_only()
         .column(products::Column::Id)
+        .filter(products::Column::System.is_in(systems.iter().cloned()))
         .filter(products::Column::Identity.eq(format!("code:{code}")))
         .limit(MAX_ROWS)
         .into_tuple()

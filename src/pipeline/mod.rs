@@ -392,6 +392,14 @@ impl Partitions {
             tracing::error!(topic = %key.0, partition = key.1, "cannot read an assigned partition's queue");
             return;
         };
+        // librdkafka keeps a partition's pause through a revoke and a re-assignment to the
+        // same member: a retry-topic partition paused when the rebalance came would stay
+        // paused for ever (the chaos run found it). Every assigned partition starts resumed.
+        let mut partition = TopicPartitionList::new();
+        partition.add_partition(&key.0, key.1);
+        if let Err(e) = self.consumer.resume(&partition) {
+            tracing::warn!(error = %e, topic = %key.0, partition = key.1, "could not resume an assigned partition");
+        }
         let stop_taking = CancellationToken::new();
         let abandon = CancellationToken::new();
         let task = tokio::spawn(

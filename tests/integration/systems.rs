@@ -416,3 +416,67 @@ async fn a_paused_system_s_commands_wait_without_using_attempts_and_run_once_res
     assert!(w.read_all(&w.settings.topics.dlq).await.is_empty());
     app.stop().await;
 }
+
+/// librdkafka keeps a partition's pause through a revoke and a re-assignment to the same
+/// member: a retry-topic partition paused for a waiting command when a rebalance comes must
+/// still be read afterwards (the chaos run found it stuck for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebalance_while_a_retried_command_waits_leaves_its_partition_readable() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let w = world(20, 1).await;
+    let fund = fund_sim(20).await;
+    let mut settings = two_systems(&w, &fund);
+    settings.pipeline.retry_delays = vec![Duration::from_secs(15); 2];
+    settings.systems[0].retry_max_elapsed = Duration::from_millis(500);
+    let app = w.start_with(settings).await;
+    fund.sim.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    send(&w, "f-wait", Some("fund"), json!({"all": true})).await;
+    let retry_topic = w.settings.topics.requests.replace(".requests", ".retry");
+    wait_for(
+        "the command on the retry topic",
+        Duration::from_secs(30),
+        || async { (!w.read_all(&retry_topic).await.is_empty()).then_some(()) },
+    )
+    .await;
+    // Another member joins the group (for another topic): every partition of the instance is
+    // revoked and assigned back to it while the retry partition is paused.
+    let kafka = w.settings.kafka.clone();
+    let other_topic = w.settings.topics.changes.clone();
+    let member = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = product_sync::kafka::client_config(&kafka)
+            .set("group.id", &kafka.group_id)
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("a second member");
+        c.subscribe(&[&other_topic]).expect("subscribe");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while c.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second member never joined"
+            );
+            let _ = c.poll(Duration::from_millis(100));
+        }
+        c
+    })
+    .await
+    .unwrap();
+    fund.sim.set_faults(Faults::default());
+    wait_for(
+        "the retried command completed",
+        Duration::from_secs(60),
+        || async {
+            let results = w.results().await;
+            results_of(&results, "f-wait")
+                .iter()
+                .any(|r| r["status"] == "completed")
+                .then_some(())
+        },
+    )
+    .await;
+    drop(member);
+    app.stop().await;
+}
