@@ -499,14 +499,14 @@ impl Processor {
             next.paused,
         );
         self.forward(msg, next.topic, headers).await?;
+        let id = command.request_id();
+        let error = (failure.kind.as_str(), failure.reason.as_str());
+        requests::retrying(&self.db, id, progress.outcome, progress.pages, error, now).await?;
         if next.paused && header(msg, wire::retry::PAUSED).is_some() {
             tracing::debug!(next_attempt_at = %at, "still paused; the command waits on");
             return Ok(());
         }
         let next = next.attempt;
-        let id = command.request_id();
-        let error = (failure.kind.as_str(), failure.reason.as_str());
-        requests::retrying(&self.db, id, progress.outcome, progress.pages, error, now).await?;
         let Some(row) = requests::find(&self.db, id).await? else {
             return Ok(());
         };
