@@ -45,6 +45,7 @@ pub struct Console {
     systems: Arc<Systems>,
     admin_token: Option<SecretString>,
     overview: Arc<RwLock<Overview>>,
+    depth_reader: overview::DepthReader,
 }
 
 impl Console {
@@ -60,6 +61,7 @@ impl Console {
             systems,
             admin_token,
             overview: Arc::default(),
+            depth_reader: Arc::default(),
         }
     }
 
@@ -80,7 +82,7 @@ impl Console {
     /// Refreshes the overview every `every` until `stop`.
     pub async fn keep_gathering(self, every: Duration, stop: CancellationToken) {
         loop {
-            let fresh = overview::gather(&self.db, &self.settings).await;
+            let fresh = overview::gather(&self.db, &self.settings, &self.depth_reader).await;
             // A pause made on any instance holds on this one within one round.
             match crate::store::pauses::paused(&self.db).await {
                 Ok(paused) => {

@@ -54,8 +54,16 @@ pub struct Lag {
     pub lag: i64,
 }
 
+/// The broker client the topic depths are read with: made once, kept for every round (a
+/// client per round would open and close broker connections every 2 s).
+pub type DepthReader = std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<BaseConsumer>>>>;
+
 /// Gathers every part, each bounded in time.
-pub async fn gather(db: &DatabaseConnection, settings: &Settings) -> Overview {
+pub async fn gather(
+    db: &DatabaseConnection,
+    settings: &Settings,
+    reader: &DepthReader,
+) -> Overview {
     let outbox = tokio::time::timeout(PART_TIMEOUT, crate::outbox::queue::backlog(db))
         .await
         .ok()
@@ -70,7 +78,7 @@ pub async fn gather(db: &DatabaseConnection, settings: &Settings) -> Overview {
         .await
         .ok()
         .flatten();
-    let (dlq_depth, retry_depth) = depths(settings).await;
+    let (dlq_depth, retry_depth) = depths(settings, reader).await;
     Overview {
         gathered_at: Some(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         outbox,
@@ -118,16 +126,25 @@ async fn holders(db: &DatabaseConnection, settings: &Settings) -> Option<Vec<Hol
 
 /// The DLQ's record count and the retry topic's waiting commands, read from the broker on a
 /// blocking thread (librdkafka's calls block).
-async fn depths(settings: &Settings) -> (Option<i64>, Option<i64>) {
+async fn depths(settings: &Settings, reader: &DepthReader) -> (Option<i64>, Option<i64>) {
     let kafka = settings.kafka.clone();
     let dlq = settings.topics.dlq.clone();
     let retry = Some(settings.topics.retry.clone()).filter(|t| !t.is_empty());
+    let reader = reader.clone();
     let read = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = client_config(&kafka)
-            .set("group.id", &kafka.group_id)
-            .set("enable.auto.commit", "false")
-            .create()
-            .ok()?;
+        let consumer = {
+            let mut kept = reader.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.is_none() {
+                // Never subscribes: it only reads watermarks and the group's committed offsets.
+                let made: BaseConsumer = client_config(&kafka)
+                    .set("group.id", &kafka.group_id)
+                    .set("enable.auto.commit", "false")
+                    .create()
+                    .ok()?;
+                *kept = Some(std::sync::Arc::new(made));
+            }
+            kept.clone()?
+        };
         let dlq_depth = depth(&consumer, &dlq, false);
         let retry_depth = retry.and_then(|t| depth(&consumer, &t, true));
         Some((dlq_depth, retry_depth))
