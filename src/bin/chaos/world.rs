@@ -148,15 +148,24 @@ async fn own_database(seed: u64) -> anyhow::Result<url::Url> {
 /// Topics of this run's own, 12 partitions each.
 async fn own_topics(settings: &Settings) -> anyhow::Result<()> {
     let t = &settings.topics;
-    let specs: Vec<TopicSpec> = [&t.requests, &t.changes, &t.results, &t.dlq, &t.state]
-        .into_iter()
-        .map(|n| TopicSpec {
-            name: n.clone(),
-            partitions: 12,
-            replication_factor: 1,
-            compacted: *n == t.state,
-        })
-        .collect();
+    // All of them, the retry topic too: an instance that has to create one while the broker
+    // restarts fails to start (the broker refuses with InvalidReplicationFactor meanwhile).
+    let specs: Vec<TopicSpec> = [
+        &t.requests,
+        &t.changes,
+        &t.results,
+        &t.dlq,
+        &t.state,
+        &t.retry,
+    ]
+    .into_iter()
+    .map(|n| TopicSpec {
+        name: n.clone(),
+        partitions: 12,
+        replication_factor: 1,
+        compacted: *n == t.state,
+    })
+    .collect();
     ensure_topics(&settings.kafka, &specs)
         .await
         .context("the broker (deploy/local/kafka.sh up)")
