@@ -459,13 +459,14 @@ impl Processor {
         progress: Progress<'_>,
         failure: &Failure,
     ) -> Result<(), AttemptError> {
+        let attempt = retry_attempt(msg);
         if failure.class == FailureClass::Transient
             && let Some(route) = &self.retry
-            && let Some(delay) = route.delays.get(retry_attempt(msg) as usize)
+            && let Some(delay) = route.delays.get(attempt as usize)
         {
             let next = Next {
                 topic: &route.topic,
-                attempt: retry_attempt(msg) + 1,
+                attempt: attempt + 1,
                 delay: *delay,
                 paused: false,
             };

@@ -91,11 +91,6 @@ impl ProductClient {
         self
     }
 
-    /// The system's rate limit and circuit, if any.
-    pub fn guard(&self) -> Option<&Arc<Guard>> {
-        self.guard.as_ref()
-    }
-
     /// The same client with other limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;

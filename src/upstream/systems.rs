@@ -89,15 +89,6 @@ impl Systems {
         })
     }
 
-    /// One system only (tools and tests).
-    pub fn single(system: System) -> Self {
-        let default = system.name.clone();
-        Systems {
-            by_name: BTreeMap::from([(default.clone(), Arc::new(system))]),
-            default,
-        }
-    }
-
     /// The system commands go to when they name none.
     pub fn default_name(&self) -> &str {
         &self.default
