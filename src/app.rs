@@ -21,6 +21,7 @@ use crate::outbox::shards::Leases;
 use crate::outbox::{Relay, RelaySettings};
 use crate::pipeline::{Membership, Pipeline, PipelineError, Processor, RetryRoute};
 use crate::retry::RetryPolicy;
+use crate::scheduler::Scheduler;
 use crate::store::{self, StoreError};
 use crate::upstream::{self, Governance, Systems, UpstreamError};
 
@@ -62,6 +63,7 @@ pub struct Application {
     instance_id: String,
     pipeline: Pipeline,
     relay: Option<Relay>,
+    scheduler: Scheduler,
     governance: Option<Arc<Governance>>,
     ops: OpsServer,
     ops_addr: SocketAddr,
@@ -98,6 +100,8 @@ impl Application {
             .relay_enabled
             .then(|| relay(&settings, &db, &producer, &instance_id, wake.clone()));
         let pipeline = pipeline(&settings, &db, &systems, &producer, &membership, wake);
+        let scheduler =
+            Scheduler::new(&settings, db.clone(), producer.clone(), instance_id.clone());
         let g = &settings.governance;
         let governance = g.enabled.then(|| {
             Arc::new(
@@ -132,6 +136,7 @@ impl Application {
             instance_id,
             pipeline,
             relay,
+            scheduler,
             governance,
             ops,
             ops_addr,
@@ -154,6 +159,7 @@ impl Application {
     /// down in this order:
     /// 1. the consumer stops taking commands; those in flight finish within
     ///    `pipeline.drain_timeout_ms` or are abandoned for redelivery; stored offsets are committed;
+    ///    then the scheduler stops and gives its lease up;
     /// 2. the relay publishes what is left in its shards;
     /// 3. the producer is flushed;
     /// 4. the instance deregisters from the governance platform;
@@ -166,6 +172,7 @@ impl Application {
         // last so that nothing outlives the shutdown even on an early return.
         let parts = CancellationToken::new();
         let (relay_stop, governance_stop) = (parts.child_token(), parts.child_token());
+        let scheduler_stop = parts.child_token();
         tasks.spawn(self.ops.run(parts.child_token()));
         tasks.spawn(
             self.console
@@ -182,6 +189,7 @@ impl Application {
             None => None,
         };
         let relay = self.relay.map(|r| tasks.spawn(r.run(relay_stop.clone())));
+        let scheduler = tasks.spawn(self.scheduler.run(scheduler_stop.clone()));
         tasks.close();
 
         tracing::info!(instance_id = %self.instance_id, "product-sync running");
@@ -190,6 +198,8 @@ impl Application {
         stop.cancel();
 
         let deadline = Instant::now() + self.shutdown_timeout;
+        scheduler_stop.cancel();
+        join_by(Some(scheduler), deadline, "the scheduler's lease release").await;
         relay_stop.cancel();
         join_by(relay, deadline, "the relay's last round").await;
         let left = deadline.saturating_duration_since(Instant::now());

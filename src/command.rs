@@ -39,9 +39,73 @@ pub struct Selector {
     /// A product category.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
-    /// Only products changed at or after this time.
+    /// Only products changed at or after this time; `"watermark"`: the system's stored
+    /// watermark less the schedule's overlap (the whole catalogue while there is none yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub updated_since: Option<DateTime<Utc>>,
+    pub updated_since: Option<Since>,
+}
+
+/// `selector.updated_since`: a time, or the system's watermark, resolved when the command is
+/// processed ([`Command::resolve_watermark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// Products changed at or after this time.
+    At(DateTime<Utc>),
+    /// `"watermark"`.
+    Watermark,
+}
+
+/// The word that stands for the watermark in `selector.updated_since`.
+pub const WATERMARK: &str = "watermark";
+
+impl Since {
+    /// The time, once resolved (`None` for an unresolved watermark).
+    pub fn at(self) -> Option<DateTime<Utc>> {
+        match self {
+            Since::At(t) => Some(t),
+            Since::Watermark => None,
+        }
+    }
+}
+
+impl Serialize for Since {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Since::At(t) => t.serialize(s),
+            Since::Watermark => s.serialize_str(WATERMARK),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Since {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == WATERMARK {
+            return Ok(Since::Watermark);
+        }
+        text.parse::<DateTime<Utc>>().map(Since::At).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "updated_since {:?} is neither an RFC 3339 time nor \"watermark\"",
+                truncate(&text, 40)
+            ))
+        })
+    }
+}
+
+impl schemars::JsonSchema for Since {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Since".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An RFC 3339 time, or \"watermark\": the system's stored watermark less the schedule's overlap",
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "string", "const": "watermark"}
+            ]
+        })
+    }
 }
 
 impl Selector {
@@ -128,6 +192,42 @@ impl Command {
     }
     pub fn force(&self) -> bool {
         self.force
+    }
+
+    /// Whether it says `"updated_since": "watermark"`.
+    pub fn wants_watermark(&self) -> bool {
+        self.selector.updated_since == Some(Since::Watermark)
+    }
+
+    /// The command with `"updated_since": "watermark"` resolved: `since` (the watermark less
+    /// the overlap), or — while the system has no watermark — no time limit (a selector of
+    /// `updated_since` alone becomes `{"all": true}`).
+    pub fn resolve_watermark(mut self, since: Option<DateTime<Utc>>) -> Command {
+        if !self.wants_watermark() {
+            return self;
+        }
+        self.selector.updated_since = since.map(Since::At);
+        if self.selector.is_empty() {
+            self.selector.all = true;
+        }
+        self
+    }
+
+    /// Whether completing this command moves its system's watermark: an incremental run
+    /// (no dry run) of the whole catalogue or of `updated_since` alone (DESIGN.md part 3).
+    pub fn moves_watermark(&self) -> bool {
+        let s = &self.selector;
+        let whole = s.all
+            || (s.updated_since.is_some()
+                && s.keyword.is_none()
+                && s.product_codes.is_empty()
+                && s.category.is_none());
+        self.mode == Mode::Incremental && !self.dry_run && whole
+    }
+
+    /// Whether this command is a drift check: a dry-run snapshot of the whole catalogue.
+    pub fn is_drift_check(&self) -> bool {
+        self.mode == Mode::Snapshot && self.dry_run && self.selector.all
     }
 
     /// The command in its wire form (stored with the request row).

@@ -26,9 +26,10 @@ pub struct RequestArgs {
     /// A product category.
     #[arg(long)]
     pub category: Option<String>,
-    /// Only products changed since this RFC 3339 time.
+    /// Only products changed since this RFC 3339 time, or `watermark`: the system's stored
+    /// watermark less the schedule's overlap.
     #[arg(long, value_parser = product_sync::tools::parse_since)]
-    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub since: Option<product_sync::command::Since>,
     /// The request id (default: a new one).
     #[arg(long)]
     pub id: Option<String>,
@@ -315,6 +316,27 @@ pub async fn outbox(settings: Settings, command: OutboxCommand) -> ExitCode {
                         .context("releasing parked rows")?;
                     println!("{n} row(s) back in the relay's queue");
                 }
+            }
+            Ok(())
+        }
+        .await,
+    )
+}
+
+/// `schedule`: the schedules, their next slots, the watermarks and the scheduler's holder.
+pub async fn schedule(settings: Settings, json: bool) -> ExitCode {
+    use product_sync::scheduler;
+    exit(
+        async {
+            let db = store::connect(&settings.database).await?;
+            let now = chrono::Utc::now();
+            let view = scheduler::overview(&settings, &db, now)
+                .await
+                .context("reading the schedules' state")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", scheduler::render_overview(&view));
             }
             Ok(())
         }

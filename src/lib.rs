@@ -31,6 +31,7 @@
 //! | 4 | [`store`] | connection, migrations, entities, the fold (a pure plan, two writers, one column table), delisting, the dry run's comparison |
 //! | 5 | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing of change, state and result records |
 //! | 5 | [`pipeline`] | the consumer (driver thread, one task per partition queue, coordinator) and command processing |
+//! | 5 | [`scheduler`] | one instance at a time (a lease in the store) publishes each system's due slots as commands |
 //! | 6 | [`ops`], [`dlq`], [`tools`] | `/healthz` `/readyz` `/metrics`; the dead-letter topic; `request`, `tail`, `schema` |
 //! | 7 | [`console`] | the ops console: the page at `/`, the `/api/v1/` reads and the token-guarded actions |
 //! | 8 | [`app`] | `run`: builds every part, runs them, stops them in order, joins every task |
@@ -55,6 +56,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod product;
 pub mod retry;
+pub mod scheduler;
 #[cfg(feature = "dev-tools")]
 pub mod sim;
 pub mod store;

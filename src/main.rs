@@ -58,6 +58,13 @@ enum Command {
     /// Inspect or replay the dead-letter topic.
     #[command(subcommand)]
     Dlq(handlers::DlqCommand),
+    /// Print each system's schedules, next slots, watermark, last drift check and the
+    /// scheduler's holder (`--json` for the same as JSON).
+    Schedule {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the outbox: rows the broker refused for good (parked), and release them.
     #[command(subcommand)]
     Outbox(handlers::OutboxCommand),
@@ -88,6 +95,7 @@ async fn main() -> ExitCode {
         Command::Tail(args) => with_settings(file, |s| handlers::tail(s, args)).await,
         Command::Dlq(command) => with_settings(file, |s| handlers::dlq(s, command)).await,
         Command::Outbox(command) => with_settings(file, |s| handlers::outbox(s, command)).await,
+        Command::Schedule { json } => with_settings(file, |s| handlers::schedule(s, json)).await,
     }
 }
 

@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric of product-sync.
@@ -45,6 +45,29 @@ pub struct Metrics {
     pub reduced: IntCounterVec,
     /// Relay shards this instance publishes.
     pub relay_shards_held: IntGauge,
+    /// Scheduled slots, by system, kind (`incremental`, `snapshot`, `drift`) and outcome
+    /// (`published`, `skipped`).
+    pub schedule_runs: IntCounterVec,
+    /// Seconds since a completed incremental last confirmed each system's watermark.
+    pub watermark_age: GaugeVec,
+    /// What the last drift check of each system would have changed, by kind (`created`,
+    /// `updated`, `delisted`, `relisted`): non-zero means the copy drifted.
+    pub drift_products: IntGaugeVec,
+    /// 1 while this instance holds the scheduler's lease.
+    pub scheduler_leader: IntGauge,
+}
+
+/// The kinds of `product_sync_drift_products`, in the order [`set_drift`] takes them.
+pub const DRIFT_KINDS: [&str; 4] = ["created", "updated", "delisted", "relisted"];
+
+/// Sets one system's drift gauges (counts in [`DRIFT_KINDS`] order).
+pub fn set_drift(system: &str, counts: [u64; 4]) {
+    for (kind, n) in DRIFT_KINDS.iter().zip(counts) {
+        metrics()
+            .drift_products
+            .with_label_values(&[system, kind])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -198,6 +221,37 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &registry,
             "product_sync_relay_shards_held",
             "Relay shards this instance publishes",
+        ),
+        schedule_runs: counter(
+            &registry,
+            "product_sync_schedule_runs_total",
+            "Scheduled slots, by system, kind and outcome (published, skipped)",
+            &["system", "kind", "outcome"],
+        ),
+        watermark_age: {
+            let g = GaugeVec::new(
+                Opts::new(
+                    "product_sync_watermark_age_seconds",
+                    "Seconds since a completed incremental last confirmed the watermark",
+                ),
+                &["system"],
+            )
+            .unwrap_or_else(|e| panic!("metric watermark_age: {e}"));
+            registry
+                .register(Box::new(g.clone()))
+                .unwrap_or_else(|e| panic!("metric watermark_age: {e}"));
+            g
+        },
+        drift_products: gauge_vec(
+            &registry,
+            "product_sync_drift_products",
+            "What the last drift check would have changed, by system and kind",
+            &["system", "kind"],
+        ),
+        scheduler_leader: gauge(
+            &registry,
+            "product_sync_scheduler_leader",
+            "1 while this instance holds the scheduler lease",
         ),
         registry,
     }

@@ -11,7 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::command::{Command, CommandWire};
+use crate::command::{Command, CommandWire, Since};
 use crate::config::Settings;
 use crate::kafka::{KafkaError, client_config};
 
@@ -55,10 +55,18 @@ pub async fn request(settings: &Settings, mut wire: CommandWire) -> Result<Strin
 }
 
 /// Parses `--since` (RFC 3339).
-pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+pub fn parse_since(s: &str) -> Result<Since, String> {
+    if s == crate::command::WATERMARK {
+        return Ok(Since::Watermark);
+    }
     DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("{s:?} is not an RFC 3339 time such as 2026-11-01T00:00:00Z: {e}"))
+        .map(|t| Since::At(t.with_timezone(&Utc)))
+        .map_err(|e| {
+            format!(
+                "{s:?} is neither \"watermark\" nor an RFC 3339 time such as \
+                 2026-11-01T00:00:00Z: {e}"
+            )
+        })
 }
 
 /// Follows `topic`, printing each record (key, CloudEvents id and type, pretty JSON) until

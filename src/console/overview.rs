@@ -1,6 +1,6 @@
 //! The console's overview, gathered in the background: the outbox backlog and its age, parked
 //! rows, the relay's shards and holders, the depth of the DLQ and of the retry topic, and the
-//! consumer lag per partition. Each part that cannot be read says so (`null`) rather than
+//! consumer lag per partition, the schedules with their watermarks and the scheduler's holder. Each part that cannot be read says so (`null`) rather than
 //! holding up the others.
 
 use std::time::Duration;
@@ -32,6 +32,9 @@ pub struct Overview {
     pub retry_depth: Option<i64>,
     /// Consumer lag of the request topic's partitions, as librdkafka last reported it.
     pub lag: Vec<Lag>,
+    /// Each system's schedules and next slots, watermark, last drift check, and the
+    /// scheduler's holder.
+    pub schedules: Option<crate::scheduler::ScheduleOverview>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +82,13 @@ pub async fn gather(
         .ok()
         .flatten();
     let (dlq_depth, retry_depth) = depths(settings, reader).await;
+    let schedules = tokio::time::timeout(
+        PART_TIMEOUT,
+        crate::scheduler::overview(settings, db, Utc::now()),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok);
     Overview {
         gathered_at: Some(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         outbox,
@@ -86,6 +96,7 @@ pub async fn gather(
         dlq_depth,
         retry_depth,
         lag: lag(),
+        schedules,
     }
 }
 

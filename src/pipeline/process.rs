@@ -24,7 +24,7 @@ use crate::metrics::metrics;
 use crate::product::Product;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::store::fold::{FoldContext, FoldOutcome, compare_page, fold_page};
-use crate::store::{StoreError, requests};
+use crate::store::{StoreError, requests, schedules};
 use crate::upstream::{System, Systems, UpstreamError};
 use crate::wire::{self, CloudEvent, Drift, FailureClass, FailureKind, ResultEvent};
 
@@ -119,6 +119,8 @@ struct Scan {
     pages: i32,
     drift: Drift,
     seen: Option<HashSet<String>>,
+    /// The greatest `updated_at` of the products fetched (what the watermark may move to).
+    latest_update: Option<chrono::DateTime<Utc>>,
 }
 
 impl Scan {
@@ -271,6 +273,13 @@ impl Processor {
         command: &Command,
         traceparent: Option<&str>,
     ) -> Result<(), AttemptError> {
+        let resolved;
+        let command = if command.wants_watermark() {
+            resolved = self.resolve_watermark(command).await?;
+            &resolved
+        } else {
+            command
+        };
         if let Some(row) = requests::find(&self.db, command.request_id()).await?
             && row.status == requests::Status::Completed.as_str()
         {
@@ -309,6 +318,7 @@ impl Processor {
                 .fail_or_retry(msg, command, scan.progress(), &failure)
                 .await;
         }
+        self.record_progress(command, &scan).await?;
         let outcome = &scan.outcome;
         requests::finish(
             &self.db,
@@ -337,6 +347,61 @@ impl Processor {
         );
         metrics().commands.with_label_values(&["completed"]).inc();
         self.relay_wake.notify_one();
+        Ok(())
+    }
+
+    /// `"updated_since": "watermark"` made concrete: the system's watermark less its
+    /// overlap, or no time limit while it has none.
+    async fn resolve_watermark(&self, command: &Command) -> Result<Command, StoreError> {
+        let overlap = self
+            .systems
+            .get(command.system())
+            .map(|s| s.watermark_overlap)
+            .unwrap_or_default();
+        let watermark = schedules::watermark(&self.db, command.system()).await?;
+        let since = watermark.map(|w| w - chrono::Duration::from_std(overlap).unwrap_or_default());
+        tracing::info!(watermark = ?watermark, since = ?since, "resolved updated_since \"watermark\"");
+        Ok(command.clone().resolve_watermark(since))
+    }
+
+    /// Before a completed command is recorded: an incremental of the whole system moves the
+    /// watermark (forward only); a drift check records what it found. Done first, so a crash
+    /// before the request row is finished leaves nothing to redo but the command itself.
+    async fn record_progress(&self, command: &Command, scan: &Scan) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let system = command.system();
+        if command.moves_watermark() {
+            let id = command.request_id();
+            let moved =
+                schedules::advance_watermark(&self.db, system, scan.latest_update, id, now).await?;
+            if moved {
+                tracing::info!(watermark = ?scan.latest_update, "watermark moved");
+            }
+            metrics()
+                .watermark_age
+                .with_label_values(&[system])
+                .set(0.0);
+        }
+        if command.is_drift_check() {
+            let o = &scan.outcome;
+            let found = schedules::DriftFound {
+                request_id: command.request_id().to_owned(),
+                checked_at: now,
+                created: o.created as i64,
+                updated: o.updated as i64,
+                delisted: o.delisted as i64,
+                relisted: o.relisted as i64,
+            };
+            schedules::record_drift(&self.db, system, &found).await?;
+            crate::metrics::set_drift(system, [o.created, o.updated, o.delisted, o.relisted]);
+            tracing::info!(
+                created = o.created,
+                updated = o.updated,
+                delisted = o.delisted,
+                relisted = o.relisted,
+                "drift check recorded"
+            );
+        }
         Ok(())
     }
 
@@ -374,6 +439,7 @@ impl Processor {
             pages: 0,
             drift: Drift::default(),
             seen: snapshot.then(HashSet::new),
+            latest_update: None,
         };
         let folds = system
             .client
@@ -386,17 +452,18 @@ impl Processor {
                 } else {
                     Vec::new()
                 };
+                let latest = page.items.iter().filter_map(|p| p.updated_at).max();
                 let started = Instant::now();
                 let folded = self.apply(dry_run, ctx, &page.items).await;
                 metrics()
                     .fold_seconds
                     .observe(started.elapsed().as_secs_f64());
-                Ok::<_, UpstreamError>((page.number, page.items.len(), folded, keys))
+                Ok::<_, UpstreamError>((page.number, page.items.len(), folded, keys, latest))
             })
             .buffered(FOLDS_IN_FLIGHT);
         let mut folds = std::pin::pin!(folds);
         while let Some(next) = folds.next().await {
-            let (number, items, folded, keys) = match next {
+            let (number, items, folded, keys, latest) = match next {
                 Ok(folded) => folded,
                 Err(e) => return Ok((scan, Some(e))),
             };
@@ -409,6 +476,7 @@ impl Processor {
             }
             scan.outcome.add(folded);
             scan.drift.merge(drift);
+            scan.latest_update = scan.latest_update.max(latest);
             scan.pages += 1;
             tracing::debug!(page = number, items, "page folded");
         }

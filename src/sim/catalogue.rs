@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::command::Selector;
+use crate::command::{Selector, Since};
 use crate::product::{Content, Product, ProductStatus, RecordError, RiskLevel};
 
 const PREFIXES: [&str; 8] = [
@@ -218,7 +218,7 @@ pub fn matches(p: &Product, s: &Selector) -> bool {
     {
         return false;
     }
-    if let Some(since) = s.updated_since
+    if let Some(since) = s.updated_since.and_then(Since::at)
         && p.updated_at.is_none_or(|t| t < since)
     {
         return false;

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::command::Selector;
+use crate::command::{Selector, Since};
 use crate::product::Product;
 
 pub mod catalogue;
@@ -165,6 +165,19 @@ pub struct Stats {
     /// When each products request arrived (the first 100,000), to measure rate limits.
     #[serde(skip)]
     pub product_request_times: Mutex<Vec<std::time::Instant>>,
+    /// What each first-page products request asked for (the first 10,000): tests check a
+    /// scheduled incremental's `updated_since`.
+    #[serde(skip)]
+    pub first_pages: Mutex<Vec<Asked>>,
+}
+
+/// The selector of a first-page products request, as sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Asked {
+    pub keyword: Option<String>,
+    pub product_codes: Option<String>,
+    pub category: Option<String>,
+    pub updated_since: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -261,6 +274,11 @@ impl Sim {
             .values()
             .filter(|(_, expires)| now < *expires)
             .count()
+    }
+
+    /// What every first-page products request asked for, in order.
+    pub fn first_pages(&self) -> Vec<Asked> {
+        lock(&self.inner.stats.first_pages).clone()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -597,6 +615,17 @@ async fn products(
         );
     }
     let cursor = q.cursor.clone();
+    if cursor.as_deref().is_none_or(str::is_empty) {
+        let mut asked = lock(&sim.inner.stats.first_pages);
+        if asked.len() < 10_000 {
+            asked.push(Asked {
+                keyword: q.keyword.clone(),
+                product_codes: q.product_codes.clone(),
+                category: q.category.clone(),
+                updated_since: q.updated_since.clone(),
+            });
+        }
+    }
     let (selector, page_size, offset) = match parse_query(q) {
         Ok(parsed) => parsed,
         Err(reason) => return json_error(StatusCode::BAD_REQUEST, "invalid_request", reason),
@@ -646,7 +675,8 @@ fn parse_query(q: ProductQuery) -> Result<(Selector, usize, usize), &'static str
             DateTime::parse_from_rfc3339(s)
                 .map_err(|_| "updated_since must be RFC 3339")?
                 .with_timezone(&Utc),
-        ),
+        )
+        .map(Since::At),
     };
     let selector = Selector {
         all: false,

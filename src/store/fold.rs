@@ -144,7 +144,13 @@ pub async fn compare_page(
     validate_page(page)?;
     let (prepared, duplicates) = prepare(page);
     let (mut outcome, drift) = retry(policy, "compare page", || async {
-        let heads = read_heads(db, system, &prepared).await?;
+        let mut heads = read_heads(db, system, &prepared).await?;
+        // A comparison is a reconciliation: it trusts no stored content hash (a row changed
+        // behind product-sync's back keeps its old one), so every matched row is read and
+        // diffed in full.
+        for head in heads.values_mut() {
+            head.content_hash.clear();
+        }
         let stored = read_full(db, &plan::to_read(&prepared, &heads)).await?;
         let plan = plan::plan(&prepared, &heads, &stored).ok_or(StoreError::Conflict)?;
         let mut drift = Drift::default();

@@ -20,6 +20,7 @@ pub mod fold;
 pub mod migration;
 pub mod pauses;
 pub mod requests;
+pub mod schedules;
 
 /// Errors at the store boundary.
 #[derive(Debug, thiserror::Error)]

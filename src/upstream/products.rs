@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::auth::{Token, TokenSource};
 use super::guard::Guard;
 use super::{UpstreamError, join, read_limited, retry_after};
-use crate::command::Selector;
+use crate::command::{Selector, Since};
 use crate::product::Product;
 use crate::retry::{RetryPolicy, retry};
 use crate::text::quote;
@@ -284,7 +284,9 @@ impl ProductClient {
         if let Some(c) = &selector.category {
             query.push(("category", c.clone()));
         }
-        if let Some(t) = &selector.updated_since {
+        // An unresolved "watermark" never gets here (the pipeline resolves it first); were it
+        // to, asking with no time limit is the safe reading.
+        if let Some(t) = selector.updated_since.and_then(Since::at) {
             query.push((
                 "updated_since",
                 t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),

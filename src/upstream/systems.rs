@@ -20,6 +20,8 @@ pub struct System {
     pub guard: Arc<Guard>,
     /// `upstream.max_delist_ratio` of this system: the snapshot guard.
     pub max_delist_ratio: f64,
+    /// How far behind the watermark an incremental asks again (`schedule.watermark_overlap_ms`).
+    pub watermark_overlap: std::time::Duration,
     /// Paused by an operator: its commands wait on the retry topic, nothing is sent to it.
     paused: AtomicBool,
 }
@@ -58,6 +60,7 @@ impl System {
             client: Arc::new(client),
             guard,
             max_delist_ratio: u.max_delist_ratio,
+            watermark_overlap: u.schedule.watermark_overlap,
             paused: AtomicBool::new(false),
         })
     }

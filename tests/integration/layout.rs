@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["diff", "command"],
     &["wire", "kafka"],
     &["upstream", "store"],
-    &["outbox", "pipeline"],
+    &["outbox", "pipeline", "scheduler"],
     &["ops", "dlq", "tools"],
     &["console"],
     &["app"],

@@ -16,6 +16,7 @@ mod kafka_smoke;
 mod layout;
 mod pipeline;
 mod relay;
+mod schedule;
 mod snapshot;
 mod store_smoke;
 mod systems;
