@@ -357,12 +357,13 @@ fn schedules_come_from_the_environment_and_a_system_table_replaces_the_inherited
     assert_eq!(wms.timezone.name(), "Asia/Shanghai");
     assert_eq!(wms.watermark_overlap, Duration::from_secs(120), "default");
     // fund has no schedule table: it takes [upstream.schedule] whole.
+    let system = |name: &str| s.systems.iter().find(|u| u.system == name).unwrap();
     assert_eq!(
-        s.systems[0].schedule.incremental_every,
+        system("fund").schedule.incremental_every,
         Some(Duration::from_secs(3))
     );
     // bond's own table replaces it whole.
-    let bond = &s.systems[1].schedule;
+    let bond = &system("bond").schedule;
     assert_eq!(bond.incremental_every, None);
     assert!(bond.snapshot_cron.is_none());
     assert_eq!(

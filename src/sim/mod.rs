@@ -671,12 +671,11 @@ fn parse_query(q: ProductQuery) -> Result<(Selector, usize, usize), &'static str
     };
     let updated_since = match q.updated_since.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => Some(
+        Some(s) => Some(Since::At(
             DateTime::parse_from_rfc3339(s)
                 .map_err(|_| "updated_since must be RFC 3339")?
                 .with_timezone(&Utc),
-        )
-        .map(Since::At),
+        )),
     };
     let selector = Selector {
         all: false,
