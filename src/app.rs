@@ -159,7 +159,7 @@ impl Application {
     /// down in this order:
     /// 1. the consumer stops taking commands; those in flight finish within
     ///    `pipeline.drain_timeout_ms` or are abandoned for redelivery; stored offsets are committed;
-    ///    then the scheduler stops and gives its lease up;
+    ///    meanwhile the scheduler stops and gives its lease up;
     /// 2. the relay publishes what is left in its shards;
     /// 3. the producer is flushed;
     /// 4. the instance deregisters from the governance platform;
@@ -172,7 +172,9 @@ impl Application {
         // last so that nothing outlives the shutdown even on an early return.
         let parts = CancellationToken::new();
         let (relay_stop, governance_stop) = (parts.child_token(), parts.child_token());
-        let scheduler_stop = parts.child_token();
+        // The scheduler stops with the first signal, while the consumer drains: a command it
+        // published after the consumer stopped would wait for another instance.
+        let scheduler_stop = stop.child_token();
         tasks.spawn(self.ops.run(parts.child_token()));
         tasks.spawn(
             self.console
@@ -198,7 +200,6 @@ impl Application {
         stop.cancel();
 
         let deadline = Instant::now() + self.shutdown_timeout;
-        scheduler_stop.cancel();
         join_by(Some(scheduler), deadline, "the scheduler's lease release").await;
         relay_stop.cancel();
         join_by(relay, deadline, "the relay's last round").await;

@@ -50,7 +50,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .await
         .context("starting the pipeline")?;
     let db = app.db().clone();
-    let ops = app.ops_addr();
     let stop = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(stop.clone()));
     say("  pipeline:          started (registered with the governance platform)\n");
@@ -63,6 +62,23 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let pension = act_one(&producer, &watcher, &db).await?;
     let (expected, updated) = act_two(&stage.sim, &producer, &watcher, &db, &pension).await?;
     let delisted = act_three(&stage.sim, &producer, &watcher, &db).await?;
+    stop.cancel();
+    running
+        .await
+        .context("pipeline task")?
+        .context("pipeline")?;
+
+    // Act 4: the same service, restarted with a schedule; nobody sends a command.
+    let mut scheduled = stage.settings.clone();
+    scheduled.upstream.schedule.incremental_every = Some(SCHEDULE_EVERY);
+    scheduled.upstream.schedule.watermark_overlap = Duration::from_secs(1);
+    let app = Application::build(scheduled)
+        .await
+        .context("restarting the pipeline with a schedule")?;
+    let ops = app.ops_addr();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let picked_up = act_four(&stage.sim, &watcher, &db).await?;
 
     let stored = load_all(&db, "wms").await.context("reading the store")?;
     if let Some(token) = &stage.admin_token {
@@ -89,6 +105,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     }
     if delisted != 3 {
         bail!("expected 3 delisted events, saw {delisted}");
+    }
+    if picked_up != SCHEDULE_CHANGES {
+        bail!("expected the schedule to pick up {SCHEDULE_CHANGES} changes, saw {picked_up}");
     }
     stage.finish(options.keep);
     Ok(())
@@ -359,6 +378,89 @@ async fn act_three(
     Ok(delisted.len())
 }
 
+/// Act 4's schedule: an incremental sync this often.
+const SCHEDULE_EVERY: Duration = Duration::from_secs(2);
+/// Products act 4 changes upstream.
+const SCHEDULE_CHANGES: usize = 5;
+
+/// Act 4: with a schedule on, a change made upstream arrives by itself: the scheduler
+/// publishes an incremental every two seconds from the stored watermark. Returns how many of
+/// the changed products a scheduled command updated.
+async fn act_four(sim: &Sim, watcher: &Watcher, db: &DatabaseConnection) -> anyhow::Result<usize> {
+    say(&format!(
+        "\n4) The service restarts with a schedule: an incremental sync every {} s \
+         ([upstream.schedule] incremental_every_ms). Nobody sends a command any more.",
+        SCHEDULE_EVERY.as_secs()
+    ));
+    let first = wait_until(Duration::from_secs(60), || async {
+        let r = watcher.results_where(|id| id.starts_with("sched:wms:incremental:"));
+        r.into_iter().find(|r| r["status"] == "completed")
+    })
+    .await
+    .context("the first scheduled incremental")?;
+    let watermark = crate::store::schedules::watermark(db, "wms").await?;
+    say(&format!(
+        "   → {} completed (no watermark yet, so {{\"all\": true}}); the watermark is now {}",
+        first["request_id"].as_str().unwrap_or("?"),
+        watermark.map_or_else(|| "-".to_owned(), |w| w.to_rfc3339())
+    ));
+    let changed = sim.mutate(SCHEDULE_CHANGES, 23);
+    let codes: Vec<String> = changed
+        .iter()
+        .filter_map(|p| p.content.product_code.clone())
+        .collect();
+    say(&format!(
+        "   Upstream, {} products change: {}. Waiting for the schedule…",
+        changed.len(),
+        codes.join(", ")
+    ));
+    let by_schedule = |e: &Value| {
+        e["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("sched:wms:incremental:"))
+            && codes.iter().any(|c| e["product_code"] == json!(c))
+    };
+    let updated = wait_until(Duration::from_secs(60), || async {
+        let seen: Vec<Value> = watcher
+            .changes_of("updated")
+            .into_iter()
+            .filter(by_schedule)
+            .collect();
+        (seen.len() >= codes.len()).then_some(seen)
+    })
+    .await
+    .context("the scheduled incremental picking the changes up")?;
+    say(&format!(
+        "   {} `updated` events, each caused by a scheduled command asking updated_since = watermark − overlap:",
+        updated.len()
+    ));
+    if let Some(e) = updated.first() {
+        print_event(e);
+    }
+    say(
+        "   `product-sync schedule` shows the schedules, their next slots, the watermark and the scheduler's holder.",
+    );
+    Ok(updated.len())
+}
+
+/// Polls `check` every 250 ms until it answers, or fails after `deadline`.
+async fn wait_until<T, F, Fut>(deadline: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > until {
+            bail!("nothing came within {} s", deadline.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -437,6 +539,16 @@ impl Watcher {
             .rev()
             .find(|r| r["request_id"] == json!(id))
             .cloned()
+    }
+
+    fn results_where(&self, id: impl Fn(&str) -> bool) -> Vec<Value> {
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| r["request_id"].as_str().is_some_and(&id))
+            .cloned()
+            .collect()
     }
 
     fn changes_of(&self, op: &str) -> Vec<Value> {

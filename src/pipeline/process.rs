@@ -318,7 +318,13 @@ impl Processor {
                 .fail_or_retry(msg, command, scan.progress(), &failure)
                 .await;
         }
-        self.record_progress(command, &scan).await?;
+        self.complete(command, &scan).await
+    }
+
+    /// Records a command whose every page was folded as completed (its result queued for the
+    /// relay), after moving the watermark or recording a drift check.
+    async fn complete(&self, command: &Command, scan: &Scan) -> Result<(), AttemptError> {
+        self.record_progress(command, scan).await?;
         let outcome = &scan.outcome;
         requests::finish(
             &self.db,

@@ -40,6 +40,15 @@ fn the_demo_runs_to_the_end_and_shows_creates_updates_and_no_op_resyncs() {
     assert!(stdout.contains("(delist_guard)"), "{stdout}");
     assert!(stdout.contains("3 `delisted` events"), "{stdout}");
     assert!(stdout.contains("\"op\": \"relisted\""), "{stdout}");
+    // Act 4: a schedule picks a change made upstream up with no command sent.
+    assert!(
+        stdout.contains("5 `updated` events, each caused by a scheduled command"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"request_id\": \"sched:wms:incremental:"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -156,6 +156,50 @@ async fn a_change_upstream_reaches_the_store_with_no_command_sent_and_the_next_i
     }
     let moved = watermark(&w).await.expect("a watermark");
     assert!(moved > mark, "the watermark moved on: {moved} > {mark}");
+
+    // What an operator sees: `product-sync schedule` and the console's overview.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_product-sync"))
+        .args(["schedule", "--json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .envs(&w.vars)
+        .env(
+            "PRODUCT_SYNC__UPSTREAM__SCHEDULE__INCREMENTAL_EVERY_MS",
+            "1500",
+        )
+        .output()
+        .expect("product-sync schedule runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert!(shown["holder"].is_string(), "{shown}");
+    let wms = &shown["systems"][0];
+    assert_eq!(wms["system"], "wms");
+    let shown_mark: DateTime<Utc> = serde_json::from_value(wms["watermark"].clone()).unwrap();
+    assert!(shown_mark >= moved, "{wms}");
+    assert_eq!(wms["schedules"][0]["kind"], "incremental");
+    assert_eq!(wms["schedules"][0]["schedule"], "every 1500 ms");
+    assert!(wms["schedules"][0]["next_slot"].is_string(), "{wms}");
+    let overview = format!("http://{}/api/v1/overview", app.ops);
+    let console = wait_for(
+        "the console's schedules",
+        Duration::from_secs(10),
+        || async {
+            let o: Value = reqwest::get(&overview).await.ok()?.json().await.ok()?;
+            o["schedules"]["holder"].is_string().then_some(o)
+        },
+    )
+    .await;
+    let last = &console["schedules"]["systems"][0]["schedules"][0]["last_request_id"];
+    assert!(
+        last.as_str()
+            .is_some_and(|id| id.starts_with("sched:wms:incremental:")),
+        "{last}"
+    );
     // No command came from anywhere but the scheduler.
     let commands = w.read_all(&w.settings.topics.requests).await;
     assert!(commands.iter().all(|m| {
@@ -442,4 +486,26 @@ async fn a_drift_check_finds_a_row_changed_behind_product_sync_s_back() {
         .unwrap();
     assert_eq!(name, "edited by hand");
     app.stop().await;
+}
+
+#[test]
+fn a_bad_schedule_setting_stops_start_up_naming_the_key() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_product-sync"))
+        .arg("run")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .env(
+            "PRODUCT_SYNC__UPSTREAM__SCHEDULE__SNAPSHOT_CRON",
+            "0 0 2 * *",
+        )
+        .output()
+        .expect("product-sync run starts");
+    assert_eq!(out.status.code(), Some(2), "a configuration error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`upstream.schedule.snapshot_cron`")
+            && stderr.contains("the environment")
+            && stderr.contains("5 fields"),
+        "{stderr}"
+    );
 }

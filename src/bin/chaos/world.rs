@@ -233,6 +233,17 @@ fn environment(o: &Options, db_url: &url::Url, sim_url: &str) -> HashMap<String,
         ),
         ("PRODUCT_SYNC__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
         ("PRODUCT_SYNC__LOG__LEVEL", log.to_owned()),
+        // The schedule stays on through every fault: an incremental of each system every
+        // 5 s from its watermark, and a drift check (a dry run: it writes and delists
+        // nothing) every 30 s. The checks hold with it as without it.
+        (
+            "PRODUCT_SYNC__UPSTREAM__SCHEDULE__INCREMENTAL_EVERY_MS",
+            "5000".to_owned(),
+        ),
+        (
+            "PRODUCT_SYNC__UPSTREAM__SCHEDULE__DRIFT_CHECK_CRON",
+            "*/30 * * * * *".to_owned(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
