@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Application;
 use crate::config::{self, Settings, Sources};
+use crate::scheduler::Scheduler;
 use crate::sim::{Catalogue, Sim, SimConfig};
 use crate::store::fold::load_all;
 
@@ -50,6 +51,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .await
         .context("starting the pipeline")?;
     let db = app.db().clone();
+    let ops = app.ops_addr();
     let stop = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(stop.clone()));
     say("  pipeline:          started (registered with the governance platform)\n");
@@ -62,23 +64,17 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let pension = act_one(&producer, &watcher, &db).await?;
     let (expected, updated) = act_two(&stage.sim, &producer, &watcher, &db, &pension).await?;
     let delisted = act_three(&stage.sim, &producer, &watcher, &db).await?;
-    stop.cancel();
-    running
-        .await
-        .context("pipeline task")?
-        .context("pipeline")?;
 
-    // Act 4: the same service, restarted with a schedule; nobody sends a command.
+    // Act 4: a schedule switched on (the scheduler `run` starts with an [upstream.schedule]).
     let mut scheduled = stage.settings.clone();
     scheduled.upstream.schedule.incremental_every = Some(SCHEDULE_EVERY);
     scheduled.upstream.schedule.watermark_overlap = Duration::from_secs(1);
-    let app = Application::build(scheduled)
-        .await
-        .context("restarting the pipeline with a schedule")?;
-    let ops = app.ops_addr();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let scheduler = Scheduler::new(&scheduled, db.clone(), producer.clone(), "demo".into());
+    let stop_scheduler = CancellationToken::new();
+    let scheduling = tokio::spawn(scheduler.run(stop_scheduler.clone()));
     let picked_up = act_four(&stage.sim, &watcher, &db).await?;
+    stop_scheduler.cancel();
+    scheduling.await.context("scheduler task")?;
 
     let stored = load_all(&db, "wms").await.context("reading the store")?;
     if let Some(token) = &stage.admin_token {
@@ -388,7 +384,7 @@ const SCHEDULE_CHANGES: usize = 5;
 /// the changed products a scheduled command updated.
 async fn act_four(sim: &Sim, watcher: &Watcher, db: &DatabaseConnection) -> anyhow::Result<usize> {
     say(&format!(
-        "\n4) The service restarts with a schedule: an incremental sync every {} s \
+        "\n4) A schedule is switched on: an incremental sync every {} s \
          ([upstream.schedule] incremental_every_ms). Nobody sends a command any more.",
         SCHEDULE_EVERY.as_secs()
     ));
