@@ -378,10 +378,18 @@ impl Processor {
         let system = command.system();
         if command.moves_watermark() {
             let id = command.request_id();
-            let moved =
-                schedules::advance_watermark(&self.db, system, scan.latest_update, id, now).await?;
+            // A record stamped in the future (a clock ahead upstream) must not carry the
+            // watermark past now: changes stamped before it would never be asked for again.
+            let latest = scan.latest_update.map(|t| t.min(now));
+            if latest != scan.latest_update {
+                tracing::warn!(
+                    latest_update = ?scan.latest_update,
+                    "a fetched product is stamped in the future; the watermark stops at now"
+                );
+            }
+            let moved = schedules::advance_watermark(&self.db, system, latest, id, now).await?;
             if moved {
-                tracing::info!(watermark = ?scan.latest_update, "watermark moved");
+                tracing::info!(watermark = ?latest, "watermark moved");
             }
             metrics()
                 .watermark_age

@@ -83,6 +83,8 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
     let w = world(150, 1).await;
     let mut settings = w.settings.clone();
     settings.http.admin_token = Some(SecretString::from(TOKEN));
+    // A nightly drift check: shown with its next slot (it never comes due in this test).
+    settings.upstream.schedule.drift_check_cron = Some("0 0 2 * * *".parse().unwrap());
     let app = w.start_with(settings).await;
     let base = format!("http://{}", app.ops);
     // A command the management system refuses (403): the console must show its error.
@@ -109,6 +111,25 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
         text_of(&c, "#systems tbody tr[data-system=wms] td:nth-child(2)").await,
         "closed"
     );
+    // The schedules: the drift check with its next slot, and this instance as the holder.
+    // (Read until it holds: the page rebuilds these rows on every refresh, so one read may
+    // land on a row just replaced.)
+    let drift = "#schedules tbody tr[data-system=wms][data-kind=drift]";
+    wait_for("the drift check's row", Duration::from_secs(30), || async {
+        let schedule = text_of(&c, &format!("{drift} td:nth-child(3)")).await;
+        let next = text_of(&c, &format!("{drift} td:nth-child(4)")).await;
+        (schedule == "cron 0 0 2 * * *" && !next.is_empty() && next != "–").then_some(())
+    })
+    .await;
+    wait_for(
+        "the scheduler's holder shown",
+        Duration::from_secs(30),
+        || async {
+            let shown = text_of(&c, "#scheduler").await;
+            (shown.starts_with("scheduler: ") && !shown.contains("no holder")).then_some(())
+        },
+    )
+    .await;
     // The failed command, with its error in the list and in its detail.
     let failed = "#commands tr[data-request-id='refused-1'][data-status=failed]";
     wait_for(

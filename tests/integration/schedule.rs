@@ -235,6 +235,22 @@ async fn the_watermark_never_moves_back_and_not_on_a_failed_command() {
         "a failed command moves nothing"
     );
 
+    // Never past now: a record stamped in the future (a clock ahead upstream) stops at now.
+    w.sim.sim.set_faults(Faults::default());
+    let mut ahead = w.sim.sim.catalogue().products()[0].clone();
+    ahead.version += 1;
+    ahead.updated_at = Some(
+        DateTime::parse_from_rfc3339("2090-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc),
+    );
+    w.sim.sim.upsert(vec![ahead]);
+    w.command("all-ahead", json!({"all": true})).await;
+    w.wait_results(&["all-ahead"], Duration::from_secs(60))
+        .await;
+    let clamped = watermark(&w).await.expect("a watermark");
+    assert!(clamped > mark && clamped <= Utc::now(), "{clamped}");
+
     // Never back: a later watermark than anything upstream stays where it is.
     let future = DateTime::parse_from_rfc3339("2099-01-01T00:00:00Z")
         .unwrap()
@@ -251,7 +267,7 @@ async fn the_watermark_never_moves_back_and_not_on_a_failed_command() {
     let results = w
         .wait_results(&["since-mark", "all-3"], Duration::from_secs(60))
         .await;
-    for id in ["since-mark", "all-3"] {
+    for id in ["since-mark", "all-3", "all-ahead"] {
         let r = results.iter().find(|r| r["request_id"] == id).unwrap();
         assert_eq!(r["status"], "completed", "{r}");
     }
