@@ -382,7 +382,8 @@ pub struct SystemOverview {
     pub watermark: Option<DateTime<Utc>>,
     pub watermark_confirmed_at: Option<DateTime<Utc>>,
     pub schedules: Vec<KindOverview>,
-    pub drift: Option<DriftOverview>,
+    /// The last drift check's findings.
+    pub drift: Option<schedules::DriftFound>,
 }
 
 /// One kind of scheduled work of a system.
@@ -397,17 +398,6 @@ pub struct KindOverview {
     pub last_request_id: Option<String>,
     pub last_published_at: Option<DateTime<Utc>>,
     pub skipped: i64,
-}
-
-/// The last drift check's findings.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DriftOverview {
-    pub request_id: String,
-    pub checked_at: DateTime<Utc>,
-    pub created: i64,
-    pub updated: i64,
-    pub delisted: i64,
-    pub relisted: i64,
 }
 
 /// Reads the schedules' state for people.
@@ -461,14 +451,7 @@ pub async fn overview(
                 watermark: state.and_then(|s| s.watermark),
                 watermark_confirmed_at: state.and_then(|s| s.watermark_confirmed_at),
                 schedules,
-                drift: state.and_then(|s| s.drift.as_ref()).map(|d| DriftOverview {
-                    request_id: d.request_id.clone(),
-                    checked_at: d.checked_at,
-                    created: d.created,
-                    updated: d.updated,
-                    delisted: d.delisted,
-                    relisted: d.relisted,
-                }),
+                drift: state.and_then(|s| s.drift.clone()),
             }
         })
         .collect();

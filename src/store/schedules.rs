@@ -231,7 +231,7 @@ pub struct SystemState {
 }
 
 /// What the last drift check would have changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DriftFound {
     pub request_id: String,
     pub checked_at: DateTime<Utc>,
