@@ -117,6 +117,24 @@ impl Selector {
             && self.category.is_none()
             && self.updated_since.is_none()
     }
+
+    /// `"updated_since": "watermark"` made concrete: the system's `watermark` less `overlap`,
+    /// or — while there is no watermark — no time limit (`updated_since` alone becomes
+    /// `{"all": true}`). Anything else is left as it is.
+    pub fn resolve_watermark(
+        &mut self,
+        watermark: Option<DateTime<Utc>>,
+        overlap: std::time::Duration,
+    ) {
+        if self.updated_since != Some(Since::Watermark) {
+            return;
+        }
+        let overlap = chrono::Duration::from_std(overlap).unwrap_or_default();
+        self.updated_since = watermark.map(|w| Since::At(w - overlap));
+        if self.is_empty() {
+            self.all = true;
+        }
+    }
 }
 
 /// What a command asks for.
@@ -199,17 +217,13 @@ impl Command {
         self.selector.updated_since == Some(Since::Watermark)
     }
 
-    /// The command with `"updated_since": "watermark"` resolved: `since` (the watermark less
-    /// the overlap), or — while the system has no watermark — no time limit (a selector of
-    /// `updated_since` alone becomes `{"all": true}`).
-    pub fn resolve_watermark(mut self, since: Option<DateTime<Utc>>) -> Command {
-        if !self.wants_watermark() {
-            return self;
-        }
-        self.selector.updated_since = since.map(Since::At);
-        if self.selector.is_empty() {
-            self.selector.all = true;
-        }
+    /// The command with `"updated_since": "watermark"` resolved ([`Selector::resolve_watermark`]).
+    pub fn resolve_watermark(
+        mut self,
+        watermark: Option<DateTime<Utc>>,
+        overlap: std::time::Duration,
+    ) -> Command {
+        self.selector.resolve_watermark(watermark, overlap);
         self
     }
 

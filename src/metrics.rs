@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric of product-sync.
@@ -49,7 +49,7 @@ pub struct Metrics {
     /// (`published`, `skipped`).
     pub schedule_runs: IntCounterVec,
     /// Seconds since a completed incremental last confirmed each system's watermark.
-    pub watermark_age: GaugeVec,
+    pub watermark_age: IntGaugeVec,
     /// What the last drift check of each system would have changed, by kind (`created`,
     /// `updated`, `delisted`, `relisted`): non-zero means the copy drifted.
     pub drift_products: IntGaugeVec,
@@ -61,12 +61,12 @@ pub struct Metrics {
 pub const DRIFT_KINDS: [&str; 4] = ["created", "updated", "delisted", "relisted"];
 
 /// Sets one system's drift gauges (counts in [`DRIFT_KINDS`] order).
-pub fn set_drift(system: &str, counts: [u64; 4]) {
+pub fn set_drift(system: &str, counts: [i64; 4]) {
     for (kind, n) in DRIFT_KINDS.iter().zip(counts) {
         metrics()
             .drift_products
             .with_label_values(&[system, kind])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+            .set(n);
     }
 }
 
@@ -228,20 +228,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Scheduled slots, by system, kind and outcome (published, skipped)",
             &["system", "kind", "outcome"],
         ),
-        watermark_age: {
-            let g = GaugeVec::new(
-                Opts::new(
-                    "product_sync_watermark_age_seconds",
-                    "Seconds since a completed incremental last confirmed the watermark",
-                ),
-                &["system"],
-            )
-            .unwrap_or_else(|e| panic!("metric watermark_age: {e}"));
-            registry
-                .register(Box::new(g.clone()))
-                .unwrap_or_else(|e| panic!("metric watermark_age: {e}"));
-            g
-        },
+        watermark_age: gauge_vec(
+            &registry,
+            "product_sync_watermark_age_seconds",
+            "Seconds since a completed incremental last confirmed the watermark",
+            &["system"],
+        ),
         drift_products: gauge_vec(
             &registry,
             "product_sync_drift_products",

@@ -87,19 +87,15 @@ pub fn command_for(
         all: true,
         ..Selector::default()
     };
-    let overlap = chrono::Duration::from_std(system.schedule.watermark_overlap).unwrap_or_default();
     let (selector, mode, dry_run) = match kind {
-        ScheduleKind::Incremental => match watermark {
-            Some(w) => (
-                Selector {
-                    updated_since: Some(Since::At(w - overlap)),
-                    ..Selector::default()
-                },
-                Mode::Incremental,
-                false,
-            ),
-            None => (all, Mode::Incremental, false),
-        },
+        ScheduleKind::Incremental => {
+            let mut since = Selector {
+                updated_since: Some(Since::Watermark),
+                ..Selector::default()
+            };
+            since.resolve_watermark(watermark, system.schedule.watermark_overlap);
+            (since, Mode::Incremental, false)
+        }
         ScheduleKind::Snapshot => (all, Mode::Snapshot, false),
         ScheduleKind::Drift => (all, Mode::Snapshot, true),
     };
@@ -347,16 +343,14 @@ impl Scheduler {
     async fn refresh_gauges(&self, now: DateTime<Utc>) -> Result<(), SchedulerError> {
         for state in schedules::system_states(&self.db).await? {
             if let Some(confirmed) = state.watermark_confirmed_at {
-                let age = (now - confirmed).num_milliseconds().max(0) as f64 / 1000.0;
+                let age = (now - confirmed).num_seconds().max(0);
                 metrics()
                     .watermark_age
                     .with_label_values(&[state.system.as_str()])
                     .set(age);
             }
             if let Some(d) = &state.drift {
-                let n = |v: i64| u64::try_from(v).unwrap_or(0);
-                let counts = [n(d.created), n(d.updated), n(d.delisted), n(d.relisted)];
-                set_drift(&state.system, counts);
+                set_drift(&state.system, d.counts());
             }
         }
         Ok(())

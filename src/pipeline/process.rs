@@ -365,9 +365,10 @@ impl Processor {
             .map(|s| s.watermark_overlap)
             .unwrap_or_default();
         let watermark = schedules::watermark(&self.db, command.system()).await?;
-        let since = watermark.map(|w| w - chrono::Duration::from_std(overlap).unwrap_or_default());
+        let resolved = command.clone().resolve_watermark(watermark, overlap);
+        let since = resolved.selector().updated_since;
         tracing::info!(watermark = ?watermark, since = ?since, "resolved updated_since \"watermark\"");
-        Ok(command.clone().resolve_watermark(since))
+        Ok(resolved)
     }
 
     /// Before a completed command is recorded: an incremental of the whole system moves the
@@ -391,10 +392,7 @@ impl Processor {
             if moved {
                 tracing::info!(watermark = ?latest, "watermark moved");
             }
-            metrics()
-                .watermark_age
-                .with_label_values(&[system])
-                .set(0.0);
+            metrics().watermark_age.with_label_values(&[system]).set(0);
         }
         if command.is_drift_check() {
             let o = &scan.outcome;
@@ -407,7 +405,7 @@ impl Processor {
                 relisted: o.relisted as i64,
             };
             schedules::record_drift(&self.db, system, &found).await?;
-            crate::metrics::set_drift(system, [o.created, o.updated, o.delisted, o.relisted]);
+            crate::metrics::set_drift(system, found.counts());
             tracing::info!(
                 created = o.created,
                 updated = o.updated,

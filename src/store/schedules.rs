@@ -241,6 +241,14 @@ pub struct DriftFound {
     pub relisted: i64,
 }
 
+impl DriftFound {
+    /// The counts in the order of the drift gauges' kinds (created, updated, delisted,
+    /// relisted).
+    pub fn counts(&self) -> [i64; 4] {
+        [self.created, self.updated, self.delisted, self.relisted]
+    }
+}
+
 /// Every system's state.
 pub async fn system_states(db: &impl ConnectionTrait) -> Result<Vec<SystemState>, StoreError> {
     let rows = query(
