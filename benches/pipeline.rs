@@ -5,20 +5,22 @@
 //!
 //! ```text
 //! pipeline-bench: case=<initial|unchanged|changed10> products=N e2e_per_s=… result_s=… all_events_s=… events=… fetch_s=… fold_s=…
-//! pipeline-bench: case=relay rows=N relay_per_s=… broker_per_s=… ratio=…
+//! pipeline-bench: case=relay mode=<transactional|idempotent> rows=N relay_per_s=… broker_per_s=… ratio=…
 //! pipeline-bench: case=million products=1000000 result_s=… all_events_s=… command_s=… peak_rss_mb=…
 //! ```
 //!
 //! `fetch_s` and `fold_s` are the instance's own summed page timings (they overlap: the next
-//! page is fetched while one is folded). `relay` publishes a pre-filled queue of N rows with
-//! the relay alone, then a plain producer (same settings) sends the same N messages in the same
-//! run: the broker's rate on this machine. `million` runs one command of a million products
+//! page is fetched while one is folded). `relay`: a plain producer (same settings) sends N change
+//! events and their state records from memory (the broker's rate on this machine), then the
+//! relay alone publishes a pre-filled queue of the same N rows, transactional
+//! (`pipeline.exactly_once`) and idempotent, each against that rate. `million` runs one command of a million products
 //! in a fresh store (`peak_rss_mb` is the instance's own VmHWM), then the relay case again
 //! with a million history rows.
 //!
 //! Run: `deploy/local/kafka.sh up && deploy/local/postgres.sh up && cargo bench --bench pipeline`
 //! (options after `--`: `--products N` (default 100000), `--million N` (default 1000000; 0
-//! skips it), `--keep-db`). `PRODUCT_SYNC_BENCH_DATABASE_URL` and `PRODUCT_SYNC_BENCH_KAFKA` name the
+//! skips it), `--relay-batch N` (the relay case's `pipeline.relay_batch_size`, default 5000),
+//! `--keep-db`). `PRODUCT_SYNC_BENCH_DATABASE_URL` and `PRODUCT_SYNC_BENCH_KAFKA` name the
 //! services (default: the local ones); every run makes its own database and topics and
 //! deletes them at the end.
 
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 use product_sync::config::KafkaSettings;
 use product_sync::kafka::producer_config;
 use product_sync::outbox::shards::Leases;
+use product_sync::outbox::transactional::Transactions;
 use product_sync::outbox::{Relay, RelaySettings};
 use product_sync::wire::CloudEvent;
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -200,6 +203,10 @@ impl World {
             ("PRODUCT_SYNC__TOPICS__RESULTS", self.topic("results")),
             ("PRODUCT_SYNC__TOPICS__DLQ", self.topic("dlq")),
             ("PRODUCT_SYNC__TOPICS__STATE", self.topic("state")),
+            (
+                "PRODUCT_SYNC__TOPICS__RELAY_PROGRESS",
+                self.topic("relay-progress"),
+            ),
             ("PRODUCT_SYNC__DATABASE__URL", self.db_url.clone()),
             ("PRODUCT_SYNC__UPSTREAM__BASE_URL", self.sim_url.clone()),
             ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", SECRET.to_owned()),
@@ -243,11 +250,12 @@ impl World {
             return f64::NAN;
         };
         let text = r.text().await.unwrap_or_default();
+        // A labelled series appears with its first sample: absent is zero.
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN)
+            .unwrap_or(0.0)
     }
 
     /// Produces a command selecting every product; returns when its result and all its events
@@ -343,10 +351,17 @@ impl World {
         else {
             return;
         };
-        let names: Vec<String> = ["requests", "changes", "results", "dlq", "state"]
-            .iter()
-            .map(|t| self.topic(t))
-            .collect();
+        let names: Vec<String> = [
+            "requests",
+            "changes",
+            "results",
+            "dlq",
+            "state",
+            "relay-progress",
+        ]
+        .iter()
+        .map(|t| self.topic(t))
+        .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
     }
@@ -359,12 +374,14 @@ fn plain_producer() -> Result<FutureProducer, Error> {
 /// One case of the three: prints its line.
 async fn case(w: &World, producer: &FutureProducer, name: &str, n: usize) -> Result<(), Error> {
     let (fetch0, fold0) = (
-        w.metric("product_sync_fetch_page_seconds_sum").await,
+        w.metric("product_sync_fetch_page_seconds_sum{system=\"wms\"}")
+            .await,
         w.metric("product_sync_fold_page_seconds_sum").await,
     );
     let (result_s, all_s, events, _) = w.run_command(producer, &format!("bench-{name}")).await?;
     let (fetch1, fold1) = (
-        w.metric("product_sync_fetch_page_seconds_sum").await,
+        w.metric("product_sync_fetch_page_seconds_sum{system=\"wms\"}")
+            .await,
         w.metric("product_sync_fold_page_seconds_sum").await,
     );
     println!(
@@ -377,9 +394,60 @@ async fn case(w: &World, producer: &FutureProducer, name: &str, n: usize) -> Res
     Ok(())
 }
 
-/// Re-queues the first `rows` change rows, publishes them with the relay alone, then sends
-/// the same messages with a plain producer. Prints the relay line.
+/// Publishes the first `rows` change rows with the relay alone, transactional and then
+/// idempotent (the queue filled again before each), and the same messages with a plain
+/// producer. Prints one relay line per mode.
 async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
+    let broker_rate = rows as f64 / plain_send(w, rows).await?;
+    for mode in ["transactional", "idempotent"] {
+        let relay_rate = rows as f64 / relay_alone(w, rows, mode == "transactional").await?;
+        println!(
+            "pipeline-bench: case=relay mode={mode} rows={rows} (each a change event and a state record) relay_per_s={relay_rate:.0} broker_per_s={broker_rate:.0} ratio={:.2}",
+            relay_rate / broker_rate
+        );
+    }
+    Ok(())
+}
+
+/// Re-queues the first `rows` change rows and publishes them with the relay alone; returns
+/// the seconds it took.
+async fn relay_alone(w: &World, rows: usize, exactly_once: bool) -> Result<f64, Error> {
+    let transactions = exactly_once.then(|| Transactions {
+        kafka: kafka(),
+        id_prefix: format!("{}-relay", w.topic("group")),
+        progress_topic: w.topic("relay-progress"),
+        shards: 16,
+        max_event_bytes: 900_000,
+    });
+    let mut relay = Relay::new(
+        w.db.clone(),
+        plain_producer()?,
+        RelaySettings {
+            changes_topic: w.topic("changes"),
+            results_topic: w.topic("results"),
+            state_topic: Some(w.topic("state")),
+            batch: arg("--relay-batch", 5000) as u64,
+            interval: Duration::from_millis(200),
+            max_event_bytes: 900_000,
+            exactly_once: transactions,
+        },
+        Leases::postgres(SecretString::from(w.db_url.clone()), "bench".to_owned(), 16),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    // The previous run's leases go with its connection: wait until every shard is ours.
+    let until = Instant::now() + Duration::from_secs(600);
+    while {
+        relay.refresh_shards().await?;
+        relay.shards_held().len() < 16
+    } {
+        if Instant::now() > until {
+            return Err("the relay could not take every shard".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Taking a shard (a transactional producer's `init_transactions`, its progress read) is
+    // done once per shard move, before the clock starts.
+    relay.drain().await?;
     sqlx::query(
         "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
          SELECT product_id, id, product_id, now() FROM product_changes ORDER BY id LIMIT $1",
@@ -390,31 +458,28 @@ async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
     sqlx::query("ANALYZE outbox_pending")
         .execute(w.pool())
         .await?;
-    let mut relay = Relay::new(
-        w.db.clone(),
-        plain_producer()?,
-        RelaySettings {
-            changes_topic: w.topic("changes"),
-            results_topic: w.topic("results"),
-            state_topic: Some(w.topic("state")),
-            batch: 5000,
-            interval: Duration::from_millis(200),
-            max_event_bytes: 900_000,
-        },
-        Leases::postgres(SecretString::from(w.db_url.clone()), "bench".to_owned(), 16),
-        Arc::new(tokio::sync::Notify::new()),
-    );
-    relay.refresh_shards().await?;
     let started = Instant::now();
-    let published = relay.drain().await?;
+    let mut published = 0;
+    // A shard whose transactional producer was not ready yet is published on a later round.
+    while published < rows && Instant::now() < until {
+        match relay.drain().await?.changes {
+            0 => tokio::time::sleep(Duration::from_millis(20)).await,
+            n => published += n,
+        }
+    }
     let relay_s = started.elapsed().as_secs_f64();
-    if published.changes != rows {
-        return Err(format!("the relay published {} of {rows} rows", published.changes).into());
+    if published != rows {
+        return Err(format!("the relay published {published} of {rows} rows").into());
     }
     let stop = tokio_util::sync::CancellationToken::new();
     stop.cancel();
     relay.run(stop).await;
+    Ok(relay_s)
+}
 
+/// Sends the first `rows` change events (and their state records) with a plain producer,
+/// straight from memory; returns the seconds it took: the broker's rate on this machine.
+async fn plain_send(w: &World, rows: usize) -> Result<f64, Error> {
     // The same messages, straight from memory through a plain producer.
     let messages: Vec<(String, String, String, String, String)> = sqlx::query(
         "SELECT system || '/' || COALESCE(product_code, identity) AS key, payload::text AS payload, \
@@ -470,13 +535,7 @@ async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
     for d in deliveries {
         d.await?.map_err(|(e, _)| e)?;
     }
-    let broker_s = started.elapsed().as_secs_f64();
-    let (relay_rate, broker_rate) = (rows as f64 / relay_s, rows as f64 / broker_s);
-    println!(
-        "pipeline-bench: case=relay rows={rows} (each a change event and a state record) relay_per_s={relay_rate:.0} broker_per_s={broker_rate:.0} ratio={:.2}",
-        relay_rate / broker_rate
-    );
-    Ok(())
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// Hands a record to the producer, waiting while its local queue is full.

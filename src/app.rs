@@ -18,8 +18,11 @@ use crate::console::Console;
 use crate::kafka::{self, KafkaError, TopicSpec};
 use crate::ops::{OpsServer, OpsState};
 use crate::outbox::shards::Leases;
+use crate::outbox::transactional::Transactions;
 use crate::outbox::{Relay, RelaySettings};
-use crate::pipeline::{Membership, Pipeline, PipelineError, Processor, RetryRoute};
+use crate::pipeline::{
+    Budget, Membership, NotificationRoute, Pipeline, PipelineError, Processor, RetryRoute,
+};
 use crate::retry::RetryPolicy;
 use crate::scheduler::Scheduler;
 use crate::store::{self, StoreError};
@@ -255,10 +258,25 @@ fn pipeline(
             topic: topic.clone(),
             delays: settings.pipeline.retry_delays.clone(),
         });
+    let notifications = Some(&settings.topics.notifications)
+        .filter(|t| !t.is_empty())
+        .map(|topic| {
+            Arc::new(NotificationRoute {
+                topic: topic.clone(),
+                requests_topic: settings.topics.requests.clone(),
+                window: settings.notifications.window,
+                page_sizes: settings
+                    .all_systems()
+                    .map(|u| (u.system.clone(), u.page_size as usize))
+                    .collect(),
+                budget: Arc::new(Budget::new(settings.notifications.max_pending_codes)),
+            })
+        });
     Pipeline {
         kafka: settings.kafka.clone(),
         requests_topic: settings.topics.requests.clone(),
         retry_topic: retry.as_ref().map(|r| r.topic.clone()),
+        notifications,
         max_in_flight: settings.pipeline.max_in_flight,
         drain_timeout: settings.pipeline.drain_timeout,
         processor: Arc::new(Processor {
@@ -282,16 +300,25 @@ fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let t = &settings.topics;
     let state = Some(&t.state).filter(|s| !s.is_empty());
     let retry = Some(&t.retry).filter(|s| !s.is_empty());
+    let notifications = Some(&t.notifications).filter(|s| !s.is_empty());
     [&t.requests, &t.changes, &t.results, &t.dlq]
         .into_iter()
         .chain(state)
         .chain(retry)
+        .chain(notifications)
         .map(|name| TopicSpec {
             name: name.clone(),
             partitions: t.partitions,
             replication_factor: t.replication_factor,
             compacted: *name == t.state,
         })
+        .chain(settings.pipeline.exactly_once.then(|| TopicSpec {
+            name: t.relay_progress.clone(),
+            // One partition per shard: a shard's progress is the end of its own partition.
+            partitions: settings.pipeline.relay_shards as i32,
+            replication_factor: t.replication_factor,
+            compacted: true,
+        }))
         .collect()
 }
 
@@ -322,6 +349,13 @@ fn relay(
             batch: p.relay_batch_size,
             interval: p.relay_interval,
             max_event_bytes: p.max_event_bytes,
+            exactly_once: p.exactly_once.then(|| Transactions {
+                kafka: settings.kafka.clone(),
+                id_prefix: format!("{}-relay", settings.kafka.group_id),
+                progress_topic: settings.topics.relay_progress.clone(),
+                shards: p.relay_shards,
+                max_event_bytes: p.max_event_bytes,
+            }),
         },
         leases,
         wake,

@@ -327,11 +327,7 @@ impl Command {
             ));
         }
         for code in &s.product_codes {
-            if code.is_empty()
-                || code.len() > MAX_CODE_LEN
-                || code.contains(',')
-                || code.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+            if !is_product_code(code) {
                 return Err(CommandError::invalid(
                     "selector.product_codes",
                     format!(
@@ -367,6 +363,21 @@ impl Command {
             requested_by: wire.requested_by,
         })
     }
+}
+
+/// A product code as selectors and notifications take it: 1 to [`MAX_CODE_LEN`] bytes, no
+/// whitespace, control character or comma (codes travel comma-separated upstream).
+pub fn is_product_code(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= MAX_CODE_LEN
+        && !code.contains(',')
+        && !code.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// A request id as commands carry it (1 to [`MAX_REQUEST_ID_LEN`] bytes of letters, digits
+/// and `- _ . :`).
+pub fn is_request_id(id: &str) -> bool {
+    validate_request_id(id).is_ok()
 }
 
 fn validate_request_id(id: &str) -> Result<(), CommandError> {

@@ -44,6 +44,9 @@ const TOPICS: [&str; 4] = [
     "product-requests.dlq",
 ];
 
+/// `topics.relay_progress` by default (the demo keeps the defaults).
+const PROGRESS_TOPIC: &str = "product-sync.relay-progress";
+
 /// Runs the demo to the end.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let stage = Stage::set_up(&options).await?;
@@ -155,6 +158,10 @@ impl Stage {
                 .create_topic(topic, 3, 1)
                 .context("creating a mock topic")?;
         }
+        // The transactional relay's progress records: one partition per relay shard.
+        cluster
+            .create_topic(PROGRESS_TOPIC, 16, 1)
+            .context("creating a mock topic")?;
         let bootstrap = cluster.bootstrap_servers();
         let mut vars = overrides(&bootstrap, &db_path, &format!("http://{sim_addr}"));
         let admin_token = options

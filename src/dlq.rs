@@ -13,7 +13,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
 use crate::config::Settings;
-use crate::kafka::{KafkaError, client_config, header_text as header};
+use crate::kafka::{KafkaError, client_config, header_text as header, reader_config};
 use crate::wire::{self, FailureClass, dlq};
 
 /// One DLQ record, for people.
@@ -31,7 +31,9 @@ pub struct DlqEntry {
 }
 
 /// Reads `topic` from its start (or, with `from_group`, the consumer group's committed
-/// position) up to its end at call time. Blocking: call it from a blocking context.
+/// position) up to its end at call time: every record committed by then. The consumer must be
+/// made by [`crate::kafka::reader_config`] (end-of-partition events on). Blocking: call it
+/// from a blocking context.
 pub fn read_until_end(
     consumer: &BaseConsumer,
     topic: &str,
@@ -90,6 +92,13 @@ pub fn read_until_end(
                     remaining.remove(&p);
                 }
             }
+            // The end of what is committed (read_committed stops at the last stable offset,
+            // which never moves back): every record committed at call time was delivered. A
+            // transaction's trailing marker occupies a partition's last offset and is never
+            // delivered, so the record check above alone would wait for ever.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                remaining.remove(&p);
+            }
             Some(Err(e)) => return Err(e.into()),
             None => {}
         }
@@ -101,9 +110,8 @@ pub fn read_until_end(
 pub async fn list(settings: &Settings) -> Result<Vec<DlqEntry>, KafkaError> {
     let settings = settings.clone();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = client_config(&settings.kafka)
-            .set("group.id", format!("{}-dlq-list", settings.kafka.group_id))
-            .set("enable.auto.commit", "false")
+        let group = format!("{}-dlq-list", settings.kafka.group_id);
+        let consumer: BaseConsumer = reader_config(&settings.kafka, &group)
             .create()
             .map_err(KafkaError::Client)?;
         let records = read_until_end(&consumer, &settings.topics.dlq, false)?;
@@ -176,9 +184,7 @@ async fn replay_class(
     let group = format!("{}-dlq-replay-{name}", s.kafka.group_id);
     let (consumer, records) = tokio::task::spawn_blocking(
         move || -> Result<(BaseConsumer, Vec<OwnedMessage>), KafkaError> {
-            let consumer: BaseConsumer = client_config(&s.kafka)
-                .set("group.id", group)
-                .set("enable.auto.commit", "false")
+            let consumer: BaseConsumer = reader_config(&s.kafka, &group)
                 .create()
                 .map_err(KafkaError::Client)?;
             let records = read_until_end(&consumer, &s.topics.dlq, true)?;
@@ -193,8 +199,14 @@ async fn replay_class(
         let of = header(m, dlq::ERROR_CLASS).and_then(|c| FailureClass::parse(&c));
         if of == class {
             let headers = wire::for_replay(m.headers());
+            // A refused notification goes back where it came from, a command to the requests.
+            let notifications = &settings.topics.notifications;
+            let target = match header(m, dlq::ORIGINAL_TOPIC) {
+                Some(t) if !notifications.is_empty() && t == *notifications => notifications,
+                _ => &settings.topics.requests,
+            };
             let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&settings.topics.requests).headers(headers);
+                FutureRecord::to(target).headers(headers);
             if let Some(k) = m.key() {
                 record = record.key(k);
             }

@@ -51,11 +51,23 @@ pub struct RequestArgs {
     pub dry_run: bool,
 }
 
+/// Options of `notify`.
+#[derive(Debug, Args)]
+pub struct NotifyArgs {
+    /// The management system (default: `upstream.system`).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The product codes that changed, comma-separated (at most 500).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub codes: Vec<String>,
+}
+
 /// Options of `tail`.
 #[derive(Debug, Args)]
 pub struct TailArgs {
-    /// Which topic: changes, results, dlq, requests or state (a tombstone prints as null).
-    #[arg(long, default_value = "changes", value_parser = ["changes", "results", "dlq", "requests", "state"])]
+    /// Which topic: changes, results, dlq, requests, state (a tombstone prints as null) or
+    /// notifications.
+    #[arg(long, default_value = "changes", value_parser = ["changes", "results", "dlq", "requests", "state", "notifications"])]
     pub topic: String,
     /// Start from the beginning of the topic instead of new records only.
     #[arg(long)]
@@ -69,7 +81,8 @@ pub struct TailArgs {
 pub enum DlqCommand {
     /// Print every record of `topics.dlq` with its reason.
     List,
-    /// Put DLQ records back on `topics.requests` (each record once).
+    /// Put DLQ records back on `topics.requests` (a refused notification on
+    /// `topics.notifications`), each record once.
     Replay {
         /// Only records whose failure was `transient` or `permanent`.
         #[arg(long, value_parser = ["transient", "permanent"])]
@@ -206,6 +219,26 @@ pub async fn run(settings: Settings) -> ExitCode {
 }
 
 /// `request`: publishes one command.
+/// `notify`: publishes a change notification.
+pub async fn notify(settings: Settings, args: NotifyArgs) -> ExitCode {
+    match tools::notify(&settings, args.system, args.codes).await {
+        Ok(topic) => {
+            println!("notified on {topic}");
+            ExitCode::SUCCESS
+        }
+        Err(
+            e
+            @ (tools::ToolError::InvalidNotification(_) | tools::ToolError::NotificationsDisabled),
+        ) => {
+            eprintln!("product-sync: {e}; see `product-sync notify --help`");
+            ExitCode::from(2)
+        }
+        Err(e) => exit(Err(anyhow::Error::new(e).context(
+            "publishing the notification (is the broker up? deploy/local/kafka.sh up)",
+        ))),
+    }
+}
+
 pub async fn request(settings: Settings, args: RequestArgs) -> ExitCode {
     let wire = product_sync::command::CommandWire {
         request_id: args.id.unwrap_or_default(),
@@ -254,6 +287,11 @@ pub async fn tail(settings: Settings, args: TailArgs) -> ExitCode {
             return ExitCode::from(2);
         }
         "state" => t.state.clone(),
+        "notifications" if t.notifications.is_empty() => {
+            eprintln!("product-sync: notifications are disabled (topics.notifications is empty)");
+            return ExitCode::from(2);
+        }
+        "notifications" => t.notifications.clone(),
         _ => t.changes.clone(),
     };
     let stop = stop_on_signal();

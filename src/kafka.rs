@@ -86,6 +86,22 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// A consumer that reads a topic once, from a given offset to its end, without joining or
+/// committing for a group: `read_committed` (records of an aborted or still open relay
+/// transaction are never shown) and end-of-partition events on, so a reader knows it has seen
+/// everything committed — with transactions the last offset of a partition is often a commit
+/// marker that is never delivered, so "the last record's offset + 1 = the high watermark" does
+/// not hold.
+pub fn reader_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut config = client_config(settings);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
+    config
+}
+
 /// The producer of every event product-sync sends (relay, DLQ, rejections): idempotent with
 /// `acks=all` (no duplicate or reordering from its own retries, nothing acked that a broker
 /// failure can lose), tuned for throughput — the relay hands it thousands of events at once,

@@ -2,6 +2,9 @@
 //! management system that owns it, driven by product-request commands on Kafka.
 //!
 //! ```text
+//!  product-notifications ──▶ coalesce per system and partition (window, page size)
+//!    ("these changed")              │ one command per batch
+//!                                   ▼
 //!  product-requests ──Kafka──▶ validate ─▶ authorize ─▶ fetch pages ─▶ fold into store ─▶ outbox ──▶ product-changes
 //!  (commands)                     │        (OAuth2       (management    (sea-orm:            │        product-state (compacted)
 //!                                 │         client creds) system HTTP)   Postgres/SQLite;    │        product-request-results
@@ -30,7 +33,7 @@
 //! | 4 | [`upstream`] | governance registration, OAuth2 authorization, the bounded paginated fetch |
 //! | 4 | [`store`] | connection, migrations, entities, the fold (a pure plan, two writers, one column table), delisting, the dry run's comparison |
 //! | 5 | [`outbox`] | the relay: its sharded queue, shard leases, batched and pipelined publishing of change, state and result records |
-//! | 5 | [`pipeline`] | the consumer (driver thread, one task per partition queue, coordinator) and command processing |
+//! | 5 | [`pipeline`] | the consumer (driver thread, one task per partition queue, coordinator), command processing, and change notifications coalesced into commands |
 //! | 5 | [`scheduler`] | one instance at a time (a lease in the store) publishes each system's due slots as commands |
 //! | 6 | [`ops`], [`dlq`], [`tools`] | `/healthz` `/readyz` `/metrics`; the dead-letter topic; `request`, `tail`, `schema` |
 //! | 7 | [`console`] | the ops console: the page at `/`, the `/api/v1/` reads and the token-guarded actions |

@@ -51,6 +51,8 @@ enum Command {
     Run,
     /// Publish a product-request command from flags; prints its request id.
     Request(handlers::RequestArgs),
+    /// Publish a change notification ("these products changed") on `topics.notifications`.
+    Notify(handlers::NotifyArgs),
     /// Follow a topic and pretty-print its events (Ctrl-C stops).
     Tail(handlers::TailArgs),
     /// Print the JSON Schemas of the command, the change event and the result event.
@@ -92,6 +94,7 @@ async fn main() -> ExitCode {
         Command::Migrate => with_settings(file, handlers::migrate).await,
         Command::Run => with_settings(file, handlers::run).await,
         Command::Request(args) => with_settings(file, |s| handlers::request(s, args)).await,
+        Command::Notify(args) => with_settings(file, |s| handlers::notify(s, args)).await,
         Command::Tail(args) => with_settings(file, |s| handlers::tail(s, args)).await,
         Command::Dlq(command) => with_settings(file, |s| handlers::dlq(s, command)).await,
         Command::Outbox(command) => with_settings(file, |s| handlers::outbox(s, command)).await,

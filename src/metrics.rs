@@ -55,6 +55,18 @@ pub struct Metrics {
     pub drift_products: IntGaugeVec,
     /// 1 while this instance holds the scheduler's lease.
     pub scheduler_leader: IntGauge,
+    /// Notifications read, by system (`unknown` when it could not be told) and outcome
+    /// (`accepted`, `rejected`).
+    pub notifications: IntCounterVec,
+    /// Commands made from notifications, by system.
+    pub notification_commands: IntCounterVec,
+    /// Codes read from notifications and not yet published in a command (this instance).
+    pub notification_pending: IntGauge,
+    /// The most codes ever waiting at once in this instance (bounded by
+    /// `notifications.max_pending_codes`).
+    pub notification_pending_peak: IntGauge,
+    /// Times a notification partition paused because `max_pending_codes` codes were waiting.
+    pub notification_pauses: IntCounterVec,
 }
 
 /// The kinds of `product_sync_drift_products`, in the order [`set_drift`] takes them.
@@ -244,6 +256,34 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &registry,
             "product_sync_scheduler_leader",
             "1 while this instance holds the scheduler lease",
+        ),
+        notifications: counter(
+            &registry,
+            "product_sync_notifications_total",
+            "Change notifications read, by system and outcome (accepted, rejected)",
+            &["system", "outcome"],
+        ),
+        notification_commands: counter(
+            &registry,
+            "product_sync_notification_commands_total",
+            "Commands made from coalesced notifications, by system",
+            &["system"],
+        ),
+        notification_pending: gauge(
+            &registry,
+            "product_sync_notification_pending_codes",
+            "Codes read from notifications and not yet published in a command",
+        ),
+        notification_pending_peak: gauge(
+            &registry,
+            "product_sync_notification_pending_codes_peak",
+            "The most notification codes that waited at once in this instance",
+        ),
+        notification_pauses: counter(
+            &registry,
+            "product_sync_notification_pauses_total",
+            "Times a notification partition paused at notifications.max_pending_codes",
+            &["topic"],
         ),
         registry,
     }

@@ -1,4 +1,5 @@
-//! Command-line tools around the service: `request` publishes a command, `tail` follows a
+//! Command-line tools around the service: `request` publishes a command, `notify` a change
+//! notification, `tail` follows a
 //! topic and pretty-prints its events, `schema` prints the JSON Schemas of the messages.
 
 use std::time::Duration;
@@ -20,6 +21,10 @@ use crate::kafka::{KafkaError, client_config};
 pub enum ToolError {
     #[error("the command would be rejected: {0}")]
     Invalid(#[from] crate::command::CommandError),
+    #[error("the notification would be refused: {0}")]
+    InvalidNotification(#[from] crate::pipeline::notifications::NotificationError),
+    #[error("notifications are disabled (topics.notifications is empty)")]
+    NotificationsDisabled,
     #[error(transparent)]
     Kafka(#[from] KafkaError),
 }
@@ -52,6 +57,44 @@ pub async fn request(settings: &Settings, mut wire: CommandWire) -> Result<Strin
         .await
         .map_err(|(e, _)| KafkaError::Other(e))?;
     Ok(request_id)
+}
+
+/// Publishes a change notification naming `codes` (of `system`, default `upstream.system`)
+/// on `topics.notifications`, keyed by its first code; returns the topic.
+pub async fn notify(
+    settings: &Settings,
+    system: Option<String>,
+    codes: Vec<String>,
+) -> Result<String, ToolError> {
+    let topic = &settings.topics.notifications;
+    if topic.is_empty() {
+        return Err(ToolError::NotificationsDisabled);
+    }
+    let mut body = json!({ "product_codes": codes });
+    if let Some(system) = system {
+        body["system"] = Value::String(system);
+    }
+    let body = body.to_string();
+    // Refuse here what the service would refuse, with the same message.
+    let systems: Vec<String> = settings.all_systems().map(|u| u.system.clone()).collect();
+    crate::pipeline::notifications::Notification::parse(
+        Some(body.as_bytes()),
+        &settings.upstream.system,
+        &systems,
+    )?;
+    let producer: FutureProducer = client_config(&settings.kafka)
+        .set("enable.idempotence", "true")
+        .create()
+        .map_err(KafkaError::Client)?;
+    let key = codes.first().cloned().unwrap_or_default();
+    producer
+        .send(
+            FutureRecord::to(topic).key(&key).payload(&body),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| KafkaError::Other(e))?;
+    Ok(topic.clone())
 }
 
 /// Parses `--since` (RFC 3339).
@@ -88,6 +131,8 @@ pub async fn tail(
             ),
         )
         .set("enable.auto.commit", "false")
+        // Only what the relay committed: never a record of an aborted transaction.
+        .set("isolation.level", "read_committed")
         .set(
             "auto.offset.reset",
             if from_beginning { "earliest" } else { "latest" },

@@ -15,6 +15,7 @@
 mod database;
 mod kafka;
 mod layers;
+mod notifications;
 mod pipeline;
 mod schedule;
 mod service;
@@ -32,6 +33,7 @@ pub use database::{DatabaseSettings, redact_url};
 pub use kafka::{KafkaSettings, LibrdkafkaOptions, is_secret_option};
 pub use layers::env_name_of;
 use layers::{build, deserialize, origin_of, tree_of};
+pub use notifications::NotificationSettings;
 pub use pipeline::PipelineSettings;
 pub use schedule::{CronSpec, ScheduleKind, ScheduleSettings};
 pub use service::{GovernanceSettings, HttpSettings, LogFormat, LogSettings};
@@ -90,6 +92,7 @@ pub struct Settings {
     pub governance: GovernanceSettings,
     pub http: HttpSettings,
     pub pipeline: PipelineSettings,
+    pub notifications: NotificationSettings,
     pub log: LogSettings,
     /// The further management systems (`[upstream.systems.<name>]`): each a whole
     /// `UpstreamSettings`, every key it does not set taken from `[upstream]`.
@@ -150,6 +153,7 @@ impl Settings {
         self.database.check().map_err(invalid)?;
         self.governance.check().map_err(invalid)?;
         self.pipeline.check(&self.kafka).map_err(invalid)?;
+        self.notifications.check().map_err(invalid)?;
         self.log.check().map_err(invalid)?;
         let mut names = std::collections::HashSet::new();
         for (i, u) in self.all_systems().enumerate() {
@@ -194,6 +198,7 @@ impl fmt::Display for Settings {
         self.governance.fmt_keys(f)?;
         self.http.fmt_keys(f)?;
         self.pipeline.fmt_keys(f)?;
+        self.notifications.fmt_keys(f)?;
         self.log.fmt_keys(f)
     }
 }

@@ -35,6 +35,10 @@ pub struct PipelineSettings {
     /// Shards of the outbox queue: each has one publisher at a time, and the shards are
     /// spread over the live instances. The same on every instance of a deployment.
     pub relay_shards: u32,
+    /// Exactly once downstream: each relay shard publishes through a transactional producer,
+    /// its progress in the same transaction (`topics.relay_progress`). `false`: the
+    /// idempotent producer (at least once).
+    pub exactly_once: bool,
     /// Events (change and result) larger than this are published in the reduced form. Keep
     /// it below the topics' `max.message.bytes` and the producer's `message.max.bytes`.
     pub max_event_bytes: usize,
@@ -146,6 +150,7 @@ impl PipelineSettings {
         )?;
         writeln!(f, "pipeline.relay_batch_size = {}", self.relay_batch_size)?;
         writeln!(f, "pipeline.relay_shards = {}", self.relay_shards)?;
+        writeln!(f, "pipeline.exactly_once = {}", self.exactly_once)?;
         writeln!(f, "pipeline.max_event_bytes = {}", self.max_event_bytes)?;
         writeln!(f, "pipeline.broker_wait_ms = {}", ms(self.broker_wait))?;
         let delays: Vec<String> = self

@@ -438,3 +438,36 @@ fn a_bad_schedule_setting_is_refused_naming_its_key() {
         Duration::from_secs(600)
     );
 }
+
+#[test]
+fn notifications_are_on_by_default_and_their_settings_are_checked_by_key() {
+    let s = load(&sources(&[])).unwrap();
+    assert_eq!(s.topics.notifications, "product-notifications");
+    assert_eq!(s.notifications.window, Duration::from_millis(1000));
+    assert_eq!(s.notifications.max_pending_codes, 10_000);
+    let off = load(&sources(&[("PRODUCT_SYNC__TOPICS__NOTIFICATIONS", "")])).unwrap();
+    assert!(off.topics.notifications.is_empty());
+    for (var, value, key) in [
+        (
+            "PRODUCT_SYNC__NOTIFICATIONS__WINDOW_MS",
+            "5",
+            "notifications.window_ms",
+        ),
+        (
+            "PRODUCT_SYNC__NOTIFICATIONS__MAX_PENDING_CODES",
+            "0",
+            "notifications.max_pending_codes",
+        ),
+        (
+            "PRODUCT_SYNC__TOPICS__NOTIFICATIONS",
+            "product-requests",
+            "topics.notifications",
+        ),
+    ] {
+        let e = load(&sources(&[(var, value)])).unwrap_err().to_string();
+        assert!(
+            e.contains(key) && e.contains("set in the environment"),
+            "{e}"
+        );
+    }
+}

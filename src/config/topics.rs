@@ -22,6 +22,12 @@ pub struct TopicSettings {
     /// Where commands failed by a transient cause wait for their next attempt (same
     /// partitions as `requests`); empty sends them straight to the DLQ.
     pub retry: String,
+    /// "These products changed" notifications, coalesced into commands on `requests`; empty
+    /// disables them.
+    pub notifications: String,
+    /// Compacted: each relay shard's progress, written in the shard's transactions
+    /// (`pipeline.exactly_once`); one partition per shard when created at start-up.
+    pub relay_progress: String,
     /// Create missing topics at start-up.
     pub create: bool,
     /// Partition count for topics created at start-up; bounds the consumer group's parallelism.
@@ -38,11 +44,28 @@ impl TopicSettings {
             ("topics.changes", &self.changes),
             ("topics.results", &self.results),
             ("topics.dlq", &self.dlq),
+            ("topics.relay_progress", &self.relay_progress),
         ];
         for (key, value) in non_empty {
             if value.trim().is_empty() {
                 return Err((key, "must not be empty".to_owned()));
             }
+        }
+        // A notification is no command: the two may not share a topic.
+        let others = [
+            &self.requests,
+            &self.changes,
+            &self.results,
+            &self.dlq,
+            &self.state,
+            &self.retry,
+            &self.relay_progress,
+        ];
+        if !self.notifications.is_empty() && others.contains(&&self.notifications) {
+            return Err((
+                "topics.notifications",
+                format!("{:?} is already another topic", self.notifications),
+            ));
         }
         if self.partitions < 1 {
             return Err(("topics.partitions", "must be at least 1".to_owned()));
@@ -61,6 +84,8 @@ impl TopicSettings {
         writeln!(f, "topics.dlq = {:?}", self.dlq)?;
         writeln!(f, "topics.state = {:?}", self.state)?;
         writeln!(f, "topics.retry = {:?}", self.retry)?;
+        writeln!(f, "topics.notifications = {:?}", self.notifications)?;
+        writeln!(f, "topics.relay_progress = {:?}", self.relay_progress)?;
         writeln!(f, "topics.create = {}", self.create)?;
         writeln!(f, "topics.partitions = {}", self.partitions)?;
         writeln!(f, "topics.replication_factor = {}", self.replication_factor)

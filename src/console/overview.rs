@@ -1,7 +1,8 @@
 //! The console's overview, gathered in the background: the outbox backlog and its age, parked
 //! rows, the relay's shards and holders, the depth of the DLQ and of the retry topic, and the
-//! consumer lag per partition, the schedules with their watermarks and the scheduler's holder. Each part that cannot be read says so (`null`) rather than
-//! holding up the others.
+//! consumer lag per partition, the schedules with their watermarks and the scheduler's holder,
+//! and the coalescing of change notifications. Each part that cannot be read says so (`null`)
+//! rather than holding up the others.
 
 use std::time::Duration;
 
@@ -35,6 +36,28 @@ pub struct Overview {
     /// Each system's schedules and next slots, watermark, last drift check, and the
     /// scheduler's holder.
     pub schedules: Option<crate::scheduler::ScheduleOverview>,
+    /// Change notifications coalesced into commands (`None`: disabled or unreadable).
+    pub notifications: Option<Notifications>,
+}
+
+/// What the coalescing of change notifications has done.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notifications {
+    pub topic: String,
+    /// Per system, across every instance.
+    pub systems: Vec<NotificationRow>,
+    /// Codes waiting in this instance now, and the most that ever did.
+    pub pending_codes: i64,
+    pub peak_pending_codes: i64,
+    pub max_pending_codes: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NotificationRow {
+    #[serde(flatten)]
+    pub counts: crate::store::notifications::NotificationCounts,
+    /// Notifications per command (one decimal): how much the coalescing saved.
+    pub ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -89,6 +112,7 @@ pub async fn gather(
     .await
     .ok()
     .and_then(Result::ok);
+    let notifications = notifications(db, settings).await;
     Overview {
         gathered_at: Some(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         outbox,
@@ -97,7 +121,36 @@ pub async fn gather(
         retry_depth,
         lag: lag(),
         schedules,
+        notifications,
     }
+}
+
+/// The coalescing counts from the store, this instance's pending codes from its metrics.
+async fn notifications(db: &DatabaseConnection, settings: &Settings) -> Option<Notifications> {
+    let topic = &settings.topics.notifications;
+    if topic.is_empty() {
+        return None;
+    }
+    let counts = tokio::time::timeout(PART_TIMEOUT, crate::store::notifications::counts(db))
+        .await
+        .ok()?
+        .ok()?;
+    let m = crate::metrics::metrics();
+    Some(Notifications {
+        topic: topic.clone(),
+        systems: counts
+            .into_iter()
+            .map(|counts| NotificationRow {
+                ratio: (counts.commands > 0).then(|| {
+                    (counts.notifications as f64 / counts.commands as f64 * 10.0).round() / 10.0
+                }),
+                counts,
+            })
+            .collect(),
+        pending_codes: m.notification_pending.get(),
+        peak_pending_codes: m.notification_pending_peak.get(),
+        max_pending_codes: settings.notifications.max_pending_codes,
+    })
 }
 
 /// The relay's shard holders.

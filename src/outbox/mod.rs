@@ -29,6 +29,7 @@
 
 pub mod queue;
 pub mod shards;
+pub mod transactional;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub enum RelayError {
     Publish { topic: String, source: KafkaError },
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Transaction(#[from] transactional::TxnError),
 }
 
 impl RelayError {
@@ -75,6 +78,7 @@ impl RelayError {
             RelayError::Store(e) => e.is_transient(),
             RelayError::Publish { .. } => true,
             RelayError::Lease(e) => e.is_transient(),
+            RelayError::Transaction(e) => e.is_transient(),
         }
     }
 }
@@ -92,6 +96,9 @@ pub struct RelaySettings {
     pub interval: Duration,
     /// Events above this are published in the reduced form.
     pub max_event_bytes: usize,
+    /// Exactly once (`pipeline.exactly_once`): one transactional producer per shard; `None`:
+    /// the idempotent `producer` (at least once).
+    pub exactly_once: Option<transactional::Transactions>,
 }
 
 /// What a landing did.
@@ -165,6 +172,8 @@ pub struct Relay {
     prefetched: Option<(i64, Read)>,
     /// Everything landed so far.
     totals: Published,
+    /// The shards' transactional producers, when exactly once.
+    txns: Option<transactional::Txns>,
 }
 
 impl Relay {
@@ -175,7 +184,9 @@ impl Relay {
         leases: Leases,
         wake: Arc<Notify>,
     ) -> Self {
+        let txns = settings.exactly_once.clone().map(transactional::Txns::new);
         Self {
+            txns,
             db,
             producer,
             settings,
@@ -266,6 +277,9 @@ impl Relay {
     /// Reads and produces the next batch, landing the oldest flight when too many are out.
     /// `false` when the held shards have nothing queued (everything landed).
     async fn step(&mut self) -> Result<bool, RelayError> {
+        if self.txns.is_some() {
+            return self.step_transactional().await;
+        }
         let rows = self.next_rows().await?;
         if rows.is_empty() {
             let landed = self.land_all().await?;
@@ -364,7 +378,7 @@ impl Relay {
                 continue;
             }
             self.fit(&mut row);
-            match self.produce(&row) {
+            match self.produce(&self.producer, &row) {
                 Ok(delivery) => {
                     self.cursor = row.pending_id;
                     sent.push((row, delivery));
@@ -415,16 +429,21 @@ impl Relay {
     }
 
     /// Produces a row's event and, for a change with the state topic on, its state record.
-    fn produce(&self, row: &Outgoing) -> Result<Delivery, KafkaError> {
-        let event = self.produce_event(row)?;
+    fn produce(&self, producer: &FutureProducer, row: &Outgoing) -> Result<Delivery, KafkaError> {
+        let event = self.produce_event(producer, row)?;
         let state = match (&row.kind, &self.settings.state_topic) {
-            (Kind::Change, Some(topic)) => Some(self.produce_state(row, topic)),
+            (Kind::Change, Some(topic)) => Some(self.produce_state(producer, row, topic)),
             _ => None,
         };
         Ok(Delivery { event, state })
     }
 
-    fn produce_state(&self, row: &Outgoing, topic: &str) -> Result<DeliveryFuture, KafkaError> {
+    fn produce_state(
+        &self,
+        producer: &FutureProducer,
+        row: &Outgoing,
+        topic: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
         // A change event is product-sync's own JSON: one that does not parse is a bug, parked
         // like a record the broker refuses.
         let value = match wire::state_of(&row.payload) {
@@ -440,10 +459,14 @@ impl Relay {
         if let Some(value) = &value {
             record = record.payload(value);
         }
-        self.producer.send_result(record).map_err(|(e, _)| e)
+        producer.send_result(record).map_err(|(e, _)| e)
     }
 
-    fn produce_event(&self, row: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
+    fn produce_event(
+        &self,
+        producer: &FutureProducer,
+        row: &Outgoing,
+    ) -> Result<DeliveryFuture, KafkaError> {
         let headers = CloudEvent {
             id: &row.ce_id,
             ce_type: &row.ce_type,
@@ -457,7 +480,7 @@ impl Relay {
             .key(&row.key)
             .payload(&row.payload)
             .headers(headers);
-        self.producer.send_result(record).map_err(|(e, _)| e)
+        producer.send_result(record).map_err(|(e, _)| e)
     }
 
     fn publish_error(&self, row: &Outgoing, source: KafkaError) -> RelayError {
@@ -536,7 +559,7 @@ impl Relay {
         let mut parked = 0;
         for (row, first) in refused {
             tracing::warn!(ce_id = %row.ce_id, error = %first, "the broker refused an event; sending it alone");
-            let alone = match self.produce(&row) {
+            let alone = match self.produce(&self.producer, &row) {
                 Ok(delivery) => delivery.landed().await,
                 Err(e) => Err(e),
             };

@@ -33,6 +33,8 @@ pub enum Shards {
 pub struct Outgoing {
     /// The `outbox_pending` row.
     pub pending_id: i64,
+    /// Its shard key (the shard is this modulo `pipeline.relay_shards`).
+    pub shard_key: i64,
     /// The product, for change events (a parked row holds its product's later rows).
     pub product_id: Option<i64>,
     pub kind: Kind,
@@ -86,6 +88,7 @@ pub async fn read(
     let mut results = Vec::new();
     for row in &rows {
         let pending_id: i64 = row.try_get("", "pending_id")?;
+        let shard_key: i64 = row.try_get("", "shard_key")?;
         let product_id: Option<i64> = row.try_get("", "product_id")?;
         let change_id: Option<i64> = row.try_get("", "change_id")?;
         let request: Option<String> = row.try_get("", "pending_request")?;
@@ -99,6 +102,9 @@ pub async fn read(
                 out.push(gone(pending_id, request_id));
             }
             (None, None) => out.push(gone(pending_id, String::new())),
+        }
+        if let Some(last) = out.last_mut() {
+            last.shard_key = shard_key;
         }
     }
     if !results.is_empty() {
@@ -116,7 +122,9 @@ pub async fn read(
                 && (row.status == requests::Status::Completed.as_str()
                     || row.status == requests::Status::Failed.as_str())
             {
+                let shard_key = out[index].shard_key;
                 out[index] = result(out[index].pending_id, row);
+                out[index].shard_key = shard_key;
             }
         }
     }
@@ -155,10 +163,10 @@ pub fn read_sql(backend: DatabaseBackend, shards: &Shards, after: i64, limit: u6
         }
     };
     format!(
-        "WITH p AS MATERIALIZED (SELECT id, product_id, change_id, request_id \
+        "WITH p AS MATERIALIZED (SELECT id, shard_key, product_id, change_id, request_id \
          FROM outbox_pending o WHERE o.id > {after} AND o.parked_at IS NULL {filter} \
          ORDER BY o.id LIMIT {limit}) \
-         SELECT p.id AS pending_id, p.product_id, p.change_id, p.request_id AS pending_request, \
+         SELECT p.id AS pending_id, p.shard_key, p.product_id, p.change_id, p.request_id AS pending_request, \
          c.system, c.identity, c.product_code, c.event_id, c.op, c.traceparent, c.payload, \
          c.created_at FROM p {join} \
          WHERE p.product_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox_pending q \
@@ -180,6 +188,7 @@ fn change(
     let subject = code.unwrap_or(identity);
     Ok(Outgoing {
         pending_id,
+        shard_key: 0,
         product_id,
         kind: Kind::Change,
         key: wire::change_key(&system, &subject),
@@ -197,6 +206,7 @@ fn result(pending_id: i64, row: &request_rows::Model) -> Outgoing {
     let finished_at = row.finished_at.unwrap_or(row.started_at);
     Outgoing {
         pending_id,
+        shard_key: 0,
         product_id: None,
         kind: Kind::Result(row.request_id.clone()),
         key: row.request_id.clone(),
@@ -213,6 +223,7 @@ fn result(pending_id: i64, row: &request_rows::Model) -> Outgoing {
 fn gone(pending_id: i64, request_id: String) -> Outgoing {
     Outgoing {
         pending_id,
+        shard_key: 0,
         product_id: None,
         kind: Kind::Gone,
         key: request_id,
@@ -273,6 +284,31 @@ pub async fn done(
         }
     }
     requests::mark_published(db, &done.results, now).await
+}
+
+/// Removes rows a committed transaction published (found again in a shard's progress record
+/// after a takeover) and marks the results among them published.
+pub async fn done_by_ids(
+    db: &DatabaseConnection,
+    ids: &[i64],
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    let mut done = Done::default();
+    for chunk in ids.chunks(5000) {
+        let rows = outbox_pending::Entity::find()
+            .filter(outbox_pending::Column::Id.is_in(chunk.iter().copied()))
+            .all(db)
+            .await?;
+        for row in rows {
+            done.pending_ids.push(row.id);
+            if let (None, Some(request_id)) = (row.change_id, row.request_id) {
+                done.results.push(request_id);
+            }
+        }
+    }
+    let found = done.pending_ids.len();
+    self::done(db, done, now).await?;
+    Ok(found)
 }
 
 /// Parks a row the broker refused for good, with the refusal (cut short).

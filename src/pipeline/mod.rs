@@ -61,8 +61,10 @@ use crate::kafka::client_config;
 use crate::metrics::metrics;
 use crate::retry::{Backoff, RetryPolicy};
 
+pub mod notifications;
 pub mod process;
 
+pub use notifications::{Budget, NotificationRoute};
 pub use process::{Processor, RetryRoute};
 
 /// After this long past the drain deadline, an abandoned command's task is aborted.
@@ -208,6 +210,8 @@ pub struct Pipeline {
     pub requests_topic: String,
     /// The retry topic, consumed beside the request topic; `None` when disabled.
     pub retry_topic: Option<String>,
+    /// Change notifications, consumed beside the commands; `None` when disabled.
+    pub notifications: Option<Arc<NotificationRoute>>,
     pub max_in_flight: usize,
     pub drain_timeout: Duration,
     pub processor: Arc<Processor>,
@@ -239,6 +243,7 @@ impl Pipeline {
             running: HashMap::new(),
             consumer: consumer.clone(),
             processor: self.processor.clone(),
+            notifications: self.notifications.clone(),
             permits: Arc::new(Semaphore::new(self.max_in_flight)),
             drain_timeout: self.drain_timeout,
             max_retry_wait: self.processor.retry.as_ref().map_or(Duration::ZERO, |r| {
@@ -299,6 +304,7 @@ impl Pipeline {
     fn subscribe(&self, consumer: &StreamConsumer<Context>) -> Result<(), PipelineError> {
         let mut topics = vec![self.requests_topic.as_str()];
         topics.extend(self.retry_topic.as_deref());
+        topics.extend(self.notifications.as_ref().map(|n| n.topic.as_str()));
         consumer
             .subscribe(&topics)
             .map_err(|source| PipelineError::Subscribe {
@@ -359,6 +365,7 @@ struct Partitions {
     running: HashMap<PartitionKey, Running>,
     consumer: Arc<StreamConsumer<Context>>,
     processor: Arc<Processor>,
+    notifications: Option<Arc<NotificationRoute>>,
     permits: Arc<Semaphore>,
     drain_timeout: Duration,
     /// The longest a retry-topic command waits, whatever its header says.
@@ -402,9 +409,42 @@ impl Partitions {
         }
         let stop_taking = CancellationToken::new();
         let abandon = CancellationToken::new();
-        let task = tokio::spawn(
+        let task = match self.notifications.as_ref().filter(|n| n.topic == key.0) {
+            Some(route) => tokio::spawn(
+                notifications::task::NotificationTask {
+                    key: key.clone(),
+                    queue,
+                    consumer: self.consumer.clone(),
+                    processor: self.processor.clone(),
+                    route: route.clone(),
+                    stop_taking: stop_taking.clone(),
+                    abandon: abandon.clone(),
+                }
+                .run(),
+            ),
+            None => self.spawn_commands(key.clone(), queue, &stop_taking, &abandon),
+        };
+        self.running.insert(
+            key,
+            Running {
+                stop_taking,
+                abandon,
+                task,
+            },
+        );
+    }
+
+    /// The task of a request-topic or retry-topic partition.
+    fn spawn_commands(
+        &self,
+        key: PartitionKey,
+        queue: Queue,
+        stop_taking: &CancellationToken,
+        abandon: &CancellationToken,
+    ) -> JoinHandle<()> {
+        tokio::spawn(
             PartitionTask {
-                key: key.clone(),
+                key,
                 queue,
                 consumer: self.consumer.clone(),
                 processor: self.processor.clone(),
@@ -414,15 +454,7 @@ impl Partitions {
                 max_retry_wait: self.max_retry_wait,
             }
             .run(),
-        );
-        self.running.insert(
-            key,
-            Running {
-                stop_taking,
-                abandon,
-                task,
-            },
-        );
+        )
     }
 
     async fn stop_all(&mut self) {

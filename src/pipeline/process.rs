@@ -46,7 +46,7 @@ pub struct Abandoned;
 
 /// Failures inside one attempt at a command.
 #[derive(Debug, thiserror::Error)]
-enum AttemptError {
+pub(super) enum AttemptError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("producing to Kafka failed: {0}")]
@@ -716,7 +716,7 @@ impl Processor {
     }
 
     /// Sends the original bytes and key to the DLQ with headers naming the reason.
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &self,
         msg: &OwnedMessage,
         reason: &str,

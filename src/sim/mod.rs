@@ -55,6 +55,9 @@ pub struct Faults {
     pub retry_after_s: u64,
     /// Added to every products request.
     pub latency_ms: u64,
+    /// Every page is read from the catalogue, then held this long before it is sent: the
+    /// answer carries the catalogue as it was when asked.
+    pub answer_delay_ms: u64,
     /// Answer 200 with a body that is not JSON.
     pub malformed_rate: f64,
     /// Cut the connection in the middle of the response body.
@@ -158,6 +161,8 @@ pub struct Stats {
     pub token_requests: AtomicU64,
     pub tokens_issued: AtomicU64,
     pub product_requests: AtomicU64,
+    /// Pages read from the catalogue (counted before an `answer_delay_ms` hold).
+    pub pages_read: AtomicU64,
     pub faults_injected: AtomicU64,
     pub registrations: AtomicU64,
     pub heartbeats: AtomicU64,
@@ -646,6 +651,11 @@ async fn products(
     let bad_record = fault == Some(Fault::BadRecord);
     let offset = offset + usize::from(fault == Some(Fault::SkipOne));
     let body = render_page(&sim, &selector, offset, page_size, bad_record);
+    sim.inner.stats.pages_read.fetch_add(1, Ordering::SeqCst);
+    let hold = lock(&sim.inner.faults).answer_delay_ms;
+    if hold > 0 {
+        tokio::time::sleep(Duration::from_millis(hold)).await;
+    }
     if fault == Some(Fault::Drop) {
         return dropped(body);
     }

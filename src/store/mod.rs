@@ -18,6 +18,7 @@ use crate::retry::{RetryPolicy, Transient, retry};
 pub mod entity;
 pub mod fold;
 pub mod migration;
+pub mod notifications;
 pub mod pauses;
 pub mod requests;
 pub mod schedules;

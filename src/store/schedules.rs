@@ -15,7 +15,7 @@ use super::StoreError;
 pub const SCHEDULER_LEASE: &str = "scheduler";
 
 /// `$n` placeholders as the backend wants them (`?` on SQLite, in the same order).
-fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
+pub(super) fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
     let sql = match backend {
         DatabaseBackend::Postgres => sql.to_owned(),
         _ => {
@@ -37,7 +37,7 @@ fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Stateme
     Statement::from_sql_and_values(backend, sql, values)
 }
 
-async fn execute(
+pub(super) async fn execute(
     db: &impl ConnectionTrait,
     sql: &str,
     values: Vec<Value>,
@@ -46,7 +46,7 @@ async fn execute(
     Ok(db.execute_raw(s).await?.rows_affected())
 }
 
-async fn query(
+pub(super) async fn query(
     db: &impl ConnectionTrait,
     sql: &str,
     values: Vec<Value>,

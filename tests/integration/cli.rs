@@ -179,10 +179,10 @@ async fn simulate_serves_several_systems_each_with_its_own_secret() {
     assert_eq!(token(url_of("fund"), "local-dev-secret").await, 401);
 }
 
-#[tokio::test]
-async fn request_publishes_a_command_that_tail_shows() {
+/// The broker's settings and a new one-partition topic named after `prefix`.
+async fn one_partition_topic(prefix: &str) -> (product_sync::config::KafkaSettings, String) {
     let kafka = crate::helpers::require_kafka().await;
-    let topic = crate::helpers::unique("cli-requests");
+    let topic = crate::helpers::unique(prefix);
     product_sync::kafka::ensure_topics(
         &kafka,
         &[product_sync::kafka::TopicSpec {
@@ -194,6 +194,12 @@ async fn request_publishes_a_command_that_tail_shows() {
     )
     .await
     .unwrap();
+    (kafka, topic)
+}
+
+#[tokio::test]
+async fn request_publishes_a_command_that_tail_shows() {
+    let (kafka, topic) = one_partition_topic("cli-requests").await;
     let env = [
         (
             "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS",
@@ -298,6 +304,58 @@ async fn request_publishes_a_command_that_tail_shows() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a complete set"));
+}
+
+#[tokio::test]
+async fn notify_publishes_a_notification_that_tail_shows_and_refuses_a_bad_one() {
+    let (kafka, topic) = one_partition_topic("cli-notifications").await;
+    let env = [
+        (
+            "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS",
+            kafka.bootstrap_servers.as_str(),
+        ),
+        ("PRODUCT_SYNC__TOPICS__NOTIFICATIONS", topic.as_str()),
+    ];
+    let out = binary()
+        .args(["notify", "--codes", "WM0000001,WM0000002"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = binary()
+        .args([
+            "tail",
+            "--topic",
+            "notifications",
+            "--from-beginning",
+            "--count",
+            "1",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("key=WM0000001") && shown.contains("\"WM0000002\""),
+        "{shown}"
+    );
+    // What the service would refuse is refused before it is sent, with the same reason.
+    for (args, reason) in [
+        (vec!["notify", "--codes", "A B"], "not a product code"),
+        (
+            vec!["notify", "--system", "nope", "--codes", "A"],
+            "unknown system",
+        ),
+    ] {
+        let out = binary().args(&args).envs(env).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -85,8 +85,18 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
     settings.http.admin_token = Some(SecretString::from(TOKEN));
     // A nightly drift check: shown with its next slot (it never comes due in this test).
     settings.upstream.schedule.drift_check_cron = Some("0 0 2 * * *".parse().unwrap());
+    settings.topics.notifications = settings
+        .topics
+        .requests
+        .replace(".requests", ".notifications");
     let app = w.start_with(settings).await;
     let base = format!("http://{}", app.ops);
+    // Two commands made from 100 notifications naming 40 codes (as any instance counts them).
+    for _ in 0..2 {
+        product_sync::store::notifications::count_command(&w.db, "wms", 50, 20, chrono::Utc::now())
+            .await
+            .expect("count notification commands");
+    }
     // A command the management system refuses (403): the console must show its error.
     w.sim.sim.set_faults(Faults {
         script: [Fault::Forbidden].into(),
@@ -130,6 +140,26 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
         },
     )
     .await;
+    // The coalescing of notifications: counts across instances and the ratio.
+    let notes = "#notifications tbody tr[data-system=wms]";
+    wait_for(
+        "the notifications' row",
+        Duration::from_secs(30),
+        || async {
+            let cells = [2, 3, 4, 5].map(|i| format!("{notes} td:nth-child({i})"));
+            let mut shown = Vec::new();
+            for cell in &cells {
+                shown.push(text_of(&c, cell).await);
+            }
+            (shown == ["100", "40", "2", "50"]).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        text_of(&c, "#notifications-pending")
+            .await
+            .contains("bound 10000")
+    );
     // The failed command, with its error in the list and in its detail.
     let failed = "#commands tr[data-request-id='refused-1'][data-status=failed]";
     wait_for(

@@ -6,6 +6,7 @@ mod cli;
 mod console;
 mod deploy;
 mod dlq;
+mod exactly_once;
 mod fold;
 #[path = "../fuzz/checks.rs"]
 mod fuzz_checks;
@@ -14,6 +15,7 @@ mod helpers;
 mod hostile;
 mod kafka_smoke;
 mod layout;
+mod notifications;
 mod pipeline;
 mod relay;
 mod schedule;

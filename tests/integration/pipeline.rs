@@ -77,9 +77,16 @@ pub async fn world(products: usize, partitions: i32) -> World {
         ("PRODUCT_SYNC__TOPICS__RESULTS", topics[2].clone()),
         ("PRODUCT_SYNC__TOPICS__DLQ", topics[3].clone()),
         ("PRODUCT_SYNC__TOPICS__STATE", topics[4].clone()),
+        // Its own progress topic: a shard's progress partition is written by no one else.
+        (
+            "PRODUCT_SYNC__TOPICS__RELAY_PROGRESS",
+            format!("{prefix}.relay-progress"),
+        ),
         // Off unless a test turns it on (`World::with_retry_topic`): most tests are about
         // what a transient failure does without it (the DLQ).
         ("PRODUCT_SYNC__TOPICS__RETRY", String::new()),
+        // Off unless a test turns it on (tests/integration/notifications.rs).
+        ("PRODUCT_SYNC__TOPICS__NOTIFICATIONS", String::new()),
         ("PRODUCT_SYNC__TOPICS__PARTITIONS", partitions.to_string()),
         (
             "PRODUCT_SYNC__DATABASE__URL",
@@ -243,54 +250,24 @@ impl World {
         self.send(request_id, body.as_bytes(), &[]).await;
     }
 
-    /// Every record of a topic from the start.
+    /// Every committed record of a topic from the start (read_committed, as downstream
+    /// consumers are told to read).
     pub async fn read_all(&self, topic: &str) -> Vec<OwnedMessage> {
+        self.read_all_isolated(topic, "read_committed").await
+    }
+
+    /// Every record of a topic from the start, read with the given `isolation.level`.
+    pub async fn read_all_isolated(&self, topic: &str, isolation: &str) -> Vec<OwnedMessage> {
         let kafka = self.settings.kafka.clone();
-        let topic = topic.to_owned();
+        let (topic, isolation) = (topic.to_owned(), isolation.to_owned());
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = client_config(&kafka)
-                .set("group.id", unique("reader"))
-                .set("enable.auto.commit", "false")
-                .create()
-                .unwrap();
-            let md = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .unwrap();
-            let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
-            let mut list = TopicPartitionList::new();
-            let mut ends = HashMap::new();
-            for p in parts {
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+            let consumer: BaseConsumer =
+                product_sync::kafka::reader_config(&kafka, &unique("reader"))
+                    .set("isolation.level", &isolation)
+                    .create()
                     .unwrap();
-                if high > low {
-                    list.add_partition_offset(&topic, p, Offset::Offset(low))
-                        .unwrap();
-                    ends.insert(p, high);
-                }
-            }
-            let mut out = Vec::new();
-            if ends.is_empty() {
-                return out;
-            }
-            consumer.assign(&list).unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while !ends.is_empty() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "reading {topic} timed out"
-                );
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                    if ends
-                        .get(&m.partition())
-                        .is_some_and(|e| m.offset() + 1 >= *e)
-                    {
-                        ends.remove(&m.partition());
-                    }
-                    out.push(m.detach());
-                }
-            }
-            out
+            product_sync::dlq::read_until_end(&consumer, &topic, false)
+                .unwrap_or_else(|e| panic!("reading {topic} failed: {e}"))
         })
         .await
         .unwrap()
@@ -873,7 +850,10 @@ pub fn signal(child: &ChildGuard, sig: &str) {
 /// Per product, in offset order ([`product_sync::audit`]): revisions 1..=n by one, each
 /// following on the one before; a repeated revision is the same event; n is the stored
 /// revision, and no other product has events. Returns the repeats.
-fn assert_gapless(events: &[OwnedMessage], stored: &BTreeMap<Identity, (Product, i64)>) -> usize {
+pub fn assert_gapless(
+    events: &[OwnedMessage],
+    stored: &BTreeMap<Identity, (Product, i64)>,
+) -> usize {
     let audit = product_sync::audit::Audit::of(events);
     assert!(
         audit.is_clean(),

@@ -63,7 +63,7 @@ async fn queued(w: &World) -> u64 {
 }
 
 /// A free port on the loopback (bound, then released for a child process to take).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -173,6 +173,7 @@ fn relay(w: &World, producer: FutureProducer, max_event_bytes: usize) -> Relay {
             batch: 100,
             interval: Duration::from_millis(20),
             max_event_bytes,
+            exactly_once: None,
         },
         Leases::postgres(w.settings.database.url.clone(), unique("relay"), 4),
         Arc::new(tokio::sync::Notify::new()),
@@ -186,7 +187,18 @@ fn producer(w: &World) -> FutureProducer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_row_whose_transaction_commits_late_is_published_not_skipped() {
+async fn a_row_whose_transaction_commits_late_is_published_once_by_the_transactional_relay() {
+    late_commit(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_whose_transaction_commits_late_is_published_not_skipped_by_the_idempotent_relay() {
+    late_commit(false).await;
+}
+
+/// A row whose store transaction commits after later rows of its shard were published is
+/// published, once (read_committed).
+async fn late_commit(exactly_once: bool) {
     let w = world(200, 1).await;
     // A writer takes queue ids first and commits last.
     let url = w.settings.database.url.expose_secret().to_owned();
@@ -214,7 +226,9 @@ async fn a_row_whose_transaction_commits_late_is_published_not_skipped() {
             .expect("late writer");
     }
     // Others commit after it took its ids, and are published.
-    let app = w.start().await;
+    let mut settings = w.settings.clone();
+    settings.pipeline.exactly_once = exactly_once;
+    let app = w.start_with(settings).await;
     w.command("early", json!({"category": "mixed"})).await;
     w.wait_results(&["early"], Duration::from_secs(60)).await;
     w.wait_outbox_empty(Duration::from_secs(30)).await;

@@ -384,7 +384,15 @@ async fn a_paused_system_s_commands_wait_without_using_attempts_and_run_once_res
             "no attempt used"
         );
     }
-    let results = w.results().await;
+    // The other system's command completes meanwhile (its result may land after the waits).
+    let results = wait_for("w-meanwhile completed", Duration::from_secs(60), || async {
+        let results = w.results().await;
+        results_of(&results, "w-meanwhile")
+            .iter()
+            .any(|r| r["status"] == "completed")
+            .then_some(results)
+    })
+    .await;
     let paused = results_of(&results, "f-paused");
     assert_eq!(paused.len(), 1, "one retrying result per pause: {paused:?}");
     assert_eq!(paused[0]["status"], "retrying", "{}", paused[0]);

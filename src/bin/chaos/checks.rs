@@ -35,6 +35,9 @@ pub struct Sent<'a> {
     pub hostile: &'a [String],
     /// Identity keys of the products withdrawn upstream (never offered again).
     pub withdrawn: &'a [String],
+    /// Each (system, code) a notification named, and the keys of the bad notifications.
+    pub notified: &'a [(String, String)],
+    pub bad_notifications: &'a [String],
 }
 
 /// The figures of the result line (the run's own counts are added by `main`).
@@ -49,8 +52,11 @@ pub struct Verdict {
     pub lost: usize,
     pub doubled: usize,
     pub out_of_order: usize,
-    /// Identical re-publications: allowed, reported.
+    /// Identical re-publications seen by a read_committed reader: a failure with
+    /// `pipeline.exactly_once` (the default), allowed and only reported without it.
     pub repeats: usize,
+    /// Whether the instances ran the transactional relay.
+    pub exactly_once: bool,
     pub gaps: usize,
     pub stalled: usize,
     pub leaked_secrets: usize,
@@ -59,6 +65,8 @@ pub struct Verdict {
     pub delisted: usize,
     /// `delisted` events of products the management system still offered.
     pub wrongly_delisted: usize,
+    /// Commands made from notifications (distinct request ids).
+    pub notification_commands: usize,
     /// The first problems of the change topic, described.
     pub problems: Vec<String>,
 }
@@ -103,6 +111,8 @@ impl Verdict {
         lost += state_not_rebuilt(settings, &[("wms", &stored), ("fund", &fund)])?;
         let dlq = read_all(settings, &settings.topics.dlq)?;
         lost += bad_not_rejected(sent, &dlq, results);
+        let asked = notification_commands(settings)?;
+        lost += not_asked(sent, &asked) + bad_notifications_not_refused(settings, sent, &dlq);
         let withdrawn: BTreeSet<String> = sent
             .withdrawn
             .iter()
@@ -128,12 +138,16 @@ impl Verdict {
             doubled: audit.doubled,
             out_of_order: audit.out_of_order,
             repeats: audit.repeats,
+            exactly_once: settings.pipeline.exactly_once,
             gaps,
-            stalled: stalled_partitions(world)? + unended_hostile,
+            stalled: stalled_partitions(world, &settings.topics.requests)?
+                + stalled_partitions(world, &settings.topics.notifications)?
+                + unended_hostile,
             leaked_secrets: leaked_secrets(world, &[results, &dlq])?,
             withdrawn: withdrawn.len(),
             delisted: delisted.len(),
             wrongly_delisted,
+            notification_commands: asked.len(),
             problems: audit.problems,
         })
     }
@@ -146,6 +160,7 @@ impl Verdict {
             + self.stalled
             + self.leaked_secrets
             + self.wrongly_delisted
+            + if self.exactly_once { self.repeats } else { 0 }
             == 0
     }
 }
@@ -281,10 +296,64 @@ fn bad_not_rejected(sent: &Sent<'_>, dlq: &[OwnedMessage], results: &[OwnedMessa
         .count()
 }
 
-/// Partitions whose committed offset is behind their end.
-fn stalled_partitions(world: &World) -> anyhow::Result<usize> {
+/// The commands made from notifications: request id → (system, codes asked).
+fn notification_commands(
+    settings: &Settings,
+) -> anyhow::Result<BTreeMap<String, (String, Vec<String>)>> {
+    Ok(read_all(settings, &settings.topics.requests)?
+        .iter()
+        .map(json_of)
+        .filter_map(|c| {
+            let id = c["request_id"].as_str()?.to_owned();
+            let system = c["system"].as_str()?.to_owned();
+            let codes = c["selector"]["product_codes"]
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+            id.starts_with("notif:").then_some((id, (system, codes)))
+        })
+        .collect())
+}
+
+/// Notified codes that no command made from notifications asked for (a lost notification).
+fn not_asked(sent: &Sent<'_>, asked: &BTreeMap<String, (String, Vec<String>)>) -> usize {
+    let asked: BTreeSet<(&str, &str)> = asked
+        .values()
+        .flat_map(|(system, codes)| codes.iter().map(move |c| (system.as_str(), c.as_str())))
+        .collect();
+    let notified: BTreeSet<(&str, &str)> = sent
+        .notified
+        .iter()
+        .map(|(s, c)| (s.as_str(), c.as_str()))
+        .collect();
+    notified.difference(&asked).count()
+}
+
+/// Bad notifications without a DLQ record that names the notification topic and a reason.
+fn bad_notifications_not_refused(
+    settings: &Settings,
+    sent: &Sent<'_>,
+    dlq: &[OwnedMessage],
+) -> usize {
+    let refused: BTreeSet<String> = dlq
+        .iter()
+        .filter(|m| {
+            header(m, dlqh::ORIGINAL_TOPIC).as_deref()
+                == Some(settings.topics.notifications.as_str())
+                && header(m, dlqh::REASON).is_some_and(|r| !r.is_empty())
+        })
+        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+        .collect();
+    sent.bad_notifications
+        .iter()
+        .filter(|k| !refused.contains(*k))
+        .count()
+}
+
+/// Partitions of `topic` whose committed offset is behind their end.
+fn stalled_partitions(world: &World, topic: &str) -> anyhow::Result<usize> {
     let settings = &world.settings;
-    let topic = &settings.topics.requests;
     let consumer: BaseConsumer = client_config(&settings.kafka)
         .set("group.id", &settings.kafka.group_id)
         .create()?;

@@ -8,15 +8,21 @@
 //! system drains, it checks that nothing was lost, doubled, left with a gap, stalled, or
 //! leaked, and prints one line:
 //!
-//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> hostile_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n> crashes=<n> unclean_exits=<n> out_of_order=<n> max_stall_s=<n> repeats=<n> withdrawn=<n> delisted=<n> wrongly_delisted=<n> system_outages=<n> fund_products=<n>`
+//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> hostile_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n> crashes=<n> unclean_exits=<n> out_of_order=<n> max_stall_s=<n> repeats=<n> withdrawn=<n> delisted=<n> wrongly_delisted=<n> system_outages=<n> fund_products=<n> notifications=<n> notification_commands=<n>`
 //!
 //! A second management system, `fund`, gets every fourth command; the schedule takes it
 //! down for 15–40 s at a time (`system_outages`) while `wms` carries on: its commands must
 //! heal through the retry topic, its products match its own catalogue at the end.
 //!
+//! Every other step of the stream sends a burst of change notifications (either system,
+//! single codes and lists, many twice, now and then a bad one): every notified code must be
+//! asked for by a command made from notifications (else it counts as lost), every bad one
+//! must be in the DLQ with its reason, and no notification partition may be left behind.
+//!
 //! Exit status 1 when any of lost, doubled, gaps, stalled, leaked_secrets, crashes,
-//! unclean_exits, out_of_order is above zero, or max_stall_s above [`MAX_STALL`] (repeats —
-//! identical re-publications — are allowed and only reported).
+//! unclean_exits, out_of_order is above zero, or max_stall_s above [`MAX_STALL`]; repeats —
+//! identical re-publications seen by the audit, which reads committed records — too with
+//! `pipeline.exactly_once` (the default; without it they are allowed and only reported).
 //! Run it through `deploy/local/chaos.sh [--short] [--seed S]`.
 
 use std::collections::BTreeSet;
@@ -246,13 +252,9 @@ fn selectors() -> Vec<Value> {
 
 /// Every record of a topic from its start up to its end now.
 fn read_all(settings: &Settings, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
-    let consumer: BaseConsumer = client_config(&settings.kafka)
-        .set(
-            "group.id",
-            format!("chaos-reader-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let group = format!("chaos-reader-{}", uuid::Uuid::new_v4().simple());
+    let consumer: BaseConsumer =
+        product_sync::kafka::reader_config(&settings.kafka, &group).create()?;
     Ok(product_sync::dlq::read_until_end(&consumer, topic, false)?)
 }
 
@@ -299,6 +301,8 @@ async fn main() -> anyhow::Result<()> {
         bad: &bad_sent,
         hostile: &faults.hostile_ids,
         withdrawn: &streamed.withdrawn,
+        notified: &streamed.notified,
+        bad_notifications: &streamed.bad_notifications,
     };
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
     world.sim_stop.cancel();
@@ -309,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
         &verdict,
         max_stall,
         bad_sent.len(),
+        streamed.notifications,
     );
     eprintln!(
         "chaos: scale changes {}, good commands {}, change events {}, logs in {}",
@@ -365,10 +370,11 @@ fn result_line(
     verdict: &checks::Verdict,
     max_stall: Duration,
     bad_commands: usize,
+    notifications: usize,
 ) {
     let max_stall_s = max_stall.as_secs();
     println!(
-        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={} withdrawn={} delisted={} wrongly_delisted={} system_outages={} fund_products={}",
+        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={} withdrawn={} delisted={} wrongly_delisted={} system_outages={} fund_products={} notifications={notifications} notification_commands={}",
         faults.kills,
         faults.sigterms,
         faults.broker_restarts,
@@ -389,6 +395,7 @@ fn result_line(
         verdict.wrongly_delisted,
         faults.system_outages,
         verdict.fund_products,
+        verdict.notification_commands,
     );
     for problem in &verdict.problems {
         eprintln!("chaos: change topic: {problem}");

@@ -157,6 +157,7 @@ async fn own_topics(settings: &Settings) -> anyhow::Result<()> {
         &t.dlq,
         &t.state,
         &t.retry,
+        &t.notifications,
     ]
     .into_iter()
     .map(|n| TopicSpec {
@@ -195,15 +196,6 @@ fn environment(o: &Options, db_url: &url::Url, sim_url: &str) -> HashMap<String,
             "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__HEARTBEAT_INTERVAL_MS",
             "1000".to_owned(),
         ),
-        (
-            "PRODUCT_SYNC__TOPICS__REQUESTS",
-            format!("{prefix}.requests"),
-        ),
-        ("PRODUCT_SYNC__TOPICS__CHANGES", format!("{prefix}.changes")),
-        ("PRODUCT_SYNC__TOPICS__RESULTS", format!("{prefix}.results")),
-        ("PRODUCT_SYNC__TOPICS__DLQ", format!("{prefix}.dlq")),
-        ("PRODUCT_SYNC__TOPICS__STATE", format!("{prefix}.state")),
-        ("PRODUCT_SYNC__TOPICS__RETRY", format!("{prefix}.retry")),
         (
             "PRODUCT_SYNC__PIPELINE__RETRY_DELAYS_MS",
             "5000,15000,30000,60000".to_owned(),
@@ -246,8 +238,32 @@ fn environment(o: &Options, db_url: &url::Url, sim_url: &str) -> HashMap<String,
         ),
     ]
     .into_iter()
+    .chain(topics(&prefix))
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// This run's topics, all named after its prefix.
+fn topics(prefix: &str) -> [(&'static str, String); 8] {
+    [
+        (
+            "PRODUCT_SYNC__TOPICS__REQUESTS",
+            format!("{prefix}.requests"),
+        ),
+        ("PRODUCT_SYNC__TOPICS__CHANGES", format!("{prefix}.changes")),
+        ("PRODUCT_SYNC__TOPICS__RESULTS", format!("{prefix}.results")),
+        ("PRODUCT_SYNC__TOPICS__DLQ", format!("{prefix}.dlq")),
+        ("PRODUCT_SYNC__TOPICS__STATE", format!("{prefix}.state")),
+        ("PRODUCT_SYNC__TOPICS__RETRY", format!("{prefix}.retry")),
+        (
+            "PRODUCT_SYNC__TOPICS__RELAY_PROGRESS",
+            format!("{prefix}.relay-progress"),
+        ),
+        (
+            "PRODUCT_SYNC__TOPICS__NOTIFICATIONS",
+            format!("{prefix}.notifications"),
+        ),
+    ]
 }
 
 /// The background stream of commands: good ones on random selectors, every third step a
@@ -258,11 +274,16 @@ pub struct CommandStream {
 }
 
 /// What the command stream did: the good commands' ids, the bad ones' keys, and the identity
-/// keys of the products it withdrew upstream (never offered again).
+/// keys of the products it withdrew upstream (never offered again), and the notifications it
+/// sent: each (system, code) named, and the keys of the bad ones.
 pub struct Streamed {
     pub good: Vec<String>,
     pub bad: Vec<String>,
     pub withdrawn: Vec<String>,
+    pub notified: Vec<(String, String)>,
+    pub bad_notifications: Vec<String>,
+    /// Notifications sent in all (good and bad, duplicates counted).
+    pub notifications: usize,
 }
 
 impl CommandStream {
@@ -271,6 +292,7 @@ impl CommandStream {
         let task = tokio::spawn(stream(
             producer.clone(),
             world.settings.topics.requests.clone(),
+            world.settings.topics.notifications.clone(),
             world.sim.clone(),
             world.fund.clone(),
             seed,
@@ -289,6 +311,7 @@ impl CommandStream {
 async fn stream(
     producer: FutureProducer,
     topic: String,
+    notifications: String,
     sim: Sim,
     fund: Sim,
     seed: u64,
@@ -310,8 +333,14 @@ async fn stream(
         }
     };
     let mut n = 0u64;
+    let mut notes = Notes::default();
     while !stop.is_cancelled() {
         n += 1;
+        if n.is_multiple_of(2) {
+            notes
+                .burst(&producer, &notifications, &sim, &fund, &mut rng, n)
+                .await;
+        }
         let id = format!("chaos-{n}");
         let body = if n.is_multiple_of(4) {
             // The second system: its whole catalogue or one category.
@@ -354,6 +383,89 @@ async fn stream(
         good,
         bad: bad_sent,
         withdrawn,
+        notified: notes.notified,
+        bad_notifications: notes.bad,
+        notifications: notes.sent,
+    }
+}
+
+/// The notifications the stream sent.
+#[derive(Default)]
+struct Notes {
+    notified: Vec<(String, String)>,
+    bad: Vec<String>,
+    sent: usize,
+}
+
+impl Notes {
+    /// A burst as a management system sends them: 5–60 products of either system named one
+    /// by one or in lists, many twice, and now and then a notification that must be refused.
+    async fn burst(
+        &mut self,
+        producer: &FutureProducer,
+        topic: &str,
+        wms: &Sim,
+        fund: &Sim,
+        rng: &mut StdRng,
+        n: u64,
+    ) {
+        let (system, sim) = if rng.gen_bool(0.25) {
+            ("fund", fund)
+        } else {
+            ("wms", wms)
+        };
+        let catalogue = sim.catalogue();
+        let codes: Vec<String> = (0..rng.gen_range(5..60))
+            .filter_map(|_| {
+                let products = catalogue.products();
+                products[rng.gen_range(0..products.len())]
+                    .content
+                    .product_code
+                    .clone()
+            })
+            .collect();
+        let mut bodies: Vec<(&[String], serde_json::Value)> = Vec::new();
+        for chunk in codes.chunks(rng.gen_range(1..8)) {
+            let body = match chunk {
+                [one] => json!({"system": system, "product_code": one}),
+                many => json!({"system": system, "product_codes": many}),
+            };
+            if rng.gen_bool(0.5) {
+                bodies.push((chunk, body.clone()));
+            }
+            bodies.push((chunk, body));
+        }
+        let bad = match n % 26 {
+            0 => Some(json!({"system": "nowhere", "product_code": "WM0000001"})),
+            12 => Some(json!({"product_code": "two words"})),
+            _ => None,
+        };
+        for (chunk, body) in &bodies {
+            let payload = body.to_string();
+            let record = FutureRecord::to(topic).key(&chunk[0]).payload(&payload);
+            if producer
+                .send(record, Duration::from_secs(120))
+                .await
+                .is_ok()
+            {
+                self.sent += 1;
+                self.notified
+                    .extend(chunk.iter().map(|c| (system.to_owned(), c.clone())));
+            }
+        }
+        if let Some(body) = bad {
+            let key = format!("bad-notification-{n}");
+            let payload = body.to_string();
+            let record = FutureRecord::to(topic).key(&key).payload(&payload);
+            if producer
+                .send(record, Duration::from_secs(120))
+                .await
+                .is_ok()
+            {
+                self.sent += 1;
+                self.bad.push(key);
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod m20261128_000001_outbox_pending;
 mod m20261130_000001_delisting;
 mod m20261201_000001_console;
 mod m20261202_000001_schedules;
+mod m20261203_000001_notifications;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000001_delisting::Migration),
             Box::new(m20261201_000001_console::Migration),
             Box::new(m20261202_000001_schedules::Migration),
+            Box::new(m20261203_000001_notifications::Migration),
         ]
     }
 }

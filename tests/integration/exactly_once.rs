@@ -1,0 +1,381 @@
+//! Exactly once downstream (`pipeline.exactly_once`, DESIGN.md part 3), against the real
+//! broker and PostgreSQL with `product-sync run` processes: relay holders killed with `kill -9`
+//! in the middle of a 20,000-event publication, and a holder frozen with `SIGSTOP` while
+//! another takes its shards. A read_committed reader sees every revision exactly once and in
+//! order; a read_uncommitted reader sees the aborted records too (so the check can fail).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use product_sync::command::Selector;
+use product_sync::outbox::shards::Leases;
+use product_sync::outbox::transactional::Transactions;
+use product_sync::outbox::{Relay, RelaySettings};
+use product_sync::product::Product;
+use product_sync::retry::RetryPolicy;
+use product_sync::store::fold::{FoldContext, fold_page};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use sea_orm::{ConnectionTrait, DatabaseBackend, EntityTrait, PaginatorTrait, Statement};
+
+use crate::helpers::wait_for;
+use crate::pipeline::{ChildGuard, World, signal, wait_exit, world};
+
+/// Folds every product of the simulator into the store (in pages of 500), queueing one
+/// change row per product for the relay; returns how many.
+async fn fold_everything(w: &World, request_id: &str) -> usize {
+    let products: Vec<Product> = w
+        .sim
+        .sim
+        .catalogue()
+        .select(&Selector::default())
+        .cloned()
+        .collect();
+    let ctx = FoldContext {
+        system: "wms",
+        request_id: Some(request_id),
+        traceparent: None,
+    };
+    for page in products.chunks(500) {
+        fold_page(
+            &w.db,
+            &ctx,
+            page,
+            &RetryPolicy::with_budget(Duration::from_secs(30)),
+        )
+        .await
+        .expect("fold");
+    }
+    products.len()
+}
+
+async fn queued(w: &World) -> u64 {
+    product_sync::store::entity::outbox_pending::Entity::find()
+        .count(&w.db)
+        .await
+        .expect("count the queue")
+}
+
+/// Waits until the queue is at most `at_most` rows (or empty).
+async fn wait_queue_below(w: &World, at_most: u64, deadline: Duration) -> u64 {
+    wait_for(
+        &format!("the queue to shrink to {at_most} rows"),
+        deadline,
+        || async {
+            let n = queued(w).await;
+            (n <= at_most).then_some(n)
+        },
+    )
+    .await
+}
+
+/// The change topic read both ways; asserts what a read_committed reader must see (every
+/// stored revision exactly once, in order) and returns (committed, uncommitted) counts.
+async fn audit_both_ways(w: &World) -> (usize, usize) {
+    let committed = w.read_all(&w.settings.topics.changes).await;
+    let stored = w.stored().await;
+    let repeats = crate::pipeline::assert_gapless(&committed, &stored);
+    assert_eq!(repeats, 0, "a read_committed reader sees no repeat");
+    assert_eq!(
+        committed.len(),
+        stored.values().map(|(_, r)| *r as usize).sum::<usize>(),
+        "one event per revision"
+    );
+    let uncommitted: Vec<OwnedMessage> = w
+        .read_all_isolated(&w.settings.topics.changes, "read_uncommitted")
+        .await;
+    (committed.len(), uncommitted.len())
+}
+
+/// Relay batches small enough that a publication of 20,000 rows spans many transactions.
+const SMALL_BATCHES: (&str, &str) = ("PRODUCT_SYNC__PIPELINE__RELAY_BATCH_SIZE", "800");
+
+/// The topic's ends per partition: (last stable offset, the end a read_committed client is
+/// told; high watermark, a read_uncommitted one's). Stable behind high: a transaction is open.
+async fn ends(w: &World, topic: &str) -> Vec<(i64, i64)> {
+    let kafka = w.settings.kafka.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let end = |isolation: &str| -> Vec<i64> {
+            let consumer: BaseConsumer = product_sync::kafka::reader_config(&kafka, "watermarks")
+                .set("isolation.level", isolation)
+                .create()
+                .expect("a watermark reader");
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("the topic's metadata");
+            let partitions = metadata.topics()[0].partitions().len() as i32;
+            (0..partitions)
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                        .expect("the partition's watermarks")
+                        .1
+                })
+                .collect()
+        };
+        let (stable, high) = (end("read_committed"), end("read_uncommitted"));
+        stable.into_iter().zip(high).collect()
+    })
+    .await
+    .expect("the watermark task")
+}
+
+/// Freezes the holder (`SIGSTOP`) at a moment it has a transaction open on the change topic:
+/// freeze, look, and if none is open, thaw until the topic grows and look again. `since` is
+/// each partition's high watermark when the previous holder was killed: its transactions
+/// must have been aborted (fenced by this holder) before an open one counts as this one's.
+/// Returns the high watermarks at the catch, or None when the queue ran dry first (the holder
+/// stays frozen either way).
+async fn freeze_mid_transaction(
+    w: &World,
+    holder: &ChildGuard,
+    since: &[i64],
+) -> Option<Vec<i64>> {
+    let topic = w.settings.topics.changes.clone();
+    for _ in 0..500 {
+        signal(holder, "STOP");
+        let now = ends(w, &topic).await;
+        let previous_resolved = now
+            .iter()
+            .zip(since.iter().chain(std::iter::repeat(&0)))
+            .all(|((stable, _), since)| stable >= since);
+        if previous_resolved && now.iter().any(|(stable, high)| stable < high) {
+            return Some(now.iter().map(|(_, high)| *high).collect());
+        }
+        if queued(w).await == 0 {
+            return None;
+        }
+        let before: i64 = now.iter().map(|(_, high)| high).sum();
+        signal(holder, "CONT");
+        wait_for(
+            "the holder to publish more",
+            Duration::from_secs(120),
+            || async {
+                let high: i64 = ends(w, &topic).await.iter().map(|(_, h)| h).sum();
+                (high > before || queued(w).await == 0).then_some(())
+            },
+        )
+        .await;
+    }
+    panic!("no open transaction of the holder seen in 500 looks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_relay_holders_mid_publication_repeats_nothing_for_read_committed_readers() {
+    let w = world(20_000, 1).await;
+    let total = fold_everything(&w, "bulk").await as u64;
+    assert_eq!(queued(&w).await, total);
+
+    // Holders killed one after another, each caught with a transaction open (its records
+    // on the log, visible to read_uncommitted readers only, aborted by the next holder's
+    // fencing); at least three kills, each in the middle of the publication.
+    let mut since = Vec::new();
+    for kill in 0..3 {
+        let mut holder = w.spawn_process(&format!("holder-{kill}"), &[SMALL_BATCHES]);
+        let caught = freeze_mid_transaction(&w, &holder, &since).await;
+        signal(&holder, "KILL");
+        wait_exit(&mut holder, Duration::from_secs(10)).await;
+        since = caught.unwrap_or_else(|| {
+            panic!("holder-{kill} finished the publication before it was caught mid-transaction")
+        });
+    }
+
+    // The last holder finishes the publication.
+    let mut last = w.spawn_process("holder-last", &[SMALL_BATCHES]);
+    w.wait_outbox_empty(Duration::from_secs(120)).await;
+    let (committed, uncommitted) = audit_both_ways(&w).await;
+    assert_eq!(committed as u64, total, "every product's event, once");
+    assert!(
+        uncommitted > committed,
+        "a read_uncommitted reader sees the killed holders' aborted records \
+         ({uncommitted} records against {committed} committed)"
+    );
+    signal(&last, "TERM");
+    assert!(
+        wait_exit(&mut last, Duration::from_secs(60))
+            .await
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_holder_is_fenced_when_another_takes_its_shards_and_publishes_nothing_twice() {
+    let w = world(20_000, 1).await;
+    let total = fold_everything(&w, "bulk").await as u64;
+    let mut a = w.spawn_process("frozen", &[SMALL_BATCHES]);
+    wait_queue_below(&w, total - 1000, Duration::from_secs(120)).await;
+    signal(&a, "STOP");
+    let frozen_at = queued(&w).await;
+    assert!(frozen_at > 0, "frozen before it finished");
+
+    // The frozen holder is cut off from the database (as a partition would): its shard
+    // leases go, and a second instance takes every shard, fencing the first's producers.
+    let cut =
+        w.db.execute_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name LIKE '{}%' AND datname = current_database()",
+                product_sync::outbox::shards::APPLICATION_NAME_PREFIX
+            ),
+        ))
+        .await
+        .expect("cut the frozen holder's lease sessions");
+    assert!(
+        cut.rows_affected() > 0,
+        "the frozen holder had lease sessions"
+    );
+    let mut b = w.spawn_process("taker", &[SMALL_BATCHES]);
+    w.wait_outbox_empty(Duration::from_secs(120)).await;
+
+    // Resumed, the old holder's open transaction can no longer commit; more work arrives
+    // while both run (both may try, fencing decides).
+    signal(&a, "CONT");
+    w.sim.sim.mutate(3000, 11);
+    let again = fold_everything(&w, "after").await;
+    assert_eq!(again as u64, total);
+    w.wait_outbox_empty(Duration::from_secs(120)).await;
+    let (committed, uncommitted) = audit_both_ways(&w).await;
+    assert!(committed as u64 >= total, "every event published");
+    assert!(uncommitted >= committed);
+
+    for (name, child) in [("frozen", &mut a), ("taker", &mut b)] {
+        signal(child, "TERM");
+        assert!(
+            wait_exit(child, Duration::from_secs(60)).await.success(),
+            "{name} exits cleanly"
+        );
+        assert!(!w.log_of(name).contains("panicked"), "{name} did not panic");
+    }
+}
+
+/// An in-process relay of the world's database with the transactional relay on, as instance
+/// `instance` (leases on PostgreSQL).
+async fn transactional_relay(w: &World, instance: &str) -> Relay {
+    let s = &w.settings;
+    product_sync::kafka::ensure_topics(
+        &s.kafka,
+        &[product_sync::kafka::TopicSpec {
+            name: s.topics.relay_progress.clone(),
+            partitions: s.pipeline.relay_shards as i32,
+            replication_factor: 1,
+            compacted: true,
+        }],
+    )
+    .await
+    .expect("the progress topic");
+    let producer = product_sync::kafka::producer_config(&s.kafka, 900_000)
+        .create()
+        .expect("producer");
+    Relay::new(
+        w.db.clone(),
+        producer,
+        RelaySettings {
+            changes_topic: s.topics.changes.clone(),
+            results_topic: s.topics.results.clone(),
+            state_topic: Some(s.topics.state.clone()),
+            batch: 5000,
+            interval: Duration::from_millis(20),
+            max_event_bytes: 900_000,
+            exactly_once: Some(Transactions {
+                kafka: s.kafka.clone(),
+                id_prefix: format!("{}-relay", s.kafka.group_id),
+                progress_topic: s.topics.relay_progress.clone(),
+                shards: s.pipeline.relay_shards,
+                max_event_bytes: 900_000,
+            }),
+        },
+        Leases::postgres(
+            s.database.url.clone(),
+            instance.to_owned(),
+            s.pipeline.relay_shards,
+        ),
+        Arc::new(tokio::sync::Notify::new()),
+    )
+}
+
+/// Takes every shard (waiting for a previous holder's leases to go).
+async fn take_all(relay: &mut Relay, shards: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if relay.refresh_shards().await.is_ok() && relay.shards_held().len() == shards {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out taking every shard ({:?} held)",
+            relay.shards_held()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Drains the relay until the queue is empty (a shard whose producer is not ready yet is
+/// published on a later round); returns the change events it published.
+async fn publish_all(w: &World, relay: &mut Relay) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut changes = 0;
+    loop {
+        match relay.drain().await {
+            Ok(published) => changes += published.changes,
+            Err(e) => assert!(e.is_transient(), "a relay error: {e}"),
+        }
+        if queued(w).await == 0 {
+            return changes;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue did not drain ({} left)",
+            queued(w).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn sql(w: &World, statement: &str) -> u64 {
+    w.db.execute_raw(Statement::from_string(DatabaseBackend::Postgres, statement))
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"))
+        .rows_affected()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_dead_between_its_commit_and_its_delete_is_not_published_again() {
+    let w = world(300, 1).await;
+    let total = fold_everything(&w, "bulk").await as u64;
+    let shards = w.settings.pipeline.relay_shards as usize;
+    // What the queue holds now is what the first holder's last transactions will publish.
+    sql(
+        &w,
+        "CREATE TABLE queued_before AS SELECT * FROM outbox_pending",
+    )
+    .await;
+    let mut first = transactional_relay(&w, "first").await;
+    take_all(&mut first, shards).await;
+    assert_eq!(publish_all(&w, &mut first).await as u64, total);
+    drop(first);
+    // It "died" after its transactions committed, before its rows left the queue.
+    assert_eq!(
+        sql(&w, "INSERT INTO outbox_pending SELECT * FROM queued_before").await,
+        total
+    );
+
+    // The next holder reads the progress records and publishes none of those rows again.
+    let mut next = transactional_relay(&w, "next").await;
+    take_all(&mut next, shards).await;
+    assert_eq!(
+        publish_all(&w, &mut next).await,
+        0,
+        "the published rows left the queue unpublished"
+    );
+    let (committed, _) = audit_both_ways(&w).await;
+    assert_eq!(committed as u64, total, "each event once");
+
+    // And what it queues later is published as usual.
+    w.sim.sim.mutate(50, 3);
+    fold_everything(&w, "later").await;
+    assert!(publish_all(&w, &mut next).await > 0);
+    let (after, _) = audit_both_ways(&w).await;
+    assert!(after as u64 > total);
+}
