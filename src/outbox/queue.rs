@@ -12,7 +12,7 @@ use sea_orm::sqlx;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseConnectionType,
     DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QueryResult, RuntimeErr,
-    Statement,
+    Statement, TransactionTrait,
 };
 
 use crate::store::entity::{outbox_pending, requests as request_rows};
@@ -74,8 +74,8 @@ impl Kind {
 ///
 /// Every value in the statement is an integer this process computed, so it is written
 /// inline: one statement text for both backends.
-pub async fn read(
-    db: &DatabaseConnection,
+pub async fn read<C: ConnectionTrait>(
+    db: &C,
     shards: &Shards,
     after: i64,
     limit: u64,
@@ -131,9 +131,48 @@ pub async fn read(
     Ok(out)
 }
 
-/// The statement [`read`] runs (public so a test can check its plan).
-pub fn read_sql(backend: DatabaseBackend, shards: &Shards, after: i64, limit: u64) -> String {
-    let filter = match shards {
+/// The rows after `after` as [`read`] returns them, but only while the queue up to `after`
+/// still holds exactly `behind` readable rows: the rows of the read that ended at `after`, not
+/// yet deleted. More means a row committed late behind the read position (its product's later
+/// rows must not pass it), fewer that one was parked since: either way `None`, and the caller
+/// reads from the head. Count and read see one snapshot.
+pub async fn read_after_checked(
+    db: &DatabaseConnection,
+    shards: &Shards,
+    after: i64,
+    behind: usize,
+    limit: u64,
+) -> Result<Option<Vec<Outgoing>>, StoreError> {
+    let backend = db.get_database_backend();
+    let isolation =
+        (backend == DatabaseBackend::Postgres).then_some(sea_orm::IsolationLevel::RepeatableRead);
+    let txn = db.begin_with_config(isolation, None).await?;
+    let count = format!(
+        "SELECT COUNT(*) AS n FROM outbox_pending o WHERE o.id <= {after} \
+         AND o.parked_at IS NULL {filter} AND (o.product_id IS NULL OR NOT EXISTS \
+         (SELECT 1 FROM outbox_pending q WHERE q.parked_at IS NOT NULL \
+         AND q.product_id = o.product_id))",
+        filter = shard_filter(shards)
+    );
+    let n: i64 = match txn
+        .query_one_raw(Statement::from_string(backend, count))
+        .await?
+    {
+        Some(row) => row.try_get("", "n")?,
+        None => 0,
+    };
+    let rows = if usize::try_from(n).ok() == Some(behind) {
+        Some(read(&txn, shards, after, limit).await?)
+    } else {
+        None
+    };
+    txn.commit().await?;
+    Ok(rows)
+}
+
+/// The `AND …` restricting a statement on `outbox_pending o` to the shards (empty for all).
+fn shard_filter(shards: &Shards) -> String {
+    match shards {
         Shards::All => String::new(),
         // Every shard held: no filter, so the planner sees a plain key range.
         Shards::Some { held, of } if held.len() == *of as usize => String::new(),
@@ -145,7 +184,12 @@ pub fn read_sql(backend: DatabaseBackend, shards: &Shards, after: i64, limit: u6
                 .join(",");
             format!("AND (o.shard_key % {of}) IN ({list})")
         }
-    };
+    }
+}
+
+/// The statement [`read`] runs (public so a test can check its plan).
+pub fn read_sql(backend: DatabaseBackend, shards: &Shards, after: i64, limit: u64) -> String {
+    let filter = shard_filter(shards);
     // The queue's rows first (a range of its primary key, or a sort of the small queue rows
     // when the planner believes the shard filter selective), then each one's change row by
     // its primary key: on PostgreSQL a lateral `LIMIT 1` probe, which no statistics can turn

@@ -142,6 +142,9 @@ pub struct Txns {
     ready: BTreeMap<u32, Ready>,
     /// The last committed batch's rows, until they have left the queue.
     undeleted: Option<Done>,
+    /// The next round's rows, read while the last round was published (kept only when that
+    /// round published every row and the ready shards stayed the same).
+    next: Option<Vec<Outgoing>>,
 }
 
 impl Txns {
@@ -150,6 +153,7 @@ impl Txns {
             settings,
             ready: BTreeMap::new(),
             undeleted: None,
+            next: None,
         }
     }
 
@@ -201,12 +205,14 @@ impl Txns {
     /// Forgets a shard's producer after a fatal error.
     pub fn drop_shard(&mut self, shard: u32) {
         self.ready.remove(&shard);
+        self.next = None;
     }
 
     /// Makes the producers of newly held shards (fencing their previous holders and
     /// recovering from their progress records) and drops those of shards no longer held. A
     /// shard that cannot be taken now is tried again on the next call.
     pub async fn sync(&mut self, db: &DatabaseConnection, held: &BTreeSet<u32>) {
+        let before: Vec<u32> = self.ready.keys().copied().collect();
         self.ready.retain(|shard, _| held.contains(shard));
         let missing: Vec<u32> = held
             .iter()
@@ -228,6 +234,10 @@ impl Txns {
                     tracing::warn!(shard, error = %e, "could not take a relay shard yet; trying again")
                 }
             }
+        }
+        // Rows read for other shards may since have been published by their new holder.
+        if !self.ready.keys().copied().eq(before) {
+            self.next = None;
         }
     }
 }
@@ -469,8 +479,10 @@ struct ShardOutcome {
 impl Relay {
     /// Exactly once: the last batch's rows leave the queue, newly held shards are taken, then
     /// the next rows of the ready shards are published, one transaction per shard (the shards'
-    /// transactions run side by side). `false` when nothing is queued for them.
+    /// transactions run side by side) while the round after is read. `false` when nothing is
+    /// queued for them.
     pub(super) async fn step_transactional(&mut self) -> Result<bool, RelayError> {
+        let limit = self.settings.batch * TXN_BATCHES;
         let Some(txns) = self.txns.as_mut() else {
             return Ok(false);
         };
@@ -480,22 +492,44 @@ impl Relay {
         if matches!(&filter, Shards::Some { held, .. } if held.is_empty()) {
             return Ok(false);
         }
-        let rows = queue::read(&self.db, &filter, 0, self.settings.batch * TXN_BATCHES).await?;
-        if rows.is_empty() {
+        let rows = match txns.next.take() {
+            Some(rows) => rows,
+            None => queue::read(&self.db, &filter, 0, limit).await?,
+        };
+        let Some(last) = rows.last().map(|r| r.pending_id) else {
             return Ok(false);
-        }
+        };
+        let count = rows.len();
         let mut by_shard: BTreeMap<u32, Vec<Outgoing>> = BTreeMap::new();
         for row in rows {
             by_shard.entry(txns.shard_of(&row)).or_default().push(row);
         }
         let txns = self.txns.as_ref().map(|t| t as &Txns);
         let Some(txns) = txns else { return Ok(false) };
-        let outcomes = futures::future::join_all(
-            by_shard
-                .into_iter()
-                .map(|(shard, rows)| self.publish_shard(txns, shard, rows)),
-        )
-        .await;
+        let (outcomes, next) = tokio::join!(
+            futures::future::join_all(
+                by_shard
+                    .into_iter()
+                    .map(|(shard, rows)| self.publish_shard(txns, shard, rows)),
+            ),
+            queue::read_after_checked(&self.db, &filter, last, count, limit)
+        );
+        let next = next.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "reading the next round failed; reading from the head");
+            None
+        });
+        self.settle(outcomes, next, count).await
+    }
+
+    /// After a round: its rows leave the queue, its figures are counted, shards whose producer
+    /// failed fatally are dropped, and the round read meanwhile is kept for the next step only
+    /// when this round published every one of its `count` rows.
+    async fn settle(
+        &mut self,
+        outcomes: Vec<Result<ShardOutcome, TxnError>>,
+        next: Option<Vec<Outgoing>>,
+        count: usize,
+    ) -> Result<bool, RelayError> {
         let mut first_error = None;
         let mut total = Published::default();
         let mut fatal = Vec::new();
@@ -515,10 +549,12 @@ impl Relay {
                 }
             }
         }
+        let whole = first_error.is_none() && fatal.is_empty() && done.pending_ids.len() == count;
         if let Some(txns) = self.txns.as_mut() {
             fatal.into_iter().for_each(|s| txns.drop_shard(s));
             txns.committed(done);
             txns.finish(&self.db).await?;
+            txns.next = next.filter(|rows| whole && !rows.is_empty());
         }
         self.count(total);
         match first_error {

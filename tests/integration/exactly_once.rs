@@ -127,11 +127,7 @@ async fn ends(w: &World, topic: &str) -> Vec<(i64, i64)> {
 /// must have been aborted (fenced by this holder) before an open one counts as this one's.
 /// Returns the high watermarks at the catch, or None when the queue ran dry first (the holder
 /// stays frozen either way).
-async fn freeze_mid_transaction(
-    w: &World,
-    holder: &ChildGuard,
-    since: &[i64],
-) -> Option<Vec<i64>> {
+async fn freeze_mid_transaction(w: &World, holder: &ChildGuard, since: &[i64]) -> Option<Vec<i64>> {
     let topic = w.settings.topics.changes.clone();
     for _ in 0..500 {
         signal(holder, "STOP");

@@ -264,6 +264,122 @@ async fn late_commit(exactly_once: bool) {
     app.stop().await;
 }
 
+/// A change row of product LATE1 at revision 1 or 2, queued (statements for a late writer).
+fn late_change(revision: i64) -> [&'static str; 2] {
+    macro_rules! at {
+        ($r:literal) => {
+            [
+                concat!(
+                    "INSERT INTO product_changes (product_id, system, identity, product_code, ",
+                    "revision, event_id, op, payload, created_at) SELECT id, 'wms', ",
+                    "'code:LATE1', 'LATE1', ",
+                    $r,
+                    ", 'wms:LATE1:",
+                    $r,
+                    "', 'updated', '{}', ",
+                    "now() FROM products WHERE identity = 'code:LATE1'"
+                ),
+                concat!(
+                    "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) ",
+                    "SELECT product_id, id, product_id, now() FROM product_changes ",
+                    "WHERE event_id = 'wms:LATE1:",
+                    $r,
+                    "'"
+                ),
+            ]
+        };
+    }
+    if revision == 1 { at!("1") } else { at!("2") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_read_ahead_gives_way_to_the_head_when_a_row_commits_late_behind_it() {
+    use sea_orm::sqlx::Connection;
+    let w = world(100, 1).await;
+    let url = w.settings.database.url.expose_secret().to_owned();
+    let mut late = <sea_orm::sqlx::PgConnection as Connection>::connect(&url)
+        .await
+        .expect("connect");
+    // Revision 1 of LATE1 takes its queue id first and commits after the others.
+    let mut tx = late.begin().await.expect("begin");
+    let product = "INSERT INTO products (system, identity, product_code, product_name, \
+         keywords, attributes, source_version, content_hash, revision, created_at, updated_at) \
+         VALUES ('wms', 'code:LATE1', 'LATE1', 'late', '[]', '{}', 1, 'h', 2, now(), now())";
+    for statement in std::iter::once(product).chain(late_change(1)) {
+        sea_orm::sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .expect("late writer");
+    }
+    let products: Vec<Product> = w.sim.sim.catalogue().products().to_vec();
+    let ctx = product_sync::store::fold::FoldContext {
+        system: "wms",
+        request_id: Some("early"),
+        traceparent: None,
+    };
+    product_sync::store::fold::fold_page(
+        &w.db,
+        &ctx,
+        &products,
+        &product_sync::retry::RetryPolicy::with_budget(Duration::from_secs(30)),
+    )
+    .await
+    .expect("fold");
+    let round = queue::read(&w.db, &Shards::All, 0, 1000)
+        .await
+        .expect("read");
+    assert_eq!(
+        round.len(),
+        products.len(),
+        "the late row is not visible yet"
+    );
+    let last = round.last().map(|r| r.pending_id).expect("a round");
+
+    // It commits, and its product's next revision is queued after the read position.
+    tx.commit().await.expect("commit");
+    for statement in late_change(2) {
+        sea_orm::sqlx::query(statement)
+            .execute(&mut late)
+            .await
+            .expect("revision 2");
+    }
+    let ahead = queue::read(&w.db, &Shards::All, last, 1000)
+        .await
+        .expect("read ahead");
+    assert_eq!(
+        ahead.iter().map(|r| r.ce_id.as_str()).collect::<Vec<_>>(),
+        ["wms:LATE1:2"],
+        "a plain read past the position sees revision 2 without revision 1"
+    );
+    let checked = queue::read_after_checked(&w.db, &Shards::All, last, round.len(), 1000)
+        .await
+        .expect("checked read");
+    assert!(
+        checked.is_none(),
+        "the checked read sees a row behind the position and gives way"
+    );
+    let head = queue::read(&w.db, &Shards::All, 0, 1000)
+        .await
+        .expect("read");
+    let late_ids: Vec<&str> = head
+        .iter()
+        .map(|r| r.ce_id.as_str())
+        .filter(|id| id.starts_with("wms:LATE1"))
+        .collect();
+    assert_eq!(
+        late_ids,
+        ["wms:LATE1:1", "wms:LATE1:2"],
+        "from the head, in order"
+    );
+
+    // With nothing late behind it, the checked read is the plain one.
+    let checked = queue::read_after_checked(&w.db, &Shards::All, last, round.len() + 1, 1000)
+        .await
+        .expect("checked read")
+        .expect("nothing late");
+    assert_eq!(checked.len(), 1);
+}
+
 /// Text that compresses badly (the broker's size limit applies to compressed batches).
 fn noise(bytes: usize) -> String {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
