@@ -403,6 +403,18 @@ impl Relay {
         Ok(())
     }
 
+    /// Counts what landed (both relays).
+    fn count(&mut self, published: Published) {
+        self.totals.add(published);
+        let m = metrics();
+        m.published
+            .with_label_values(&["change"])
+            .inc_by(published.changes as u64);
+        m.published
+            .with_label_values(&["result"])
+            .inc_by(published.results as u64);
+    }
+
     /// Replaces an event above `pipeline.max_event_bytes` by its reduced form.
     fn fit(&self, row: &mut Outgoing) {
         if let Some(reduced) = wire::reduce(&row.payload, self.settings.max_event_bytes) {
@@ -589,14 +601,7 @@ impl Relay {
         self.recording.push(tokio::spawn(async move {
             queue::done(&db, done, Utc::now()).await
         }));
-        self.totals.add(published);
-        let m = metrics();
-        m.published
-            .with_label_values(&["change"])
-            .inc_by(published.changes as u64);
-        m.published
-            .with_label_values(&["result"])
-            .inc_by(published.results as u64);
+        self.count(published);
         match error {
             Some(e) => Err(e),
             None => Ok(published),

@@ -637,18 +637,6 @@ impl Relay {
         }
         Ok(())
     }
-
-    /// Counts what landed.
-    fn count(&mut self, published: Published) {
-        self.totals.add(published);
-        let m = crate::metrics::metrics();
-        m.published
-            .with_label_values(&["change"])
-            .inc_by(published.changes as u64);
-        m.published
-            .with_label_values(&["result"])
-            .inc_by(published.results as u64);
-    }
 }
 
 /// A store failure while parking, as a transaction error.
