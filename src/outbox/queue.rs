@@ -128,6 +128,9 @@ pub async fn read<C: ConnectionTrait>(
             }
         }
     }
+    // Queue order, sorted here rather than by the statement (whose sort of the events'
+    // text spilled to disk at 20,000 rows).
+    out.sort_unstable_by_key(|o| o.pending_id);
     Ok(out)
 }
 
@@ -149,9 +152,9 @@ pub async fn read_after_checked(
     let txn = db.begin_with_config(isolation, None).await?;
     let count = format!(
         "SELECT COUNT(*) AS n FROM outbox_pending o WHERE o.id <= {after} \
-         AND o.parked_at IS NULL {filter} AND (o.product_id IS NULL OR NOT EXISTS \
+         AND o.parked_at IS NULL {filter} AND NOT EXISTS \
          (SELECT 1 FROM outbox_pending q WHERE q.parked_at IS NOT NULL \
-         AND q.product_id = o.product_id))",
+         AND q.product_id = o.product_id)",
         filter = shard_filter(shards)
     );
     let n: i64 = match txn
@@ -213,9 +216,8 @@ pub fn read_sql(backend: DatabaseBackend, shards: &Shards, after: i64, limit: u6
          SELECT p.id AS pending_id, p.shard_key, p.product_id, p.change_id, p.request_id AS pending_request, \
          c.system, c.identity, c.product_code, c.event_id, c.op, c.traceparent, c.payload, \
          c.created_at FROM p {join} \
-         WHERE p.product_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox_pending q \
-         WHERE q.parked_at IS NOT NULL AND q.product_id = p.product_id) \
-         ORDER BY p.id"
+         WHERE NOT EXISTS (SELECT 1 FROM outbox_pending q \
+         WHERE q.parked_at IS NOT NULL AND q.product_id = p.product_id)"
     )
 }
 
@@ -282,7 +284,7 @@ fn gone(pending_id: i64, request_id: String) -> Outgoing {
 }
 
 /// What to record after acks: the queue rows to delete, the requests whose result went out.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Done {
     pub pending_ids: Vec<i64>,
     pub results: Vec<String>,
@@ -299,6 +301,16 @@ impl Done {
             }
         }
         done
+    }
+
+    /// Adds another outcome's rows.
+    pub fn extend(&mut self, other: Done) {
+        self.pending_ids.extend(other.pending_ids);
+        self.results.extend(other.results);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending_ids.is_empty() && self.results.is_empty()
     }
 }
 

@@ -3,13 +3,14 @@
 //! `<kafka.group_id>-relay-<shard>`). One Kafka transaction per shard and batch carries the
 //! batch's change events, state records and results, and the shard's **progress record** on
 //! the compacted `topics.relay_progress` (key: the shard's transactional id; partition: the
-//! shard's own, written by no other producer — one topic per deployment): the queue rows the transaction published — the approach of Kafka
-//! Connect's exactly-once sources (KIP-618).
+//! shard's own, written by no other producer — one topic per deployment): the queue rows the
+//! transaction published — the approach of Kafka Connect's exactly-once sources (KIP-618).
 //!
-//! The store follows: a batch's rows leave the queue right after its transaction committed,
-//! and no shard starts its next transaction before that delete is done. So at any moment the
-//! only rows both published and still queued are those of each shard's last committed
-//! transaction — exactly what its progress record names.
+//! The store follows: a round's rows leave the queue after its transactions committed —
+//! while the next round is published, when it was read ahead (the removal runs beside the
+//! publishing, in a task of its own). So at any moment the only rows both published and still
+//! queued are those of each shard's last committed transaction and of the ones before whose
+//! removal is not confirmed yet — and a shard's progress record names them all.
 //!
 //! Taking a shard: `init_transactions` first (fencing the previous holder: a paused or cut-off
 //! old holder can no longer commit, and its open transaction is aborted), then the shard's
@@ -136,12 +137,43 @@ pub struct Ready {
     pub partition: i32,
 }
 
+/// Rows published by committed transactions whose removal from the queue is not confirmed
+/// yet, also by shard: a shard's next progress record names them too, so a new holder drops
+/// them however far the removal got.
+#[derive(Debug, Default)]
+pub struct Unconfirmed {
+    done: Done,
+    by_shard: BTreeMap<u32, Vec<i64>>,
+}
+
+impl Unconfirmed {
+    fn merge(&mut self, other: Unconfirmed) {
+        self.done.extend(other.done);
+        for (shard, ids) in other.by_shard {
+            self.by_shard.entry(shard).or_default().extend(ids);
+        }
+    }
+
+    fn add(&mut self, shard: u32, done: Done) {
+        self.by_shard
+            .entry(shard)
+            .or_default()
+            .extend(done.pending_ids.iter().copied());
+        self.done.extend(done);
+    }
+
+    /// The ids of a shard's rows.
+    fn of(&self, shard: u32) -> &[i64] {
+        self.by_shard.get(&shard).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
 /// The transactional producers of the shards this instance holds, ready to publish.
 pub struct Txns {
     pub settings: Transactions,
     ready: BTreeMap<u32, Ready>,
-    /// The last committed batch's rows, until they have left the queue.
-    undeleted: Option<Done>,
+    /// Committed rows not yet confirmed gone from the queue.
+    undeleted: Unconfirmed,
     /// The next round's rows, read while the last round was published (kept only when that
     /// round published every row and the ready shards stayed the same).
     next: Option<Vec<Outgoing>>,
@@ -152,7 +184,7 @@ impl Txns {
         Txns {
             settings,
             ready: BTreeMap::new(),
-            undeleted: None,
+            undeleted: Unconfirmed::default(),
             next: None,
         }
     }
@@ -175,31 +207,19 @@ impl Txns {
         self.ready.get(&shard)
     }
 
-    /// Removes the last committed batch's rows from the queue (retried by the caller until it
-    /// succeeds: no transaction may start before).
+    /// Removes the committed rows from the queue (retried by the caller until it succeeds:
+    /// no read from the queue's head may happen before).
     pub async fn finish(&mut self, db: &DatabaseConnection) -> Result<(), StoreError> {
-        if let Some(done) = self.undeleted.take() {
-            let kept = Done {
-                pending_ids: done.pending_ids.clone(),
-                results: done.results.clone(),
-            };
-            if let Err(e) = queue::done(db, done, Utc::now()).await {
-                self.undeleted = Some(kept);
-                return Err(e);
-            }
+        if self.undeleted.done.is_empty() {
+            self.undeleted.by_shard.clear();
+            return Ok(());
+        }
+        let taken = std::mem::take(&mut self.undeleted);
+        if let Err(e) = queue::done(db, taken.done.clone(), Utc::now()).await {
+            self.undeleted.merge(taken);
+            return Err(e);
         }
         Ok(())
-    }
-
-    /// Records a committed batch; [`Txns::finish`] removes it from the queue.
-    pub fn committed(&mut self, done: Done) {
-        match &mut self.undeleted {
-            Some(kept) => {
-                kept.pending_ids.extend(done.pending_ids);
-                kept.results.extend(done.results);
-            }
-            None => self.undeleted = Some(done),
-        }
     }
 
     /// Forgets a shard's producer after a fatal error.
@@ -472,29 +492,34 @@ pub fn produce_progress(
 /// What one shard's transaction did.
 #[derive(Default)]
 struct ShardOutcome {
+    shard: u32,
     done: Done,
     published: Published,
 }
 
 impl Relay {
-    /// Exactly once: the last batch's rows leave the queue, newly held shards are taken, then
-    /// the next rows of the ready shards are published, one transaction per shard (the shards'
-    /// transactions run side by side) while the round after is read. `false` when nothing is
-    /// queued for them.
+    /// Exactly once: newly held shards are taken, then the next rows of the ready shards are
+    /// published, one transaction per shard (the shards' transactions run side by side),
+    /// while — in a task of its own — the last round's rows leave the queue and the round
+    /// after is read. Without a round read ahead, the last round's rows leave the queue first
+    /// and the round is read from the queue's head. `false` when nothing is queued for them.
     pub(super) async fn step_transactional(&mut self) -> Result<bool, RelayError> {
         let limit = self.settings.batch * TXN_BATCHES;
         let Some(txns) = self.txns.as_mut() else {
             return Ok(false);
         };
-        txns.finish(&self.db).await?;
         txns.sync(&self.db, self.leases.held()).await;
         let filter = txns.filter();
-        if matches!(&filter, Shards::Some { held, .. } if held.is_empty()) {
-            return Ok(false);
-        }
-        let rows = match txns.next.take() {
-            Some(rows) => rows,
-            None => queue::read(&self.db, &filter, 0, limit).await?,
+        let (rows, deleting) = match txns.next.take() {
+            Some(rows) => (rows, std::mem::take(&mut txns.undeleted)),
+            None => {
+                txns.finish(&self.db).await?;
+                if matches!(&filter, Shards::Some { held, .. } if held.is_empty()) {
+                    return Ok(false);
+                }
+                let rows = queue::read(&self.db, &filter, 0, limit).await?;
+                (rows, Unconfirmed::default())
+            }
         };
         let Some(last) = rows.last().map(|r| r.pending_id) else {
             return Ok(false);
@@ -504,26 +529,44 @@ impl Relay {
         for row in rows {
             by_shard.entry(txns.shard_of(&row)).or_default().push(row);
         }
+        let (db, gone) = (self.db.clone(), deleting.done.clone());
+        let store = tokio::spawn(async move {
+            if !gone.is_empty() {
+                queue::done(&db, gone, Utc::now()).await?;
+            }
+            queue::read_after_checked(&db, &filter, last, count, limit).await
+        });
         let txns = self.txns.as_ref().map(|t| t as &Txns);
         let Some(txns) = txns else { return Ok(false) };
-        let (outcomes, next) = tokio::join!(
-            futures::future::join_all(
-                by_shard
-                    .into_iter()
-                    .map(|(shard, rows)| self.publish_shard(txns, shard, rows)),
-            ),
-            queue::read_after_checked(&self.db, &filter, last, count, limit)
-        );
-        let next = next.unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "reading the next round failed; reading from the head");
-            None
-        });
+        let outcomes = futures::future::join_all(
+            by_shard
+                .into_iter()
+                .map(|(shard, rows)| self.publish_shard(txns, shard, rows, deleting.of(shard))),
+        )
+        .await;
+        let store = match store.await {
+            Ok(answer) => answer,
+            Err(e) => Err(StoreError::Db(sea_orm::DbErr::Custom(format!(
+                "removing and reading queue rows: {e}"
+            )))),
+        };
+        let next = match store {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::debug!(error = %e, "removing the last round or reading the next failed; from the head");
+                if let Some(txns) = self.txns.as_mut() {
+                    txns.undeleted.merge(deleting);
+                }
+                None
+            }
+        };
         self.settle(outcomes, next, count).await
     }
 
-    /// After a round: its rows leave the queue, its figures are counted, shards whose producer
-    /// failed fatally are dropped, and the round read meanwhile is kept for the next step only
-    /// when this round published every one of its `count` rows.
+    /// After a round: its committed rows are noted for removal, its figures counted, shards
+    /// whose producer failed fatally dropped, and the round read meanwhile is kept for the
+    /// next step only when this round published every one of its `count` rows (and the last
+    /// round's rows are gone from the queue).
     async fn settle(
         &mut self,
         outcomes: Vec<Result<ShardOutcome, TxnError>>,
@@ -533,13 +576,14 @@ impl Relay {
         let mut first_error = None;
         let mut total = Published::default();
         let mut fatal = Vec::new();
-        let mut done = Done::default();
+        let mut committed = Unconfirmed::default();
+        let mut landed = 0;
         for outcome in outcomes {
             match outcome {
                 Ok(o) => {
                     total.add(o.published);
-                    done.pending_ids.extend(o.done.pending_ids);
-                    done.results.extend(o.done.results);
+                    landed += o.done.pending_ids.len();
+                    committed.add(o.shard, o.done);
                 }
                 Err(e) => {
                     if let TxnError::Fatal { shard, .. } = &e {
@@ -549,14 +593,16 @@ impl Relay {
                 }
             }
         }
-        let whole = first_error.is_none() && fatal.is_empty() && done.pending_ids.len() == count;
+        let whole = first_error.is_none() && fatal.is_empty() && landed == count;
+        self.count(total);
         if let Some(txns) = self.txns.as_mut() {
             fatal.into_iter().for_each(|s| txns.drop_shard(s));
-            txns.committed(done);
-            txns.finish(&self.db).await?;
+            txns.undeleted.merge(committed);
             txns.next = next.filter(|rows| whole && !rows.is_empty());
+            if txns.next.is_none() {
+                txns.finish(&self.db).await?;
+            }
         }
-        self.count(total);
         match first_error {
             Some(e) => Err(e.into()),
             None => Ok(true),
@@ -567,14 +613,21 @@ impl Relay {
     /// producer refuses at once is parked (its product's later rows in the batch wait); a
     /// transaction that fails is aborted, the rows the broker refused for good are parked,
     /// and the rest stay queued for the next transaction.
+    ///
+    /// The progress record names the rows this transaction published and `unconfirmed`,
+    /// the shard's committed rows whose removal from the queue runs meanwhile.
     async fn publish_shard(
         &self,
         txns: &Txns,
         shard: u32,
         rows: Vec<Outgoing>,
+        unconfirmed: &[i64],
     ) -> Result<ShardOutcome, TxnError> {
         let Some(ready) = txns.ready(shard) else {
-            return Ok(ShardOutcome::default());
+            return Ok(ShardOutcome {
+                shard,
+                ..ShardOutcome::default()
+            });
         };
         let producer = &ready.producer;
         if let Err(e) = producer.begin_transaction() {
@@ -604,7 +657,11 @@ impl Relay {
             }
         }
         let ids = sent.iter().map(|(r, _)| r.pending_id);
-        let progress = Progress::of(shard, ids.chain(leave.iter().map(|r| r.pending_id)));
+        let progress = Progress::of(
+            shard,
+            ids.chain(leave.iter().map(|r| r.pending_id))
+                .chain(unconfirmed.iter().copied()),
+        );
         if let Err(e) = produce_progress(ready, &txns.settings, &progress) {
             return Err(abort(producer, shard, e).await);
         }
@@ -621,7 +678,11 @@ impl Relay {
             parked,
         };
         let done = Done::of(sent.iter().map(|(r, _)| r).chain(leave.iter()));
-        Ok(ShardOutcome { done, published })
+        Ok(ShardOutcome {
+            shard,
+            done,
+            published,
+        })
     }
 
     /// After an aborted transaction: the rows the broker refused for good are parked (the
