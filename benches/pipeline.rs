@@ -20,6 +20,7 @@
 //! Run: `deploy/local/kafka.sh up && deploy/local/postgres.sh up && cargo bench --bench pipeline`
 //! (options after `--`: `--products N` (default 100000), `--million N` (default 1000000; 0
 //! skips it), `--relay-batch N` (the relay case's `pipeline.relay_batch_size`, default 5000),
+//! `--relay-only` (only the initial case, to fill the history, then the relay case),
 //! `--keep-db`). `PRODUCT_SYNC_BENCH_DATABASE_URL` and `PRODUCT_SYNC_BENCH_KAFKA` name the
 //! services (default: the local ones); every run makes its own database and topics and
 //! deletes them at the end.
@@ -573,9 +574,11 @@ async fn three_cases(n: usize) -> Result<(), Error> {
     w.wait_ready().await?;
     let producer = plain_producer()?;
     case(&w, &producer, "initial", n).await?;
-    case(&w, &producer, "unchanged", n).await?;
-    mutate(&sim_url, n / 10).await?;
-    case(&w, &producer, "changed10", n).await?;
+    if !std::env::args().any(|a| a == "--relay-only") {
+        case(&w, &producer, "unchanged", n).await?;
+        mutate(&sim_url, n / 10).await?;
+        case(&w, &producer, "changed10", n).await?;
+    }
     instance.stop()?;
     relay_case(&w, n).await?;
     w.clean_up().await;
