@@ -331,6 +331,9 @@ fn relay(
     wake: Arc<Notify>,
 ) -> Relay {
     let p = &settings.pipeline;
+    crate::metrics::metrics()
+        .relay_shards
+        .set(i64::from(p.relay_shards));
     let leases = match db.get_database_backend() {
         DatabaseBackend::Postgres => Leases::postgres(
             settings.database.url.clone(),

@@ -67,6 +67,16 @@ pub struct Metrics {
     pub notification_pending_peak: IntGauge,
     /// Times a notification partition paused because `max_pending_codes` codes were waiting.
     pub notification_pauses: IntCounterVec,
+    /// Commands sent to the dead-letter topic, by failure kind.
+    pub dead_letters: IntCounterVec,
+    /// 1 while this instance is ready (`/readyz`: store, broker, management system, group).
+    pub ready: IntGauge,
+    /// The relay's shards (`pipeline.relay_shards`): together the instances hold them all.
+    pub relay_shards: IntGauge,
+    /// 1 per configured schedule, by system and kind (`incremental`, `snapshot`, `drift`).
+    pub schedules: IntGaugeVec,
+    /// Each system's `incremental_every`, in seconds (for the watermark's alert bound).
+    pub schedule_interval: IntGaugeVec,
 }
 
 /// The kinds of `product_sync_drift_products`, in the order [`set_drift`] takes them.
@@ -284,6 +294,34 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "product_sync_notification_pauses_total",
             "Times a notification partition paused at notifications.max_pending_codes",
             &["topic"],
+        ),
+        dead_letters: counter(
+            &registry,
+            "product_sync_dead_letters_total",
+            "Commands sent to the dead-letter topic, by failure kind",
+            &["kind"],
+        ),
+        ready: gauge(
+            &registry,
+            "product_sync_ready",
+            "1 while this instance is ready (store, broker, management system, consumer group)",
+        ),
+        relay_shards: gauge(
+            &registry,
+            "product_sync_relay_shards",
+            "The relay's shards (pipeline.relay_shards); together the instances hold them all",
+        ),
+        schedules: gauge_vec(
+            &registry,
+            "product_sync_schedules",
+            "1 per configured schedule, by system and kind",
+            &["system", "kind"],
+        ),
+        schedule_interval: gauge_vec(
+            &registry,
+            "product_sync_schedule_interval_seconds",
+            "Each system's incremental_every, in seconds",
+            &["system"],
         ),
         registry,
     }

@@ -153,6 +153,10 @@ async fn check(s: &OpsState) -> Checked {
 async fn keep_checking(s: OpsState, stop: CancellationToken) {
     loop {
         let checked = check(&s).await;
+        let joined = s.membership.joined.load(Ordering::SeqCst);
+        crate::metrics::metrics().ready.set(i64::from(
+            checked.database && checked.broker && checked.upstream && joined,
+        ));
         *s.checked.write().unwrap_or_else(|e| e.into_inner()) = checked;
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -143,12 +143,27 @@ impl Scheduler {
         producer: FutureProducer,
         holder: String,
     ) -> Self {
+        let systems = schedules_of(settings);
+        for system in &systems {
+            for kind in system.schedule.kinds() {
+                metrics()
+                    .schedules
+                    .with_label_values(&[system.system.as_str(), kind.as_str()])
+                    .set(1);
+            }
+            if let Some(every) = system.schedule.incremental_every {
+                metrics()
+                    .schedule_interval
+                    .with_label_values(&[system.system.as_str()])
+                    .set(i64::try_from(every.as_secs().max(1)).unwrap_or(i64::MAX));
+            }
+        }
         Scheduler {
             db,
             producer,
             topic: settings.topics.requests.clone(),
             holder,
-            systems: schedules_of(settings),
+            systems,
             publish_until: None,
         }
     }

@@ -38,6 +38,12 @@ deploy/local/browser.sh up
 t_services=$(date +%s)
 say "services ready after $((t_services - t0)) s"
 
+# promtool (the alerting rules' unit tests) and helm (the chart): built once per machine
+# (minutes: downloads and Go compilation), in the background while Rust compiles.
+tools_log="$(mktemp)"
+deploy/local/tools.sh up >"$tools_log" 2>&1 &
+tools_pid=$!
+
 # Drop the databases earlier test runs left behind (each test makes its own).
 pg_url="$(deploy/local/postgres.sh url)"
 stale=$(psql "$pg_url" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'ps\_test\_%'" 2>/dev/null || true)
@@ -49,6 +55,10 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --no-default-features --locked -- -D warnings
 t_lint=$(date +%s)
 say "format and lints clean after $((t_lint - t0)) s"
+
+if ! wait "$tools_pid"; then cat "$tools_log" >&2; say "building promtool or helm failed"; exit 1; fi
+deploy/local/tools.sh check
+say "alerting rules unit-tested, chart linted after $(($(date +%s) - t0)) s"
 
 extra=()
 if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi

@@ -735,6 +735,10 @@ impl Processor {
         }
         .headers(msg.headers());
         self.forward(msg, &self.dlq_topic, headers).await?;
+        metrics()
+            .dead_letters
+            .with_label_values(&[kind.as_str()])
+            .inc();
         tracing::info!(
             topic = %self.dlq_topic,
             kind = kind.as_str(),

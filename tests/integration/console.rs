@@ -162,15 +162,25 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
     );
     // The failed command, with its error in the list and in its detail.
     let failed = "#commands tr[data-request-id='refused-1'][data-status=failed]";
-    wait_for(
+    let listed = wait_for(
         "the failed command listed",
         Duration::from_secs(30),
         || async { c.find(Locator::Css(failed)).await.ok() },
     )
-    .await
-    .click()
-    .await
-    .expect("open the failed command");
+    .await;
+    // The page refreshes every 2 s and updates its rows in place: the row found before two
+    // refreshes is still the one on the page (a replaced row would be a stale element).
+    for _ in 0..2 {
+        let before = text_of(&c, "#refreshed").await;
+        wait_for("a refresh of the page", Duration::from_secs(30), || async {
+            (text_of(&c, "#refreshed").await != before).then_some(())
+        })
+        .await;
+    }
+    listed
+        .click()
+        .await
+        .expect("open the failed command: its row survived the refreshes");
     let error = wait_for("its error shown", Duration::from_secs(30), || async {
         let t = text_of(&c, "#detail-error").await;
         (!t.is_empty()).then_some(t)

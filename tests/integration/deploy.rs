@@ -1,5 +1,6 @@
-//! The deployment files are checked with what can run here: every YAML file parses, and every
-//! configuration they set is loaded through the program's own configuration loader.
+//! The deployment files are checked with what can run here: every YAML file parses, every
+//! configuration they set is loaded through the program's own configuration loader, and the
+//! Helm chart, rendered by Helm itself, passes the same checks as `deploy/k8s/`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,11 @@ fn repo() -> PathBuf {
 /// Every document of a YAML file, as JSON, with merge keys (`<<: *anchor`) applied.
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml_ng::Deserializer::from_str(&text)
+    yaml_documents(&text, path)
+}
+
+fn yaml_documents(text: &str, path: &Path) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
         .map(|doc| {
             let mut value = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc)
                 .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
@@ -56,14 +61,20 @@ fn string_map(v: &Value) -> HashMap<String, String> {
 
 #[test]
 fn every_yaml_file_under_deploy_parses() {
-    let mut files = vec![repo().join("deploy/docker-compose.yml")];
+    let mut files = vec![
+        repo().join("deploy/docker-compose.yml"),
+        repo().join("deploy/observability/alerts.yaml"),
+        repo().join("deploy/observability/alerts.test.yaml"),
+        repo().join("deploy/helm/product-sync/Chart.yaml"),
+        repo().join("deploy/helm/product-sync/values.yaml"),
+    ];
     for entry in std::fs::read_dir(repo().join("deploy/k8s")).unwrap() {
         files.push(entry.unwrap().path());
     }
     for f in &files {
         assert!(!documents(f).is_empty(), "{} is empty", f.display());
     }
-    assert!(files.len() >= 7);
+    assert!(files.len() >= 11);
 }
 
 #[test]
@@ -91,17 +102,43 @@ fn compose_instances_use_keys_the_program_accepts() {
     assert_eq!(sim[0], "simulate");
 }
 
+/// The objects of a deployment, found by kind.
+struct Objects(Vec<Value>);
+
+impl Objects {
+    fn kind(&self, kind: &str) -> Value {
+        self.0
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} among the objects"))
+    }
+
+    fn has(&self, kind: &str) -> bool {
+        self.0.iter().any(|o| o["kind"] == kind)
+    }
+}
+
 #[test]
 fn kubernetes_manifests_agree_with_the_configuration() {
-    let k8s = repo().join("deploy/k8s");
-    let doc = |f: &str| documents(&k8s.join(f)).remove(0);
-    let configmap = doc("configmap.yaml");
-    let secret = doc("secret.yaml");
+    let mut objects = Vec::new();
+    for entry in std::fs::read_dir(repo().join("deploy/k8s")).unwrap() {
+        objects.extend(documents(&entry.unwrap().path()));
+    }
+    check_objects(&Objects(objects));
+}
+
+/// What every deployment of product-sync must hold: the settings load (with production's TLS
+/// everywhere), the pod outlasts its shutdown, probes and ports match, the selectors agree.
+fn check_objects(o: &Objects) {
+    let doc = |kind: &str| o.kind(kind);
+    let configmap = doc("ConfigMap");
+    let secret = doc("Secret");
     let mut env = string_map(&configmap["data"]);
     env.extend(string_map(&secret["stringData"]));
     let s = load(&env);
 
-    let deployment = doc("deployment.yaml");
+    let deployment = doc("Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
     let grace = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
     assert!(
@@ -143,7 +180,7 @@ fn kubernetes_manifests_agree_with_the_configuration() {
     assert!(s.upstream.base_url.starts_with("https://"));
     assert!(s.governance.base_url.starts_with("https://"));
     assert!(!s.upstream.allow_http && !s.governance.allow_http);
-    let policy = doc("networkpolicy.yaml");
+    let policy = doc("NetworkPolicy");
     assert_eq!(
         policy["spec"]["podSelector"]["matchLabels"],
         deployment["spec"]["selector"]["matchLabels"]
@@ -168,7 +205,7 @@ fn kubernetes_manifests_agree_with_the_configuration() {
     let brokers = s.kafka.bootstrap_servers.split(',');
     assert!(brokers.into_iter().all(|b| b.ends_with(":9093")));
 
-    let keda = doc("keda-scaledobject.yaml");
+    let keda = doc("ScaledObject");
     let trigger = &keda["spec"]["triggers"][0]["metadata"];
     assert_eq!(trigger["topic"], s.topics.requests.as_str());
     assert_eq!(trigger["consumerGroup"], s.kafka.group_id.as_str());
@@ -177,13 +214,90 @@ fn kubernetes_manifests_agree_with_the_configuration() {
         "never more replicas than partitions"
     );
     assert_eq!(
-        doc("pdb.yaml")["spec"]["selector"],
+        doc("PodDisruptionBudget")["spec"]["selector"],
         deployment["spec"]["selector"]
     );
     assert_eq!(
-        doc("service.yaml")["spec"]["selector"],
+        doc("Service")["spec"]["selector"],
         deployment["spec"]["selector"]["matchLabels"]
     );
+}
+
+/// The Helm binary the tests use: `PRODUCT_SYNC_HELM`, else the one `deploy/local/tools.sh`
+/// builds.
+fn helm() -> PathBuf {
+    let path = std::env::var_os("PRODUCT_SYNC_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("PRODUCT_SYNC_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/product-sync")
+                });
+            cache.join("helm-v3.22.0/helm")
+        });
+    assert!(
+        path.exists(),
+        "Helm is not built at {}: run `deploy/local/tools.sh up` (or set PRODUCT_SYNC_HELM)",
+        path.display()
+    );
+    path
+}
+
+/// `helm template` of the chart with these values files, as JSON documents.
+fn helm_template(values: &[&Path]) -> Objects {
+    let chart = repo().join("deploy/helm/product-sync");
+    let mut command = std::process::Command::new(helm());
+    command.arg("template").arg("product-sync").arg(&chart);
+    for v in values {
+        command.arg("--values").arg(v);
+    }
+    let out = command.output().expect("run helm template");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let docs = yaml_documents(&text, &chart)
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect();
+    Objects(docs)
+}
+
+#[test]
+fn the_helm_chart_renders_objects_that_agree_with_the_configuration() {
+    let k8s = repo().join("deploy/k8s");
+    // The Secret's values of deploy/k8s (placeholders) and KEDA on: every object rendered.
+    let secret = documents(&k8s.join("secret.yaml")).remove(0);
+    let values = serde_json::json!({
+        "keda": {"enabled": true},
+        "secret": {"create": true, "values": secret["stringData"]},
+    });
+    let dir = std::env::temp_dir().join(format!("ps-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("values.json");
+    std::fs::write(&file, values.to_string()).unwrap();
+    let all = helm_template(&[&file]);
+    check_objects(&all);
+    // The chart's defaults are the manifests' settings.
+    let manifest = documents(&k8s.join("configmap.yaml")).remove(0);
+    assert_eq!(all.kind("ConfigMap")["data"], manifest["data"]);
+    for kind in ["Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "NetworkPolicy", "ScaledObject", "TriggerAuthentication"] {
+        assert!(all.has(kind), "the chart renders no {kind}");
+    }
+    // By default the chart only refers to the Secret and leaves scaling to `replicaCount`.
+    let plain = helm_template(&[]);
+    assert!(!plain.has("Secret") && !plain.has("ScaledObject"));
+    let deployment = plain.kind("Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let refs = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"].to_string();
+    assert!(refs.contains("\"product-sync\""), "{refs}");
+    // Under KEDA the Deployment leaves replicas to the scaler.
+    assert!(all.kind("Deployment")["spec"].get("replicas").is_none());
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

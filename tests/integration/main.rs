@@ -16,6 +16,7 @@ mod hostile;
 mod kafka_smoke;
 mod layout;
 mod notifications;
+mod observability;
 mod pipeline;
 mod relay;
 mod schedule;
