@@ -152,6 +152,7 @@ impl Settings {
         self.topics.check().map_err(invalid)?;
         self.database.check().map_err(invalid)?;
         self.governance.check().map_err(invalid)?;
+        self.http.check().map_err(invalid)?;
         self.pipeline.check(&self.kafka).map_err(invalid)?;
         self.notifications.check().map_err(invalid)?;
         self.log.check().map_err(invalid)?;

@@ -1,5 +1,6 @@
 //! `[governance]`, `[http]` and `[log]`: registration, the ops endpoint, and logging.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -28,9 +29,18 @@ pub struct GovernanceSettings {
 pub struct HttpSettings {
     /// Address of `/metrics`, `/healthz`, `/readyz` and the console.
     pub listen: SocketAddr,
-    /// The bearer token the console's actions need; unset or empty disables them.
+    /// A bearer token for the console's actions, recorded as the operator `admin`.
     #[serde(default)]
     pub admin_token: Option<SecretString>,
+    /// Named operator tokens (name → token, the tokens from the environment:
+    /// `PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE`): each action is recorded in the audit
+    /// trail under the name of the token that made it. With none (and no `admin_token`),
+    /// actions are disabled.
+    #[serde(default)]
+    pub operator_tokens: BTreeMap<String, SecretString>,
+    /// Reads of the console's API need an operator token too (production: `true`).
+    #[serde(default)]
+    pub require_token_for_reads: bool,
 }
 
 /// Logging.
@@ -70,15 +80,78 @@ impl GovernanceSettings {
     }
 }
 
+/// Longest operator name (it is what the audit trail records).
+const MAX_OPERATOR_NAME: usize = 64;
+
 impl HttpSettings {
-    /// `http.*`, the token redacted.
+    /// Every operator token with its name (`admin` for `admin_token`), empty ones left out.
+    pub fn operators(&self) -> Vec<(String, SecretString)> {
+        let admin = self.admin_token.iter().map(|t| ("admin".to_owned(), t.clone()));
+        admin
+            .chain(
+                self.operator_tokens
+                    .iter()
+                    .map(|(name, t)| (name.clone(), t.clone())),
+            )
+            .filter(|(_, t)| !t.expose_secret().is_empty())
+            .collect()
+    }
+
+    /// Operator names are short and plain; no two operators share a token or a name.
+    pub(super) fn check(&self) -> Result<(), (&'static str, String)> {
+        for name in self.operator_tokens.keys() {
+            let plain = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+            if name.is_empty() || name.len() > MAX_OPERATOR_NAME || !plain {
+                return Err((
+                    "http.operator_tokens",
+                    format!(
+                        "operator name {} must be 1 to {MAX_OPERATOR_NAME} letters, digits or -_.@",
+                        crate::text::quote(name)
+                    ),
+                ));
+            }
+        }
+        if self.admin_token.is_some() && self.operator_tokens.contains_key("admin") {
+            return Err((
+                "http.operator_tokens",
+                "the name `admin` is http.admin_token's: use another name".to_owned(),
+            ));
+        }
+        let operators = self.operators();
+        for (i, (name, token)) in operators.iter().enumerate() {
+            let shared = operators[i + 1..]
+                .iter()
+                .find(|(_, other)| other.expose_secret() == token.expose_secret());
+            if let Some((other, _)) = shared {
+                return Err((
+                    "http.operator_tokens",
+                    format!("{name} and {other} have the same token: actions could not be told apart"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `http.*`, the tokens redacted.
     pub(super) fn fmt_keys(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "http.listen = \"{}\"", self.listen)?;
         let token = match &self.admin_token {
             Some(t) if !t.expose_secret().is_empty() => "\"[redacted]\"",
-            _ => "(unset: console actions disabled)",
+            _ => "(unset)",
         };
-        writeln!(f, "http.admin_token = {token}")
+        writeln!(f, "http.admin_token = {token}")?;
+        let names: Vec<&str> = self.operator_tokens.keys().map(String::as_str).collect();
+        writeln!(
+            f,
+            "http.operator_tokens = {names:?} (tokens redacted)"
+        )?;
+        writeln!(
+            f,
+            "http.require_token_for_reads = {}",
+            self.require_token_for_reads
+        )
     }
 }
 

@@ -471,3 +471,56 @@ fn notifications_are_on_by_default_and_their_settings_are_checked_by_key() {
         );
     }
 }
+
+#[test]
+fn operator_tokens_come_from_the_environment_by_name_and_are_never_shown() {
+    let s = load(&sources(&[
+        ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE", "alice-token-value"),
+        ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__BOB", "bob-token-value"),
+        ("PRODUCT_SYNC__HTTP__ADMIN_TOKEN", "admin-token-value"),
+    ]))
+    .unwrap();
+    let names: Vec<String> = s.http.operators().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["admin", "alice", "bob"]);
+    assert!(!s.http.require_token_for_reads);
+    let shown = format!("{s}\n{s:?}");
+    assert!(shown.contains("alice") && shown.contains("bob"), "{shown}");
+    for secret in ["alice-token-value", "bob-token-value", "admin-token-value"] {
+        assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+    }
+    // Production protects reads.
+    let s = load(&sources(&[
+        ("PRODUCT_SYNC_ENV", "production"),
+        ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", "x"),
+        ("PRODUCT_SYNC__UPSTREAM__BASE_URL", "https://wms.example"),
+        ("PRODUCT_SYNC__GOVERNANCE__BASE_URL", "https://gov.example"),
+        (
+            "PRODUCT_SYNC__DATABASE__URL",
+            "postgres://u:pw@db/x?sslmode=verify-full",
+        ),
+    ]))
+    .unwrap();
+    assert!(s.http.require_token_for_reads);
+}
+
+#[test]
+fn operator_tokens_that_could_not_be_told_apart_are_refused_naming_the_key() {
+    for vars in [
+        [
+            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE", "same-token-value"),
+            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__BOB", "same-token-value"),
+        ],
+        [
+            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ADMIN", "one-token-value"),
+            ("PRODUCT_SYNC__HTTP__ADMIN_TOKEN", "other-token-value"),
+        ],
+        [
+            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE", "one-token-value"),
+            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__A B", "other-token-value"),
+        ],
+    ] {
+        let msg = load(&sources(&vars)).unwrap_err().to_string();
+        assert!(msg.contains("http.operator_tokens"), "{msg}");
+        assert!(!msg.contains("token-value"), "a token leaked: {msg}");
+    }
+}

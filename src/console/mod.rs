@@ -3,8 +3,10 @@
 //! indexes, a timeout each) and the expensive figures — topic depths, the outbox backlog, the
 //! relay's holders — are gathered in the background every few seconds, so no number of open
 //! pages can slow the pipeline. Actions (replay the DLQ, pause or resume a system, submit a
-//! request) are `POST`s that need `Authorization: Bearer <http.admin_token>`; without a token
-//! configured they are disabled.
+//! request) are `POST`s that need `Authorization: Bearer <operator token>`
+//! (`http.operator_tokens`, or `http.admin_token` as the operator `admin`); each is recorded in
+//! the audit trail (`GET /api/v1/audit`) under the token's name. Without a token configured
+//! actions are disabled. With `http.require_token_for_reads`, the API's reads need a token too.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -43,23 +45,23 @@ pub struct Console {
     db: DatabaseConnection,
     settings: Arc<Settings>,
     systems: Arc<Systems>,
-    admin_token: Option<SecretString>,
+    /// Operator names and their tokens.
+    operators: Arc<Vec<(String, SecretString)>>,
+    require_token_for_reads: bool,
     overview: Arc<RwLock<Overview>>,
     depth_reader: overview::DepthReader,
 }
 
 impl Console {
     pub fn new(db: DatabaseConnection, settings: Arc<Settings>, systems: Arc<Systems>) -> Self {
-        let admin_token = settings
-            .http
-            .admin_token
-            .clone()
-            .filter(|t| !t.expose_secret().is_empty());
+        let operators = Arc::new(settings.http.operators());
+        let require_token_for_reads = settings.http.require_token_for_reads;
         Console {
             db,
             settings,
             systems,
-            admin_token,
+            operators,
+            require_token_for_reads,
             overview: Arc::default(),
             depth_reader: Arc::default(),
         }
@@ -76,6 +78,7 @@ impl Console {
             .route("/api/v1/dlq/replay", post(replay_api))
             .route("/api/v1/systems/{name}/pause", post(pause_api))
             .route("/api/v1/systems/{name}/resume", post(resume_api))
+            .route("/api/v1/audit", get(audit_api))
             .with_state(self.clone())
     }
 
@@ -100,32 +103,69 @@ impl Console {
         }
     }
 
-    /// `None` when the request carries the admin token (compared in constant time); else
-    /// the refusal to answer. The token is never logged, nor echoed.
-    fn refuse(&self, headers: &HeaderMap) -> Option<Response> {
-        let Some(expected) = &self.admin_token else {
-            return Some(error(
-                StatusCode::FORBIDDEN,
-                "actions are disabled: no http.admin_token is configured",
-            ));
-        };
+    /// The operator whose token the request carries (every token compared in constant time);
+    /// tokens are never logged, nor echoed.
+    fn operator(&self, headers: &HeaderMap) -> Option<String> {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let same = constant_time_eq::constant_time_eq(
-            given.as_bytes(),
-            expected.expose_secret().as_bytes(),
-        );
-        if same {
-            None
-        } else {
-            tracing::warn!("a console action was refused: missing or wrong admin token");
-            Some(error(
+        let mut found = None;
+        for (name, token) in self.operators.iter() {
+            let same =
+                constant_time_eq::constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes());
+            if same && found.is_none() {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+
+    /// The operator allowed to act, or the refusal to answer.
+    fn actor(&self, headers: &HeaderMap) -> Result<String, Response> {
+        if self.operators.is_empty() {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "actions are disabled: no http.operator_tokens (or http.admin_token) is configured",
+            ));
+        }
+        self.operator(headers).ok_or_else(|| {
+            tracing::warn!("a console action was refused: missing or unknown operator token");
+            error(
                 StatusCode::UNAUTHORIZED,
-                "this action needs Authorization: Bearer <http.admin_token>",
-            ))
+                "this action needs Authorization: Bearer <an operator token>",
+            )
+        })
+    }
+
+    /// `None` when reads are open or the request carries an operator token.
+    fn refuse_read(&self, headers: &HeaderMap) -> Option<Response> {
+        if !self.require_token_for_reads || self.operator(headers).is_some() {
+            return None;
+        }
+        Some(error(
+            StatusCode::UNAUTHORIZED,
+            "reading needs Authorization: Bearer <an operator token> (http.require_token_for_reads)",
+        ))
+    }
+
+    /// Records an action in the audit trail; a failure to record is logged, never hidden.
+    async fn audit(&self, operator: &str, action: &str, target: &str, outcome: &Response, detail: &str) {
+        let entry = crate::store::audit::Entry {
+            id: 0,
+            at: chrono::Utc::now(),
+            operator: operator.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome: if outcome.status().is_success() { "ok" } else { "failed" }.to_owned(),
+            detail: detail.to_owned(),
+        };
+        let recorded = crate::store::audit::record(&self.db, &entry);
+        match tokio::time::timeout(READ_TIMEOUT, recorded).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(operator, action, target, error = %e, "could not record a console action in the audit trail"),
+            Err(_) => tracing::error!(operator, action, target, "recording a console action in the audit trail timed out"),
         }
     }
 }
@@ -146,7 +186,10 @@ async fn page() -> Response {
         .into_response()
 }
 
-async fn overview_api(State(c): State<Console>) -> Response {
+async fn overview_api(State(c): State<Console>, headers: HeaderMap) -> Response {
+    if let Some(refused) = c.refuse_read(&headers) {
+        return refused;
+    }
     let o = c.overview.read().unwrap_or_else(|e| e.into_inner()).clone();
     let systems: Vec<Value> = c
         .systems
@@ -167,7 +210,7 @@ async fn overview_api(State(c): State<Console>) -> Response {
         .collect();
     let mut body = serde_json::to_value(&o).unwrap_or(Value::Null);
     body["systems"] = json!(systems);
-    body["actions_enabled"] = json!(c.admin_token.is_some());
+    body["actions_enabled"] = json!(!c.operators.is_empty());
     axum::Json(body).into_response()
 }
 
@@ -178,22 +221,58 @@ struct ListQuery {
     limit: Option<u64>,
 }
 
-async fn requests_api(State(c): State<Console>, Query(q): Query<ListQuery>) -> Response {
+async fn requests_api(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Some(refused) = c.refuse_read(&headers) {
+        return refused;
+    }
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_ROWS);
     let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let systems = c.systems.names();
     bounded(reads::requests(&c.db, search, limit, &systems)).await
 }
 
-async fn request_api(State(c): State<Console>, Path(id): Path<String>) -> Response {
+async fn request_api(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(refused) = c.refuse_read(&headers) {
+        return refused;
+    }
     bounded(reads::request(&c.db, &id)).await
 }
 
 async fn product_api(
     State(c): State<Console>,
+    headers: HeaderMap,
     Path((system, key)): Path<(String, String)>,
 ) -> Response {
+    if let Some(refused) = c.refuse_read(&headers) {
+        return refused;
+    }
     bounded(reads::product(&c.db, &system, &key)).await
+}
+
+/// The audit trail, newest first (`limit` at most [`MAX_ROWS`]).
+async fn audit_api(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Some(refused) = c.refuse_read(&headers) {
+        return refused;
+    }
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_ROWS);
+    let db = c.db.clone();
+    bounded(async move {
+        let items = crate::store::audit::latest(&db, limit).await?;
+        Ok(Some(json!({ "items": items })))
+    })
+    .await
 }
 
 /// Runs a read under [`READ_TIMEOUT`]: its JSON, 404 when it found nothing, 503 on a store
@@ -218,14 +297,35 @@ where
 
 /// Submits a request: the same validation as a command on the topic, then published there.
 async fn submit_api(State(c): State<Console>, headers: HeaderMap, body: String) -> Response {
-    if let Some(refused) = c.refuse(&headers) {
-        return refused;
+    let operator = match c.actor(&headers) {
+        Ok(operator) => operator,
+        Err(refused) => return refused,
+    };
+    let (answer, target) = submit(&c, &body, &operator).await;
+    let detail = detail_of(&answer, "submitted");
+    c.audit(&operator, "submit", &target, &answer, &detail).await;
+    answer
+}
+
+/// What an answer says, for the audit trail: `ok` for a success, else its error.
+fn detail_of(answer: &Response, ok: &str) -> String {
+    if answer.status().is_success() {
+        ok.to_owned()
+    } else {
+        format!("HTTP {}", answer.status().as_u16())
     }
+}
+
+/// Validates and publishes a submitted command; the answer and the request id.
+async fn submit(c: &Console, body: &str, operator: &str) -> (Response, String) {
     if body.len() > crate::command::MAX_COMMAND_BYTES {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "the command is too large");
+        return (
+            error(StatusCode::PAYLOAD_TOO_LARGE, "the command is too large"),
+            String::new(),
+        );
     }
     // The request id may be left out: one is made up, as `product-sync request` does.
-    let wire = serde_json::from_str::<Value>(&body).and_then(|mut v| {
+    let wire = serde_json::from_str::<Value>(body).and_then(|mut v| {
         if let Some(o) = v.as_object_mut() {
             o.entry("request_id").or_insert(json!(""));
         }
@@ -235,20 +335,24 @@ async fn submit_api(State(c): State<Console>, headers: HeaderMap, body: String) 
         Ok(w) => w,
         Err(e) => {
             let reason = crate::text::quote(&e.to_string());
-            return error(StatusCode::BAD_REQUEST, &format!("not a command: {reason}"));
+            let answer = error(StatusCode::BAD_REQUEST, &format!("not a command: {reason}"));
+            return (answer, String::new());
         }
     };
-    match crate::tools::request(&c.settings, wire).await {
+    let target = wire.request_id.clone();
+    let answer = match crate::tools::request(&c.settings, wire).await {
         Ok(id) => {
-            tracing::info!(request_id = %id, "a request was submitted from the console");
-            (StatusCode::ACCEPTED, axum::Json(json!({"request_id": id}))).into_response()
+            tracing::info!(request_id = %id, operator, "a request was submitted from the console");
+            let answer = (StatusCode::ACCEPTED, axum::Json(json!({"request_id": id})));
+            return (answer.into_response(), id);
         }
         Err(crate::tools::ToolError::Invalid(e)) => error(
             StatusCode::BAD_REQUEST,
             &format!("the command would be rejected: {e}"),
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    }
+    };
+    (answer, target)
 }
 
 /// `{"only": "transient"}` replays the transient failures only; `{}` every record.
@@ -259,18 +363,28 @@ struct ReplayBody {
 }
 
 async fn replay_api(State(c): State<Console>, headers: HeaderMap, body: String) -> Response {
-    if let Some(refused) = c.refuse(&headers) {
-        return refused;
-    }
+    let operator = match c.actor(&headers) {
+        Ok(operator) => operator,
+        Err(refused) => return refused,
+    };
+    let (answer, detail) = replay(&c, &body, &operator).await;
+    let target = if body.contains("transient") { "transient" } else { "all" };
+    c.audit(&operator, "dlq-replay", target, &answer, &detail).await;
+    answer
+}
+
+/// Replays the DLQ as the body asks; the answer and what it did.
+async fn replay(c: &Console, body: &str, operator: &str) -> (Response, String) {
     let body: ReplayBody = match body.trim() {
         "" => ReplayBody::default(),
         text => match serde_json::from_str(text) {
             Ok(b) => b,
             Err(_) => {
-                return error(
+                let answer = error(
                     StatusCode::BAD_REQUEST,
                     "expected {\"only\": \"transient\"} or {}",
                 );
+                return (answer, "HTTP 400".to_owned());
             }
         },
     };
@@ -278,15 +392,22 @@ async fn replay_api(State(c): State<Console>, headers: HeaderMap, body: String) 
         None => None,
         Some(class) => match crate::wire::FailureClass::parse(class) {
             Some(c) => Some(c),
-            None => return error(StatusCode::BAD_REQUEST, "only: transient or permanent"),
+            None => {
+                let answer = error(StatusCode::BAD_REQUEST, "only: transient or permanent");
+                return (answer, "HTTP 400".to_owned());
+            }
         },
     };
     match crate::dlq::replay(&c.settings, only).await {
         Ok(n) => {
-            tracing::info!(replayed = n, "the DLQ was replayed from the console");
-            axum::Json(json!({"replayed": n})).into_response()
+            tracing::info!(replayed = n, operator, "the DLQ was replayed from the console");
+            let answer = axum::Json(json!({"replayed": n})).into_response();
+            (answer, format!("replayed {n}"))
         }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => {
+            let answer = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            (answer, "HTTP 503".to_owned())
+        }
     }
 }
 
@@ -309,9 +430,19 @@ async fn resume_api(
 /// Pauses or resumes a system: in the store (every instance follows within a few seconds)
 /// and at once in this instance.
 async fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) -> Response {
-    if let Some(refused) = c.refuse(headers) {
-        return refused;
-    }
+    let operator = match c.actor(headers) {
+        Ok(operator) => operator,
+        Err(refused) => return refused,
+    };
+    let answer = pause(c, name, paused, &operator).await;
+    let (action, done) = if paused { ("pause", "paused") } else { ("resume", "resumed") };
+    let detail = detail_of(&answer, done);
+    c.audit(&operator, action, name, &answer, &detail).await;
+    answer
+}
+
+/// Records a pause (or its end) and applies it in this instance.
+async fn pause(c: &Console, name: &str, paused: bool, operator: &str) -> Response {
     let Some(system) = c.systems.get(name) else {
         return error(StatusCode::NOT_FOUND, "no such management system");
     };
@@ -325,6 +456,6 @@ async fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) 
         Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "the store took too long"),
     }
     system.set_paused(paused);
-    tracing::warn!(system = %name, paused, "a management system was paused or resumed from the console");
+    tracing::warn!(system = %name, paused, operator, "a management system was paused or resumed from the console");
     axum::Json(json!({"system": name, "paused": paused})).into_response()
 }

@@ -16,6 +16,7 @@ use crate::config::DatabaseSettings;
 use crate::retry::{RetryPolicy, Transient, retry};
 
 pub mod entity;
+pub mod audit;
 pub mod fold;
 pub mod migration;
 pub mod notifications;

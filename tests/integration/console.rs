@@ -1,8 +1,10 @@
 //! The ops console in a real headless browser (Debian's Chromium through ChromeDriver, which
 //! `deploy/local/browser.sh up` installs and starts), against the real broker, PostgreSQL and
 //! the simulator: the page loads with no error, a request submitted through it runs and shows
-//! its counts, a failed command shows its error, an action without the token is refused —
-//! and the API behind it answers the same way to scripts.
+//! its counts, a failed command shows its error, an action without the token is refused,
+//! actions are recorded in the audit trail under their operator's name, a viewer without a
+//! token sees nothing when reads are protected — and the API behind it answers the same way
+//! to scripts.
 //!
 //! With `PRODUCT_SYNC_SCREENSHOTS=<dir>` the test also saves the screenshots the README shows.
 
@@ -17,6 +19,8 @@ use crate::helpers::wait_for;
 use crate::pipeline::world;
 
 const TOKEN: &str = "console-admin-token-5f2e91";
+/// The operator `alice`'s token (`http.operator_tokens`).
+const ALICE: &str = "alice-token-0c8e1d7a";
 
 /// A fresh headless Chromium session.
 async fn browser() -> Client {
@@ -83,6 +87,10 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
     let w = world(150, 1).await;
     let mut settings = w.settings.clone();
     settings.http.admin_token = Some(SecretString::from(TOKEN));
+    settings
+        .http
+        .operator_tokens
+        .insert("alice".to_owned(), SecretString::from(ALICE));
     // A nightly drift check: shown with its next slot (it never comes due in this test).
     settings.upstream.schedule.drift_check_cron = Some("0 0 2 * * *".parse().unwrap());
     settings.topics.notifications = settings
@@ -193,7 +201,7 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
     c.find(Locator::Css("#token"))
         .await
         .unwrap()
-        .send_keys(TOKEN)
+        .send_keys(ALICE)
         .await
         .unwrap();
     let body = c.find(Locator::Css("#submit-body")).await.unwrap();
@@ -248,6 +256,16 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
         },
     )
     .await;
+    // The submission is in the audit trail, under alice's name.
+    let audited = "#audit tr[data-operator=alice][data-action=submit][data-outcome=ok]";
+    wait_for("alice's submission audited", Duration::from_secs(30), || async {
+        c.find(Locator::Css(audited)).await.ok()
+    })
+    .await;
+    assert_eq!(
+        text_of(&c, &format!("{audited} td:nth-child(4)")).await,
+        "from-console"
+    );
     screenshot(&c, "console").await;
 
     // An action without the token is refused, and says so.
@@ -345,6 +363,38 @@ async fn the_api_answers_scripts_and_guards_its_actions() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // Every action is in the audit trail, newest first, under the admin token's name (the
+    // refused submission too); attempts without a valid token are not (nobody to attribute
+    // them to), and no token is in it.
+    let audit = http
+        .get(format!("{base}/api/v1/audit"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!audit.contains(TOKEN), "{audit}");
+    let audit: Value = serde_json::from_str(&audit).unwrap();
+    let actions: Vec<(&str, &str, &str, &str)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let field = |k: &str| a[k].as_str().unwrap_or_default();
+            (field("operator"), field("action"), field("target"), field("outcome"))
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("admin", "resume", "wms", "ok"),
+            ("admin", "pause", "wms", "ok"),
+            ("admin", "submit", "api-1", "ok"),
+            ("admin", "submit", "", "failed"),
+        ],
+        "{audit}"
+    );
     // The overview's background figures: a malformed command's DLQ record is counted, and
     // every relay shard has its holder (this instance).
     w.send("bad-1", b"{not json", &[]).await;
@@ -363,5 +413,65 @@ async fn the_api_answers_scripts_and_guards_its_actions() {
         (o["dlq_depth"] == 1 && holders == Some(shards)).then_some(())
     })
     .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_reads_protected_a_viewer_without_a_token_sees_nothing() {
+    let w = world(20, 1).await;
+    let mut settings = w.settings.clone();
+    settings
+        .http
+        .operator_tokens
+        .insert("alice".to_owned(), SecretString::from(ALICE));
+    settings.http.require_token_for_reads = true;
+    let app = w.start_with(settings).await;
+    let base = format!("http://{}", app.ops);
+    let http = reqwest::Client::new();
+    for path in ["overview", "requests", "audit", "products/wms/WM0000001"] {
+        let url = format!("{base}/api/v1/{path}");
+        let r = http.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without a token");
+        let r = http.get(&url).bearer_auth("wrong").send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} with a wrong token");
+    }
+    let r = http
+        .get(format!("{base}/api/v1/overview"))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The page says it needs a token, and shows the figures once one is given.
+    let c = browser().await;
+    c.goto(&format!("{base}/")).await.expect("open the console");
+    let said = wait_for("the refusal on the page", Duration::from_secs(30), || async {
+        let t = text_of(&c, "#refreshed").await;
+        t.contains("HTTP 401").then_some(t)
+    })
+    .await;
+    assert!(said.contains("operator token"), "{said}");
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(ALICE)
+        .await
+        .unwrap();
+    c.execute(
+        "document.getElementById('token').dispatchEvent(new Event('change'));",
+        vec![],
+    )
+    .await
+    .expect("signal the token");
+    wait_for("the figures shown", Duration::from_secs(30), || async {
+        let t = text_of(&c, "#refreshed").await;
+        t.starts_with("refreshed").then_some(())
+    })
+    .await;
+    c.find(Locator::Css("#systems tr[data-system=wms]"))
+        .await
+        .expect("the systems listed once the token is given");
+    c.close().await.expect("close the browser");
     app.stop().await;
 }

@@ -8,6 +8,7 @@ mod m20261130_000001_delisting;
 mod m20261201_000001_console;
 mod m20261202_000001_schedules;
 mod m20261203_000001_notifications;
+mod m20261204_000001_audit;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000001_console::Migration),
             Box::new(m20261202_000001_schedules::Migration),
             Box::new(m20261203_000001_notifications::Migration),
+            Box::new(m20261204_000001_audit::Migration),
         ]
     }
 }
