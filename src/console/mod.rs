@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::upstream::Systems;
 
+mod history;
 mod overview;
 mod reads;
 
@@ -49,6 +50,7 @@ pub struct Console {
     operators: Arc<Vec<(String, SecretString)>>,
     require_token_for_reads: bool,
     overview: Arc<RwLock<Overview>>,
+    history: Arc<RwLock<history::History>>,
     depth_reader: overview::DepthReader,
 }
 
@@ -63,6 +65,7 @@ impl Console {
             operators,
             require_token_for_reads,
             overview: Arc::default(),
+            history: Arc::default(),
             depth_reader: Arc::default(),
         }
     }
@@ -79,6 +82,7 @@ impl Console {
             .route("/api/v1/systems/{name}/pause", post(pause_api))
             .route("/api/v1/systems/{name}/resume", post(resume_api))
             .route("/api/v1/audit", get(audit_api))
+            .route("/api/v1/history", get(history_api))
             .with_state(self.clone())
     }
 
@@ -95,6 +99,11 @@ impl Console {
                 }
                 Err(e) => tracing::warn!(error = %e, "could not read the paused systems"),
             }
+            let totals = history::Totals::read(&crate::metrics::metrics().registry.gather());
+            self.history
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(chrono::Utc::now(), totals, &fresh);
             *self.overview.write().unwrap_or_else(|e| e.into_inner()) = fresh;
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -255,6 +264,19 @@ async fn product_api(
         return refused;
     }
     bounded(reads::product(&c.db, &system, &key)).await
+}
+
+/// The charts' samples of the last hour, oldest first.
+async fn history_api(State(c): State<Console>, headers: HeaderMap) -> Response {
+    if let Some(refused) = c.refuse_read(&headers) {
+        return refused;
+    }
+    let samples = c
+        .history
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .samples();
+    axum::Json(json!({"window_s": history::WINDOW.as_secs(), "samples": samples})).into_response()
 }
 
 /// The audit trail, newest first (`limit` at most [`MAX_ROWS`]).

@@ -256,6 +256,34 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
         },
     )
     .await;
+    // The charts of the last hour are drawn from the samples: the submitted request's events
+    // show up as a non-zero rate.
+    wait_for("the events chart drawn with the request's events", Duration::from_secs(30), || async {
+        let max = c
+            .execute(
+                "const l = document.querySelector('#chart-events polyline'); \
+                 return l ? [Number(l.dataset.points), Number(l.dataset.max)] : null;",
+                vec![],
+            )
+            .await
+            .ok()?;
+        let (points, max) = (max[0].as_f64()?, max[1].as_f64()?);
+        (points >= 2.0 && max > 0.0).then_some(())
+    })
+    .await;
+    for chart in ["commands", "lag", "outbox", "errors"] {
+        c.find(Locator::Css(&format!("#chart-{chart} polyline")))
+            .await
+            .unwrap_or_else(|_| panic!("the {chart} chart is drawn"));
+    }
+    let history = get_json(&format!("{base}/api/v1/history")).await;
+    assert_eq!(history["window_s"], 3600);
+    assert!(
+        history["samples"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["events_per_s"].as_f64() > Some(0.0))),
+        "{history}"
+    );
     // The submission is in the audit trail, under alice's name.
     let audited = "#audit tr[data-operator=alice][data-action=submit][data-outcome=ok]";
     wait_for("alice's submission audited", Duration::from_secs(30), || async {
