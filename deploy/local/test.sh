@@ -44,6 +44,9 @@ tools_log="$(mktemp)"
 deploy/local/tools.sh up >"$tools_log" 2>&1 &
 tools_pid=$!
 
+# mdBook for the book under docs/: a cargo build, so not beside the project's own.
+deploy/local/tools.sh mdbook
+
 # Drop the databases earlier test runs left behind (each test makes its own).
 pg_url="$(deploy/local/postgres.sh url)"
 stale=$(psql "$pg_url" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'ps\_test\_%'" 2>/dev/null || true)
@@ -58,7 +61,8 @@ say "format and lints clean after $((t_lint - t0)) s"
 
 if ! wait "$tools_pid"; then cat "$tools_log" >&2; say "building promtool or helm failed"; exit 1; fi
 deploy/local/tools.sh check
-say "alerting rules unit-tested, chart linted after $(($(date +%s) - t0)) s"
+deploy/local/tools.sh book
+say "alerting rules unit-tested, chart linted, book built after $(($(date +%s) - t0)) s"
 
 extra=()
 if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi

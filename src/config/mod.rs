@@ -59,7 +59,7 @@ pub enum ConfigError {
     File { file: String, reason: String },
     /// A key that the program does not know (usually a typo).
     #[error(
-        "unknown configuration key `{key}` (set in {origin}); see README \"Configuration\" for the keys"
+        "unknown configuration key `{key}` (set in {origin}); see docs/src/configuration.md for the keys"
     )]
     UnknownKey { key: String, origin: String },
     /// A key is present with a value of the wrong type or out of range.

@@ -5,6 +5,7 @@
 mod cli;
 mod console;
 mod deploy;
+mod docs;
 mod dlq;
 mod exactly_once;
 mod fold;
