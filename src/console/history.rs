@@ -146,11 +146,11 @@ mod tests {
         assert_eq!((s.events_per_s, s.commands_per_s, s.lag), (50.0, 2.0, 3));
         assert_eq!(s.upstream_errors_per_s["wms"], 0.5);
         // Two hours later, only the last hour remains.
-        let mut at = t0;
         for i in 0..3600 {
-            at = t0 + chrono::Duration::seconds(4 + 2 * i);
+            let at = t0 + chrono::Duration::seconds(4 + 2 * i);
             h.record(at, totals(100.0 + i as f64, 4.0, 1.0), &Overview::default());
         }
+        let at = t0 + chrono::Duration::seconds(4 + 2 * 3599);
         let samples = h.samples();
         assert!(samples.len() <= 1801, "{}", samples.len());
         assert!(samples[0].at >= at - chrono::Duration::hours(1));

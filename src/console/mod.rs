@@ -160,14 +160,14 @@ impl Console {
     }
 
     /// Records an action in the audit trail; a failure to record is logged, never hidden.
-    async fn audit(&self, operator: &str, action: &str, target: &str, outcome: &Response, detail: &str) {
+    async fn audit(&self, operator: &str, action: &str, target: &str, ok: bool, detail: &str) {
         let entry = crate::store::audit::Entry {
             id: 0,
             at: chrono::Utc::now(),
             operator: operator.to_owned(),
             action: action.to_owned(),
             target: target.to_owned(),
-            outcome: if outcome.status().is_success() { "ok" } else { "failed" }.to_owned(),
+            outcome: if ok { "ok" } else { "failed" }.to_owned(),
             detail: detail.to_owned(),
         };
         let recorded = crate::store::audit::record(&self.db, &entry);
@@ -325,7 +325,8 @@ async fn submit_api(State(c): State<Console>, headers: HeaderMap, body: String) 
     };
     let (answer, target) = submit(&c, &body, &operator).await;
     let detail = detail_of(&answer, "submitted");
-    c.audit(&operator, "submit", &target, &answer, &detail).await;
+    let ok = answer.status().is_success();
+    c.audit(&operator, "submit", &target, ok, &detail).await;
     answer
 }
 
@@ -391,7 +392,8 @@ async fn replay_api(State(c): State<Console>, headers: HeaderMap, body: String) 
     };
     let (answer, detail) = replay(&c, &body, &operator).await;
     let target = if body.contains("transient") { "transient" } else { "all" };
-    c.audit(&operator, "dlq-replay", target, &answer, &detail).await;
+    let ok = answer.status().is_success();
+    c.audit(&operator, "dlq-replay", target, ok, &detail).await;
     answer
 }
 
@@ -459,7 +461,8 @@ async fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) 
     let answer = pause(c, name, paused, &operator).await;
     let (action, done) = if paused { ("pause", "paused") } else { ("resume", "resumed") };
     let detail = detail_of(&answer, done);
-    c.audit(&operator, action, name, &answer, &detail).await;
+    let ok = answer.status().is_success();
+    c.audit(&operator, action, name, ok, &detail).await;
     answer
 }
 
