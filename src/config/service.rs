@@ -86,7 +86,10 @@ const MAX_OPERATOR_NAME: usize = 64;
 impl HttpSettings {
     /// Every operator token with its name (`admin` for `admin_token`), empty ones left out.
     pub fn operators(&self) -> Vec<(String, SecretString)> {
-        let admin = self.admin_token.iter().map(|t| ("admin".to_owned(), t.clone()));
+        let admin = self
+            .admin_token
+            .iter()
+            .map(|t| ("admin".to_owned(), t.clone()));
         admin
             .chain(
                 self.operator_tokens
@@ -127,7 +130,9 @@ impl HttpSettings {
             if let Some((other, _)) = shared {
                 return Err((
                     "http.operator_tokens",
-                    format!("{name} and {other} have the same token: actions could not be told apart"),
+                    format!(
+                        "{name} and {other} have the same token: actions could not be told apart"
+                    ),
                 ));
             }
         }
@@ -143,10 +148,7 @@ impl HttpSettings {
         };
         writeln!(f, "http.admin_token = {token}")?;
         let names: Vec<&str> = self.operator_tokens.keys().map(String::as_str).collect();
-        writeln!(
-            f,
-            "http.operator_tokens = {names:?} (tokens redacted)"
-        )?;
+        writeln!(f, "http.operator_tokens = {names:?} (tokens redacted)")?;
         writeln!(
             f,
             "http.require_token_for_reads = {}",

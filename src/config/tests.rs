@@ -475,8 +475,14 @@ fn notifications_are_on_by_default_and_their_settings_are_checked_by_key() {
 #[test]
 fn operator_tokens_come_from_the_environment_by_name_and_are_never_shown() {
     let s = load(&sources(&[
-        ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE", "alice-token-value"),
-        ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__BOB", "bob-token-value"),
+        (
+            "PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE",
+            "alice-token-value",
+        ),
+        (
+            "PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__BOB",
+            "bob-token-value",
+        ),
         ("PRODUCT_SYNC__HTTP__ADMIN_TOKEN", "admin-token-value"),
     ]))
     .unwrap();
@@ -507,16 +513,31 @@ fn operator_tokens_come_from_the_environment_by_name_and_are_never_shown() {
 fn operator_tokens_that_could_not_be_told_apart_are_refused_naming_the_key() {
     for vars in [
         [
-            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE", "same-token-value"),
-            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__BOB", "same-token-value"),
+            (
+                "PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE",
+                "same-token-value",
+            ),
+            (
+                "PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__BOB",
+                "same-token-value",
+            ),
         ],
         [
-            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ADMIN", "one-token-value"),
+            (
+                "PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ADMIN",
+                "one-token-value",
+            ),
             ("PRODUCT_SYNC__HTTP__ADMIN_TOKEN", "other-token-value"),
         ],
         [
-            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE", "one-token-value"),
-            ("PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__A B", "other-token-value"),
+            (
+                "PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__ALICE",
+                "one-token-value",
+            ),
+            (
+                "PRODUCT_SYNC__HTTP__OPERATOR_TOKENS__A B",
+                "other-token-value",
+            ),
         ],
     ] {
         let msg = load(&sources(&vars)).unwrap_err().to_string();

@@ -60,7 +60,9 @@ impl Totals {
                     "product_sync_relay_published_total" => t.events += value,
                     "product_sync_commands_total" => t.commands += value,
                     "product_sync_consumer_lag" => t.lag += m.get_gauge().get_value() as i64,
-                    "product_sync_upstream_requests_total" if label("outcome").as_deref() != Some("ok") => {
+                    "product_sync_upstream_requests_total"
+                        if label("outcome").as_deref() != Some("ok") =>
+                    {
                         let system = label("system").unwrap_or_default();
                         *t.upstream_errors.entry(system).or_default() += value;
                     }
@@ -141,7 +143,11 @@ mod tests {
         let t0 = Utc::now();
         h.record(t0, totals(0.0, 0.0, 0.0), &Overview::default());
         assert!(h.samples().is_empty(), "the first round has no rate yet");
-        h.record(t0 + chrono::Duration::seconds(2), totals(100.0, 4.0, 1.0), &Overview::default());
+        h.record(
+            t0 + chrono::Duration::seconds(2),
+            totals(100.0, 4.0, 1.0),
+            &Overview::default(),
+        );
         let s = &h.samples()[0];
         assert_eq!((s.events_per_s, s.commands_per_s, s.lag), (50.0, 2.0, 3));
         assert_eq!(s.upstream_errors_per_s["wms"], 0.5);

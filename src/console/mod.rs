@@ -122,8 +122,10 @@ impl Console {
             .unwrap_or("");
         let mut found = None;
         for (name, token) in self.operators.iter() {
-            let same =
-                constant_time_eq::constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes());
+            let same = constant_time_eq::constant_time_eq(
+                given.as_bytes(),
+                token.expose_secret().as_bytes(),
+            );
             if same && found.is_none() {
                 found = Some(name.clone());
             }
@@ -173,8 +175,15 @@ impl Console {
         let recorded = crate::store::audit::record(&self.db, &entry);
         match tokio::time::timeout(READ_TIMEOUT, recorded).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(operator, action, target, error = %e, "could not record a console action in the audit trail"),
-            Err(_) => tracing::error!(operator, action, target, "recording a console action in the audit trail timed out"),
+            Ok(Err(e)) => {
+                tracing::error!(operator, action, target, error = %e, "could not record a console action in the audit trail")
+            }
+            Err(_) => tracing::error!(
+                operator,
+                action,
+                target,
+                "recording a console action in the audit trail timed out"
+            ),
         }
     }
 }
@@ -391,7 +400,11 @@ async fn replay_api(State(c): State<Console>, headers: HeaderMap, body: String) 
         Err(refused) => return refused,
     };
     let (answer, detail) = replay(&c, &body, &operator).await;
-    let target = if body.contains("transient") { "transient" } else { "all" };
+    let target = if body.contains("transient") {
+        "transient"
+    } else {
+        "all"
+    };
     let ok = answer.status().is_success();
     c.audit(&operator, "dlq-replay", target, ok, &detail).await;
     answer
@@ -424,7 +437,11 @@ async fn replay(c: &Console, body: &str, operator: &str) -> (Response, String) {
     };
     match crate::dlq::replay(&c.settings, only).await {
         Ok(n) => {
-            tracing::info!(replayed = n, operator, "the DLQ was replayed from the console");
+            tracing::info!(
+                replayed = n,
+                operator,
+                "the DLQ was replayed from the console"
+            );
             let answer = axum::Json(json!({"replayed": n})).into_response();
             (answer, format!("replayed {n}"))
         }
@@ -459,7 +476,11 @@ async fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) 
         Err(refused) => return refused,
     };
     let answer = pause(c, name, paused, &operator).await;
-    let (action, done) = if paused { ("pause", "paused") } else { ("resume", "resumed") };
+    let (action, done) = if paused {
+        ("pause", "paused")
+    } else {
+        ("resume", "resumed")
+    };
     let detail = detail_of(&answer, done);
     let ok = answer.status().is_success();
     c.audit(&operator, action, name, ok, &detail).await;

@@ -15,8 +15,8 @@ use secrecy::ExposeSecret;
 use crate::config::DatabaseSettings;
 use crate::retry::{RetryPolicy, Transient, retry};
 
-pub mod entity;
 pub mod audit;
+pub mod entity;
 pub mod fold;
 pub mod migration;
 pub mod notifications;

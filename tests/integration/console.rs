@@ -258,18 +258,22 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
     .await;
     // The charts of the last hour are drawn from the samples: the submitted request's events
     // show up as a non-zero rate.
-    wait_for("the events chart drawn with the request's events", Duration::from_secs(30), || async {
-        let max = c
-            .execute(
-                "const l = document.querySelector('#chart-events polyline'); \
+    wait_for(
+        "the events chart drawn with the request's events",
+        Duration::from_secs(30),
+        || async {
+            let max = c
+                .execute(
+                    "const l = document.querySelector('#chart-events polyline'); \
                  return l ? [Number(l.dataset.points), Number(l.dataset.max)] : null;",
-                vec![],
-            )
-            .await
-            .ok()?;
-        let (points, max) = (max[0].as_f64()?, max[1].as_f64()?);
-        (points >= 2.0 && max > 0.0).then_some(())
-    })
+                    vec![],
+                )
+                .await
+                .ok()?;
+            let (points, max) = (max[0].as_f64()?, max[1].as_f64()?);
+            (points >= 2.0 && max > 0.0).then_some(())
+        },
+    )
     .await;
     for chart in ["commands", "lag", "outbox", "errors"] {
         c.find(Locator::Css(&format!("#chart-{chart} polyline")))
@@ -286,9 +290,11 @@ async fn the_console_shows_commands_runs_a_submitted_request_and_refuses_an_acti
     );
     // The submission is in the audit trail, under alice's name.
     let audited = "#audit tr[data-operator=alice][data-action=submit][data-outcome=ok]";
-    wait_for("alice's submission audited", Duration::from_secs(30), || async {
-        c.find(Locator::Css(audited)).await.ok()
-    })
+    wait_for(
+        "alice's submission audited",
+        Duration::from_secs(30),
+        || async { c.find(Locator::Css(audited)).await.ok() },
+    )
     .await;
     assert_eq!(
         text_of(&c, &format!("{audited} td:nth-child(4)")).await,
@@ -410,7 +416,12 @@ async fn the_api_answers_scripts_and_guards_its_actions() {
         .iter()
         .map(|a| {
             let field = |k: &str| a[k].as_str().unwrap_or_default();
-            (field("operator"), field("action"), field("target"), field("outcome"))
+            (
+                field("operator"),
+                field("action"),
+                field("target"),
+                field("outcome"),
+            )
         })
         .collect();
     assert_eq!(
@@ -474,10 +485,14 @@ async fn with_reads_protected_a_viewer_without_a_token_sees_nothing() {
     // The page says it needs a token, and shows the figures once one is given.
     let c = browser().await;
     c.goto(&format!("{base}/")).await.expect("open the console");
-    let said = wait_for("the refusal on the page", Duration::from_secs(30), || async {
-        let t = text_of(&c, "#refreshed").await;
-        t.contains("HTTP 401").then_some(t)
-    })
+    let said = wait_for(
+        "the refusal on the page",
+        Duration::from_secs(30),
+        || async {
+            let t = text_of(&c, "#refreshed").await;
+            t.contains("HTTP 401").then_some(t)
+        },
+    )
     .await;
     assert!(said.contains("operator token"), "{said}");
     c.find(Locator::Css("#token"))

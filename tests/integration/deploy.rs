@@ -285,7 +285,16 @@ fn the_helm_chart_renders_objects_that_agree_with_the_configuration() {
     // The chart's defaults are the manifests' settings.
     let manifest = documents(&k8s.join("configmap.yaml")).remove(0);
     assert_eq!(all.kind("ConfigMap")["data"], manifest["data"]);
-    for kind in ["Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "NetworkPolicy", "ScaledObject", "TriggerAuthentication"] {
+    for kind in [
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ScaledObject",
+        "TriggerAuthentication",
+    ] {
         assert!(all.has(kind), "the chart renders no {kind}");
     }
     // By default the chart only refers to the Secret and leaves scaling to `replicaCount`.

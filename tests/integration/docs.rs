@@ -83,7 +83,11 @@ fn every_link_of_the_readme_and_the_book_resolves() {
     for page in pages() {
         let text = std::fs::read_to_string(&page).expect("read page");
         for link in links(&text) {
-            let link = link.split_whitespace().next().unwrap_or_default().to_owned();
+            let link = link
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             if link.contains("://") || link.starts_with("mailto:") {
                 continue;
             }
@@ -109,7 +113,10 @@ fn every_link_of_the_readme_and_the_book_resolves() {
             }
         }
     }
-    assert!(checked > 30, "only {checked} links found: is the parser right?");
+    assert!(
+        checked > 30,
+        "only {checked} links found: is the parser right?"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
@@ -118,15 +125,25 @@ fn the_summary_lists_every_chapter_and_the_readme_stays_short() {
     let summary = std::fs::read_to_string(repo().join("docs/src/SUMMARY.md")).expect("SUMMARY.md");
     let listed: BTreeSet<String> = links(&summary).into_iter().collect();
     for page in pages().iter().skip(1) {
-        let name = page.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = page
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name != "SUMMARY.md" {
             assert!(listed.contains(name), "SUMMARY.md does not list {name}");
         }
     }
     let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
     let lines = readme.lines().count();
-    assert!(lines <= 300, "README.md has {lines} lines: move detail into docs/");
-    for must in ["deploy/local/test.sh", "cargo run --release -- demo", "docs/src/SUMMARY.md"] {
+    assert!(
+        lines <= 300,
+        "README.md has {lines} lines: move detail into docs/"
+    );
+    for must in [
+        "deploy/local/test.sh",
+        "cargo run --release -- demo",
+        "docs/src/SUMMARY.md",
+    ] {
         assert!(readme.contains(must), "README.md lacks {must}");
     }
 }

@@ -5,8 +5,8 @@
 mod cli;
 mod console;
 mod deploy;
-mod docs;
 mod dlq;
+mod docs;
 mod exactly_once;
 mod fold;
 #[path = "../fuzz/checks.rs"]
