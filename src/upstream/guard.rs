@@ -96,6 +96,9 @@ impl Guard {
             .and_then(NonZeroU32::new)
             .map(|rate| RateLimiter::direct(Quota::per_second(rate)));
         metrics().circuit_open.with_label_values(&[system]).set(0);
+        // Exported from the start at 0, so a rate over it means something from the first
+        // scrape (and the dashboard's panel has its series before the first retry).
+        metrics().retried_commands.with_label_values(&[system]);
         Guard {
             system: system.to_owned(),
             limiter,
