@@ -53,10 +53,10 @@ impl Totals {
                 let label = |name: &str| {
                     m.get_label()
                         .iter()
-                        .find(|l| l.get_name() == name)
-                        .map(|l| l.get_value().to_owned())
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
                 };
-                match family.get_name() {
+                match family.name() {
                     "product_sync_relay_published_total" => t.events += value,
                     "product_sync_commands_total" => t.commands += value,
                     "product_sync_consumer_lag" => t.lag += m.get_gauge().get_value() as i64,

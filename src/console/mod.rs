@@ -133,17 +133,17 @@ impl Console {
         found
     }
 
-    /// The operator allowed to act, or the refusal to answer.
-    fn actor(&self, headers: &HeaderMap) -> Result<String, Response> {
+    /// The operator allowed to act, or the refusal to answer (status and reason).
+    fn actor(&self, headers: &HeaderMap) -> Result<String, (StatusCode, &'static str)> {
         if self.operators.is_empty() {
-            return Err(error(
+            return Err((
                 StatusCode::FORBIDDEN,
                 "actions are disabled: no http.operator_tokens (or http.admin_token) is configured",
             ));
         }
         self.operator(headers).ok_or_else(|| {
             tracing::warn!("a console action was refused: missing or unknown operator token");
-            error(
+            (
                 StatusCode::UNAUTHORIZED,
                 "this action needs Authorization: Bearer <an operator token>",
             )
@@ -330,7 +330,7 @@ where
 async fn submit_api(State(c): State<Console>, headers: HeaderMap, body: String) -> Response {
     let operator = match c.actor(&headers) {
         Ok(operator) => operator,
-        Err(refused) => return refused,
+        Err((status, reason)) => return error(status, reason),
     };
     let (answer, target) = submit(&c, &body, &operator).await;
     let detail = detail_of(&answer, "submitted");
@@ -397,7 +397,7 @@ struct ReplayBody {
 async fn replay_api(State(c): State<Console>, headers: HeaderMap, body: String) -> Response {
     let operator = match c.actor(&headers) {
         Ok(operator) => operator,
-        Err(refused) => return refused,
+        Err((status, reason)) => return error(status, reason),
     };
     let (answer, detail) = replay(&c, &body, &operator).await;
     let target = if body.contains("transient") {
@@ -473,7 +473,7 @@ async fn resume_api(
 async fn set_paused(c: &Console, headers: &HeaderMap, name: &str, paused: bool) -> Response {
     let operator = match c.actor(headers) {
         Ok(operator) => operator,
-        Err(refused) => return refused,
+        Err((status, reason)) => return error(status, reason),
     };
     let answer = pause(c, name, paused, &operator).await;
     let (action, done) = if paused {
