@@ -75,6 +75,7 @@ pub fn read_until_end(
     consumer.assign(&assignment)?;
     let mut out = Vec::new();
     let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
+    let mut at_end = std::collections::HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     while !remaining.is_empty() {
         if std::time::Instant::now() > deadline {
@@ -92,18 +93,41 @@ pub fn read_until_end(
                     remaining.remove(&p);
                 }
             }
-            // The end of what is committed (read_committed stops at the last stable offset,
-            // which never moves back): every record committed at call time was delivered. A
-            // transaction's trailing marker occupies a partition's last offset and is never
-            // delivered, so the record check above alone would wait for ever.
+            // With read_committed the end may stop short of the call's high watermark for a
+            // moment: a transaction committed just before the call whose markers are not yet
+            // written keeps the last stable offset behind it. A partition is done once the
+            // position reached that high watermark (markers and aborted records are skipped,
+            // not delivered, so the position is looked at again while polling).
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                remaining.remove(&p);
+                at_end.insert(p);
+                reached_end(consumer, topic, &mut remaining, &at_end)?;
             }
+            None => reached_end(consumer, topic, &mut remaining, &at_end)?,
             Some(Err(e)) => return Err(e.into()),
-            None => {}
         }
     }
     Ok(out)
+}
+
+/// Drops from `remaining` the partitions seen at their end whose position reached the end
+/// they had at call time.
+fn reached_end(
+    consumer: &BaseConsumer,
+    topic: &str,
+    remaining: &mut std::collections::HashMap<i32, i64>,
+    at_end: &std::collections::HashSet<i32>,
+) -> Result<(), KafkaError> {
+    if at_end.is_empty() {
+        return Ok(());
+    }
+    let positions = consumer.position()?;
+    remaining.retain(|p, end| {
+        let position = positions
+            .find_partition(topic, *p)
+            .and_then(|e| e.offset().to_raw());
+        !(at_end.contains(p) && position.is_some_and(|at| at >= *end))
+    });
+    Ok(())
 }
 
 /// Lists the DLQ's records.

@@ -110,8 +110,8 @@ impl HttpSettings {
                 return Err((
                     "http.operator_tokens",
                     format!(
-                        "operator name {} must be 1 to {MAX_OPERATOR_NAME} letters, digits or -_.@",
-                        crate::text::quote(name)
+                        "operator name {:?} must be 1 to {MAX_OPERATOR_NAME} letters, digits or -_.@",
+                        name.chars().take(MAX_OPERATOR_NAME).collect::<String>()
                     ),
                 ));
             }
