@@ -260,6 +260,8 @@ async fn late_commit(exactly_once: bool) {
     })
     .await;
     assert_eq!(events.len(), before.len() + 1);
+    // The row leaves the queue after its transaction committed: right after, not before.
+    w.wait_outbox_empty(Duration::from_secs(30)).await;
     assert_eq!(queued(&w).await, 0);
     app.stop().await;
 }
