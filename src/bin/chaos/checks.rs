@@ -50,6 +50,8 @@ pub struct Verdict {
     /// result, rows left unpublished, products the change topic does not rebuild, bad commands
     /// without their DLQ record or their own `rejected` result.
     pub lost: usize,
+    /// `lost` by its parts (name, count), the non-zero ones, for the run's diagnosis.
+    pub lost_parts: Vec<(&'static str, usize)>,
     pub doubled: usize,
     pub out_of_order: usize,
     /// Identical re-publications seen by a read_committed reader: a failure with
@@ -82,21 +84,12 @@ impl Verdict {
         let (stored, fund) = (stored_of(&db, "wms").await?, stored_of(&db, "fund").await?);
         let values: Vec<Value> = results.iter().map(json_of).collect();
         let completed = with_status(&values, &["completed"]);
-        let fund_truth: BTreeMap<Identity, Product> = world
-            .fund
-            .catalogue()
-            .products()
+        let fund_truth = truth_of(&world.fund);
+        let unended_good = sent
+            .good
             .iter()
-            .map(|p| (p.identity(), p.clone()))
-            .collect();
-        let mut lost = not_the_truth(world, &stored)?
-            + differ(&fund_truth, &fund)
-            + sent
-                .good
-                .iter()
-                .filter(|id| !completed.contains(id.as_str()))
-                .count()
-            + unpublished(&db).await?;
+            .filter(|id| !completed.contains(id.as_str()))
+            .count();
         let events = read_all(settings, &settings.topics.changes)?;
         let audit = Audit::of(&events);
         let keys = [("wms", &stored), ("fund", &fund)]
@@ -107,23 +100,31 @@ impl Verdict {
                 })
             });
         let gaps = audit.gaps(keys);
-        lost += not_rebuilt(&audit, "wms", &stored) + not_rebuilt(&audit, "fund", &fund);
-        lost += state_not_rebuilt(settings, &[("wms", &stored), ("fund", &fund)])?;
         let dlq = read_all(settings, &settings.topics.dlq)?;
-        lost += bad_not_rejected(sent, &dlq, results);
         let asked = notification_commands(settings)?;
-        lost += not_asked(sent, &asked) + bad_notifications_not_refused(settings, sent, &dlq);
-        let withdrawn: BTreeSet<String> = sent
-            .withdrawn
-            .iter()
-            .map(|k| format!("wms/{}", k.strip_prefix("code:").unwrap_or(k)))
-            .collect();
-        let delisted: Vec<String> = events
-            .iter()
-            .filter(|m| json_of(m)["op"] == "delisted")
-            .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
-            .collect();
-        let wrongly_delisted = delisted.iter().filter(|k| !withdrawn.contains(*k)).count();
+        let parts = [
+            ("store_not_truth", not_the_truth(world, &stored)?),
+            ("fund_not_truth", differ(&fund_truth, &fund)),
+            ("good_commands_not_completed", unended_good),
+            ("rows_unpublished", unpublished(&db).await?),
+            (
+                "changes_not_rebuilding",
+                not_rebuilt(&audit, "wms", &stored) + not_rebuilt(&audit, "fund", &fund),
+            ),
+            (
+                "state_not_rebuilding",
+                state_not_rebuilt(settings, &[("wms", &stored), ("fund", &fund)])?,
+            ),
+            ("bad_not_rejected", bad_not_rejected(sent, &dlq, results)),
+            ("notified_not_asked", not_asked(sent, &asked)),
+            (
+                "bad_notifications_not_refused",
+                bad_notifications_not_refused(settings, sent, &dlq),
+            ),
+        ];
+        let lost = parts.iter().map(|(_, n)| n).sum();
+        let lost_parts = parts.into_iter().filter(|(_, n)| *n > 0).collect();
+        let (withdrawn, delisted, wrongly_delisted) = delistings(sent, &events);
         let ended = with_status(&values, &["failed", "completed"]);
         let unended_hostile = sent
             .hostile
@@ -135,6 +136,7 @@ impl Verdict {
             fund_products: fund.len(),
             events: events.len(),
             lost,
+            lost_parts,
             doubled: audit.doubled,
             out_of_order: audit.out_of_order,
             repeats: audit.repeats,
@@ -144,8 +146,8 @@ impl Verdict {
                 + stalled_partitions(world, &settings.topics.notifications)?
                 + unended_hostile,
             leaked_secrets: leaked_secrets(world, &[results, &dlq])?,
-            withdrawn: withdrawn.len(),
-            delisted: delisted.len(),
+            withdrawn,
+            delisted,
             wrongly_delisted,
             notification_commands: asked.len(),
             problems: audit.problems,
@@ -163,6 +165,61 @@ impl Verdict {
             + if self.exactly_once { self.repeats } else { 0 }
             == 0
     }
+}
+
+/// Waits, up to `within`, for what the instances still owe once every good command has
+/// completed: the queued rows published (a command's result may land before the change
+/// events of its other shards) and every notified code asked for by a command. Whatever is
+/// still owed then counts as lost in the verdict.
+pub async fn settle(world: &World, sent: &Sent<'_>, within: Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let deadline = started + within;
+    let db = Database::connect(world.db_url.to_string()).await?;
+    loop {
+        let queued = unpublished(&db).await?;
+        let unasked = not_asked(sent, &notification_commands(&world.settings)?);
+        if queued + unasked == 0 {
+            if started.elapsed() >= Duration::from_secs(2) {
+                eprintln!(
+                    "chaos: the instances settled {} s after the drain",
+                    started.elapsed().as_secs()
+                );
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!(
+                "chaos: still owed after the drain: {queued} queued row(s), {unasked} notified code(s) not asked for"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A simulated system's whole catalogue, by identity.
+fn truth_of(sim: &product_sync::sim::Sim) -> BTreeMap<Identity, Product> {
+    sim.catalogue()
+        .products()
+        .iter()
+        .map(|p| (p.identity(), p.clone()))
+        .collect()
+}
+
+/// Products withdrawn upstream, `delisted` events, and those of products still offered.
+fn delistings(sent: &Sent<'_>, events: &[OwnedMessage]) -> (usize, usize, usize) {
+    let withdrawn: BTreeSet<String> = sent
+        .withdrawn
+        .iter()
+        .map(|k| format!("wms/{}", k.strip_prefix("code:").unwrap_or(k)))
+        .collect();
+    let delisted: Vec<String> = events
+        .iter()
+        .filter(|m| json_of(m)["op"] == "delisted")
+        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+        .collect();
+    let wrongly = delisted.iter().filter(|k| !withdrawn.contains(*k)).count();
+    (withdrawn.len(), delisted.len(), wrongly)
 }
 
 /// Products of the final truth (every selector against the final catalogue) that the store

@@ -290,12 +290,6 @@ async fn main() -> anyhow::Result<()> {
     good.extend(final_round(&producer, &world.settings).await?);
     let results = drain(&world.settings, &good, run.drain, &mut instances).await?;
     let max_stall = stall_watch.stop().await?;
-    // Let the relay finish, then stop the instances cleanly.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    instances.restart_the_dead()?;
-    for slot in 0..3 {
-        instances.terminate(slot);
-    }
     let sent = checks::Sent {
         good: &good,
         bad: &bad_sent,
@@ -304,6 +298,12 @@ async fn main() -> anyhow::Result<()> {
         notified: &streamed.notified,
         bad_notifications: &streamed.bad_notifications,
     };
+    // Let the relay and the notification consumers finish, then stop the instances cleanly.
+    checks::settle(&world, &sent, SETTLE).await?;
+    instances.restart_the_dead()?;
+    for slot in 0..3 {
+        instances.terminate(slot);
+    }
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
     world.sim_stop.cancel();
     result_line(
@@ -397,10 +397,17 @@ fn result_line(
         verdict.fund_products,
         verdict.notification_commands,
     );
+    for (part, n) in &verdict.lost_parts {
+        eprintln!("chaos: lost: {part}={n}");
+    }
     for problem in &verdict.problems {
         eprintln!("chaos: change topic: {problem}");
     }
 }
+
+/// How long the instances may take, once every good command has completed, to publish what
+/// is still queued and turn the last notifications into commands.
+const SETTLE: Duration = Duration::from_secs(120);
 
 /// Partitions of the run's request topic.
 const PARTITIONS: i32 = 12;

@@ -60,14 +60,18 @@ fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Dura
             };
             let now = Instant::now();
             match since.get(&p) {
-                _ if committed >= high => {
-                    since.remove(&p);
-                }
-                Some((seen, from)) if *seen == committed => {
+                Some((seen, from)) if *seen == committed && committed < high => {
                     longest = longest.max(now - *from);
                 }
-                _ => {
-                    since.insert(p, (committed, now));
+                ended => {
+                    if let Some((at, from)) = ended {
+                        report(p, *at, now - *from);
+                    }
+                    if committed >= high {
+                        since.remove(&p);
+                    } else {
+                        since.insert(p, (committed, now));
+                    }
                 }
             }
         }
@@ -75,6 +79,22 @@ fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Dura
     }
     longest
 }
+
+/// A stretch long enough to look into, on the run's log: the partition, the offset it stood
+/// at and when it began (UTC), to set beside the instances' logs and the faults.
+fn report(partition: i32, offset: i64, lasted: Duration) {
+    if lasted >= REPORTED {
+        let began = chrono::Utc::now() - lasted;
+        eprintln!(
+            "chaos: request partition {partition} stood at offset {offset} for {} s from {}",
+            lasted.as_secs(),
+            began.format("%H:%M:%S")
+        );
+    }
+}
+
+/// Stretches at least this long are reported as they end.
+const REPORTED: Duration = Duration::from_secs(30);
 
 /// The group's committed offset (0 when none) and the end of a partition.
 pub fn position(
