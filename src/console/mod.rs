@@ -83,6 +83,10 @@ impl Console {
             .route("/api/v1/systems/{name}/resume", post(resume_api))
             .route("/api/v1/audit", get(audit_api))
             .route("/api/v1/history", get(history_api))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                guard_reads,
+            ))
             .with_state(self.clone())
     }
 
@@ -188,6 +192,23 @@ impl Console {
     }
 }
 
+/// Reads of the API need an operator token when `http.require_token_for_reads` is on (every
+/// action checks its operator itself).
+async fn guard_reads(
+    State(c): State<Console>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let read = request.method() == axum::http::Method::GET;
+    if read
+        && request.uri().path().starts_with("/api/")
+        && let Some(refused) = c.refuse_read(request.headers())
+    {
+        return refused;
+    }
+    next.run(request).await
+}
+
 /// A JSON error answer.
 fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"error": message}))).into_response()
@@ -204,10 +225,7 @@ async fn page() -> Response {
         .into_response()
 }
 
-async fn overview_api(State(c): State<Console>, headers: HeaderMap) -> Response {
-    if let Some(refused) = c.refuse_read(&headers) {
-        return refused;
-    }
+async fn overview_api(State(c): State<Console>) -> Response {
     let o = c.overview.read().unwrap_or_else(|e| e.into_inner()).clone();
     let systems: Vec<Value> = c
         .systems
@@ -239,47 +257,26 @@ struct ListQuery {
     limit: Option<u64>,
 }
 
-async fn requests_api(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    Query(q): Query<ListQuery>,
-) -> Response {
-    if let Some(refused) = c.refuse_read(&headers) {
-        return refused;
-    }
+async fn requests_api(State(c): State<Console>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_ROWS);
     let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let systems = c.systems.names();
     bounded(reads::requests(&c.db, search, limit, &systems)).await
 }
 
-async fn request_api(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(refused) = c.refuse_read(&headers) {
-        return refused;
-    }
+async fn request_api(State(c): State<Console>, Path(id): Path<String>) -> Response {
     bounded(reads::request(&c.db, &id)).await
 }
 
 async fn product_api(
     State(c): State<Console>,
-    headers: HeaderMap,
     Path((system, key)): Path<(String, String)>,
 ) -> Response {
-    if let Some(refused) = c.refuse_read(&headers) {
-        return refused;
-    }
     bounded(reads::product(&c.db, &system, &key)).await
 }
 
 /// The charts' samples of the last hour, oldest first.
-async fn history_api(State(c): State<Console>, headers: HeaderMap) -> Response {
-    if let Some(refused) = c.refuse_read(&headers) {
-        return refused;
-    }
+async fn history_api(State(c): State<Console>) -> Response {
     let samples = c
         .history
         .read()
@@ -289,14 +286,7 @@ async fn history_api(State(c): State<Console>, headers: HeaderMap) -> Response {
 }
 
 /// The audit trail, newest first (`limit` at most [`MAX_ROWS`]).
-async fn audit_api(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    Query(q): Query<ListQuery>,
-) -> Response {
-    if let Some(refused) = c.refuse_read(&headers) {
-        return refused;
-    }
+async fn audit_api(State(c): State<Console>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_ROWS);
     let db = c.db.clone();
     bounded(async move {
