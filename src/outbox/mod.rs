@@ -101,6 +101,116 @@ pub struct RelaySettings {
     pub exactly_once: Option<transactional::Transactions>,
 }
 
+/// Producing a row's records, the same for both relays (and for each shard's task).
+impl RelaySettings {
+    /// Replaces an event above `pipeline.max_event_bytes` by its reduced form.
+    fn fit(&self, row: &mut Outgoing) {
+        if let Some(reduced) = wire::reduce(&row.payload, self.max_event_bytes) {
+            tracing::warn!(
+                ce_id = %row.ce_id,
+                bytes = row.payload.len(),
+                reduced_bytes = reduced.len(),
+                limit = self.max_event_bytes,
+                "event above pipeline.max_event_bytes: publishing its reduced form"
+            );
+            metrics()
+                .reduced
+                .with_label_values(&[row.kind.label()])
+                .inc();
+            row.payload = reduced;
+        }
+    }
+
+    fn topic(&self, kind: &Kind) -> &str {
+        match kind {
+            Kind::Change => &self.changes_topic,
+            Kind::Result(_) | Kind::Gone => &self.results_topic,
+        }
+    }
+
+    /// Produces a row's event and, for a change with the state topic on, its state record.
+    fn produce(&self, producer: &FutureProducer, row: &Outgoing) -> Result<Delivery, KafkaError> {
+        let event = self.produce_event(producer, row)?;
+        let state = match (&row.kind, &self.state_topic) {
+            (Kind::Change, Some(topic)) => Some(self.produce_state(producer, row, topic)),
+            _ => None,
+        };
+        Ok(Delivery { event, state })
+    }
+
+    fn produce_state(
+        &self,
+        producer: &FutureProducer,
+        row: &Outgoing,
+        topic: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        // A change event is product-sync's own JSON: one that does not parse is a bug, parked
+        // like a record the broker refuses.
+        let value = match wire::state_of(&row.payload) {
+            Ok(value) => value,
+            Err(e) => {
+                tracing::error!(ce_id = %row.ce_id, error = %e, "a change event lacks the fields of a state record");
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::InvalidRecord,
+                ));
+            }
+        };
+        let mut record = FutureRecord::<String, String>::to(topic).key(&row.key);
+        if let Some(value) = &value {
+            record = record.payload(value);
+        }
+        producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    fn produce_event(
+        &self,
+        producer: &FutureProducer,
+        row: &Outgoing,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let headers = CloudEvent {
+            id: &row.ce_id,
+            ce_type: &row.ce_type,
+            source: &row.source,
+            subject: &row.subject,
+            time: &row.time,
+            traceparent: row.traceparent.as_deref(),
+        }
+        .headers();
+        let record = FutureRecord::to(self.topic(&row.kind))
+            .key(&row.key)
+            .payload(&row.payload)
+            .headers(headers);
+        producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    fn publish_error(&self, row: &Outgoing, source: KafkaError) -> RelayError {
+        RelayError::Publish {
+            topic: self.topic(&row.kind).to_owned(),
+            source,
+        }
+    }
+
+    async fn park(
+        &self,
+        db: &DatabaseConnection,
+        row: &Outgoing,
+        e: &KafkaError,
+    ) -> Result<(), RelayError> {
+        let error = format!("{} refused {}: {e}", self.topic(&row.kind), row.ce_id);
+        tracing::error!(
+            ce_id = %row.ce_id,
+            pending_id = row.pending_id,
+            bytes = row.payload.len(),
+            error = %e,
+            "the broker refused an event for good: parked (its product's later events wait; \
+             see `product-sync outbox parked`)"
+        );
+        queue::park(db, row.pending_id, &error, Utc::now()).await?;
+        metrics().outbox_parked.inc();
+        Ok(())
+    }
+}
+
 /// What a landing did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -158,7 +268,7 @@ impl Delivery {
 pub struct Relay {
     db: DatabaseConnection,
     producer: FutureProducer,
-    settings: RelaySettings,
+    settings: Arc<RelaySettings>,
     leases: Leases,
     /// Woken by the pipeline after a command committed, for low latency.
     wake: Arc<Notify>,
@@ -189,7 +299,7 @@ impl Relay {
             txns,
             db,
             producer,
-            settings,
+            settings: Arc::new(settings),
             leases,
             wake,
             cursor: 0,
@@ -415,106 +525,20 @@ impl Relay {
             .inc_by(published.results as u64);
     }
 
-    /// Replaces an event above `pipeline.max_event_bytes` by its reduced form.
     fn fit(&self, row: &mut Outgoing) {
-        if let Some(reduced) = wire::reduce(&row.payload, self.settings.max_event_bytes) {
-            tracing::warn!(
-                ce_id = %row.ce_id,
-                bytes = row.payload.len(),
-                reduced_bytes = reduced.len(),
-                limit = self.settings.max_event_bytes,
-                "event above pipeline.max_event_bytes: publishing its reduced form"
-            );
-            metrics()
-                .reduced
-                .with_label_values(&[row.kind.label()])
-                .inc();
-            row.payload = reduced;
-        }
+        self.settings.fit(row);
     }
 
-    fn topic(&self, kind: &Kind) -> &str {
-        match kind {
-            Kind::Change => &self.settings.changes_topic,
-            Kind::Result(_) | Kind::Gone => &self.settings.results_topic,
-        }
-    }
-
-    /// Produces a row's event and, for a change with the state topic on, its state record.
     fn produce(&self, producer: &FutureProducer, row: &Outgoing) -> Result<Delivery, KafkaError> {
-        let event = self.produce_event(producer, row)?;
-        let state = match (&row.kind, &self.settings.state_topic) {
-            (Kind::Change, Some(topic)) => Some(self.produce_state(producer, row, topic)),
-            _ => None,
-        };
-        Ok(Delivery { event, state })
-    }
-
-    fn produce_state(
-        &self,
-        producer: &FutureProducer,
-        row: &Outgoing,
-        topic: &str,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        // A change event is product-sync's own JSON: one that does not parse is a bug, parked
-        // like a record the broker refuses.
-        let value = match wire::state_of(&row.payload) {
-            Ok(value) => value,
-            Err(e) => {
-                tracing::error!(ce_id = %row.ce_id, error = %e, "a change event lacks the fields of a state record");
-                return Err(KafkaError::MessageProduction(
-                    RDKafkaErrorCode::InvalidRecord,
-                ));
-            }
-        };
-        let mut record = FutureRecord::<String, String>::to(topic).key(&row.key);
-        if let Some(value) = &value {
-            record = record.payload(value);
-        }
-        producer.send_result(record).map_err(|(e, _)| e)
-    }
-
-    fn produce_event(
-        &self,
-        producer: &FutureProducer,
-        row: &Outgoing,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        let headers = CloudEvent {
-            id: &row.ce_id,
-            ce_type: &row.ce_type,
-            source: &row.source,
-            subject: &row.subject,
-            time: &row.time,
-            traceparent: row.traceparent.as_deref(),
-        }
-        .headers();
-        let record = FutureRecord::to(self.topic(&row.kind))
-            .key(&row.key)
-            .payload(&row.payload)
-            .headers(headers);
-        producer.send_result(record).map_err(|(e, _)| e)
+        self.settings.produce(producer, row)
     }
 
     fn publish_error(&self, row: &Outgoing, source: KafkaError) -> RelayError {
-        RelayError::Publish {
-            topic: self.topic(&row.kind).to_owned(),
-            source,
-        }
+        self.settings.publish_error(row, source)
     }
 
     async fn park(&self, row: &Outgoing, e: &KafkaError) -> Result<(), RelayError> {
-        let error = format!("{} refused {}: {e}", self.topic(&row.kind), row.ce_id);
-        tracing::error!(
-            ce_id = %row.ce_id,
-            pending_id = row.pending_id,
-            bytes = row.payload.len(),
-            error = %e,
-            "the broker refused an event for good: parked (its product's later events wait; \
-             see `product-sync outbox parked`)"
-        );
-        queue::park(&self.db, row.pending_id, &error, Utc::now()).await?;
-        metrics().outbox_parked.inc();
-        Ok(())
+        self.settings.park(&self.db, row, e).await
     }
 
     /// Lands every flight and waits for every delete.

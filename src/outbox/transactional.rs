@@ -24,6 +24,7 @@
 //! again on the next round if this instance still holds it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -38,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 use super::queue::{self, Done, Kind, Outgoing, Shards};
-use super::{Delivery, Published, Relay, RelayError, is_refusal};
+use super::{Delivery, Published, Relay, RelayError, RelaySettings, is_refusal};
 use crate::config::KafkaSettings;
 use crate::kafka::{producer_config, reader_config};
 use crate::store::StoreError;
@@ -135,6 +136,9 @@ impl TxnError {
 pub struct Ready {
     pub producer: FutureProducer,
     pub partition: i32,
+    /// `topics.relay_progress` and the shard's key on it (its transactional id).
+    pub progress_topic: String,
+    pub progress_key: String,
 }
 
 /// Rows published by committed transactions whose removal from the queue is not confirmed
@@ -315,6 +319,8 @@ async fn take_shard(
     Ok(Ready {
         producer,
         partition,
+        progress_topic: settings.progress_topic.clone(),
+        progress_key: id,
     })
 }
 
@@ -470,16 +476,10 @@ pub fn is_fatal(e: &KafkaError) -> bool {
 }
 
 /// Produces a shard's progress record inside its open transaction.
-pub fn produce_progress(
-    ready: &Ready,
-    settings: &Transactions,
-    progress: &Progress,
-) -> Result<(), KafkaError> {
-    let topic = &settings.progress_topic;
-    let key = format!("{}-{}", settings.id_prefix, progress.shard);
+pub fn produce_progress(ready: &Ready, progress: &Progress) -> Result<(), KafkaError> {
     let value = serde_json::to_string(progress).unwrap_or_default();
-    let record = FutureRecord::to(topic)
-        .key(&key)
+    let record = FutureRecord::to(&ready.progress_topic)
+        .key(&ready.progress_key)
         .payload(&value)
         .partition(ready.partition);
     ready
@@ -536,14 +536,39 @@ impl Relay {
             }
             queue::read_after_checked(&db, &filter, last, count, limit).await
         });
-        let txns = self.txns.as_ref().map(|t| t as &Txns);
-        let Some(txns) = txns else { return Ok(false) };
-        let outcomes = futures::future::join_all(
-            by_shard
-                .into_iter()
-                .map(|(shard, rows)| self.publish_shard(txns, shard, rows, deleting.of(shard))),
-        )
-        .await;
+        // Each shard's transaction in a task of its own: the produce loops (serialising every
+        // event and state record) run on the runtime's threads side by side.
+        let Some(txns) = self.txns.as_ref() else {
+            return Ok(false);
+        };
+        let shards: Vec<_> = by_shard
+            .into_iter()
+            .map(|(shard, rows)| {
+                let job = txns.ready(shard).cloned().map(|ready| ShardJob {
+                    settings: self.settings.clone(),
+                    db: self.db.clone(),
+                    ready,
+                    shard,
+                    unconfirmed: deleting.of(shard).to_vec(),
+                });
+                (shard, job.map(|job| tokio::spawn(job.publish(rows))))
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(shards.len());
+        for (shard, task) in shards {
+            outcomes.push(match task {
+                // Not ready (dropped after a fatal error): its rows wait.
+                None => Ok(ShardOutcome {
+                    shard,
+                    ..ShardOutcome::default()
+                }),
+                Some(task) => task.await.unwrap_or_else(|e| {
+                    Err(TxnError::Store(StoreError::Db(sea_orm::DbErr::Custom(
+                        format!("shard {shard}: its publishing task ended: {e}"),
+                    ))))
+                }),
+            });
+        }
         let store = match store.await {
             Ok(answer) => answer,
             Err(e) => Err(StoreError::Db(sea_orm::DbErr::Custom(format!(
@@ -608,7 +633,19 @@ impl Relay {
             None => Ok(true),
         }
     }
+}
 
+/// One shard's transaction, owned by its task.
+struct ShardJob {
+    settings: Arc<RelaySettings>,
+    db: DatabaseConnection,
+    ready: Ready,
+    shard: u32,
+    /// The shard's committed rows whose removal from the queue runs meanwhile.
+    unconfirmed: Vec<i64>,
+}
+
+impl ShardJob {
     /// Publishes one shard's rows in one transaction with its progress record. A row the
     /// producer refuses at once is parked (its product's later rows in the batch wait); a
     /// transaction that fails is aborted, the rows the broker refused for good are parked,
@@ -616,19 +653,8 @@ impl Relay {
     ///
     /// The progress record names the rows this transaction published and `unconfirmed`,
     /// the shard's committed rows whose removal from the queue runs meanwhile.
-    async fn publish_shard(
-        &self,
-        txns: &Txns,
-        shard: u32,
-        rows: Vec<Outgoing>,
-        unconfirmed: &[i64],
-    ) -> Result<ShardOutcome, TxnError> {
-        let Some(ready) = txns.ready(shard) else {
-            return Ok(ShardOutcome {
-                shard,
-                ..ShardOutcome::default()
-            });
-        };
+    async fn publish(self, rows: Vec<Outgoing>) -> Result<ShardOutcome, TxnError> {
+        let (ready, shard) = (&self.ready, self.shard);
         let producer = &ready.producer;
         if let Err(e) = producer.begin_transaction() {
             return Err(abort(producer, shard, e).await);
@@ -645,12 +671,15 @@ impl Relay {
             if row.product_id.is_some_and(|p| held_back.contains(&p)) {
                 continue;
             }
-            self.fit(&mut row);
-            match self.produce(producer, &row) {
+            self.settings.fit(&mut row);
+            match self.settings.produce(producer, &row) {
                 Ok(delivery) => sent.push((row, delivery)),
                 Err(e) if is_refusal(&e) => {
                     held_back.extend(row.product_id);
-                    self.park(&row, &e).await.map_err(relay_store)?;
+                    self.settings
+                        .park(&self.db, &row, &e)
+                        .await
+                        .map_err(relay_store)?;
                     parked += 1;
                 }
                 Err(e) => return Err(abort(producer, shard, e).await),
@@ -660,9 +689,9 @@ impl Relay {
         let progress = Progress::of(
             shard,
             ids.chain(leave.iter().map(|r| r.pending_id))
-                .chain(unconfirmed.iter().copied()),
+                .chain(self.unconfirmed.iter().copied()),
         );
-        if let Err(e) = produce_progress(ready, &txns.settings, &progress) {
+        if let Err(e) = produce_progress(ready, &progress) {
             return Err(abort(producer, shard, e).await);
         }
         if let Err(e) = commit(producer, shard).await {
@@ -693,7 +722,10 @@ impl Relay {
             if let Ok(Err(e)) = answer
                 && is_refusal(&e)
             {
-                self.park(&row, &e).await.map_err(relay_store)?;
+                self.settings
+                    .park(&self.db, &row, &e)
+                    .await
+                    .map_err(relay_store)?;
             }
         }
         Ok(())
