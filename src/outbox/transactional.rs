@@ -51,6 +51,12 @@ use crate::store::StoreError;
 /// -- --relay-batch N`, 100,000 rows: 5,000 rows a round reached 0.22 of the plain
 /// producer, 20,000 (this) 0.43, 40,000 0.48 — at twice the memory.)
 const TXN_BATCHES: u64 = 4;
+/// A shard's transaction takes at most this many runs of consecutive queue ids: its progress
+/// record names them and the previous transaction's (at most as many again), about 40 bytes
+/// a run at worst — so the record stays near 330 KB, far below the broker's message limit,
+/// whatever `pipeline.relay_batch_size` and however sparse a shard's ids (one instance of 16
+/// holds every 16th id: each row a run of its own).
+const MAX_RUNS: usize = 4096;
 /// How long one blocking transaction call (init, commit, abort) may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long reading a shard's progress record may take.
@@ -104,6 +110,22 @@ impl Progress {
     pub fn ids(&self) -> Vec<i64> {
         self.ids.iter().flat_map(|&(a, b)| a..=b).collect()
     }
+}
+
+/// How many of the leading ids (ascending) fit in `max` runs of consecutive ids.
+fn within_runs(ids: impl Iterator<Item = i64>, max: usize) -> usize {
+    let (mut runs, mut last, mut count) = (0, None, 0);
+    for id in ids {
+        if last.is_none_or(|l: i64| l.checked_add(1) != Some(id)) {
+            runs += 1;
+            if runs > max {
+                break;
+            }
+        }
+        last = Some(id);
+        count += 1;
+    }
+    count
 }
 
 /// Why a shard's transaction did not commit.
@@ -653,8 +675,11 @@ impl ShardJob {
     ///
     /// The progress record names the rows this transaction published and `unconfirmed`,
     /// the shard's committed rows whose removal from the queue runs meanwhile.
-    async fn publish(self, rows: Vec<Outgoing>) -> Result<ShardOutcome, TxnError> {
+    async fn publish(self, mut rows: Vec<Outgoing>) -> Result<ShardOutcome, TxnError> {
         let (ready, shard) = (&self.ready, self.shard);
+        // The rest stays queued for a later transaction (a suffix in queue order, so every
+        // product's rows keep their order).
+        rows.truncate(within_runs(rows.iter().map(|r| r.pending_id), MAX_RUNS));
         let producer = &ready.producer;
         if let Err(e) = producer.begin_transaction() {
             return Err(abort(producer, shard, e).await);
@@ -743,6 +768,22 @@ fn relay_store(e: RelayError) -> TxnError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transaction_takes_the_rows_of_its_first_runs_only() {
+        // Contiguous ids are one run, whatever their number.
+        assert_eq!(within_runs(1..=50_000, 4), 50_000);
+        // Every 16th id (one shard of 16): each a run of its own.
+        assert_eq!(within_runs((0..50_000).map(|i| i * 16), 4096), 4096);
+        // Runs of three: four runs are twelve ids.
+        let ids = (0..100).flat_map(|r| (0..3).map(move |i| r * 10 + i));
+        assert_eq!(within_runs(ids, 4), 12);
+        assert_eq!(within_runs(std::iter::empty(), 4), 0);
+        // The bound keeps the record small: 2 × MAX_RUNS runs of the largest ids.
+        let worst = Progress::of(0, (0..2 * MAX_RUNS as i64).map(|i| i64::MAX - 2 * i));
+        let bytes = serde_json::to_string(&worst).unwrap().len();
+        assert!(bytes < 400_000, "{bytes} bytes");
+    }
 
     #[test]
     fn progress_keeps_ids_as_ranges() {
