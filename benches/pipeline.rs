@@ -4,10 +4,18 @@
 //! queue is empty) and its result (`result_published_at`). Prints parseable lines:
 //!
 //! ```text
-//! pipeline-bench: case=<initial|unchanged|changed10> products=N e2e_per_s=… result_s=… all_events_s=… events=… fetch_s=… fold_s=…
+//! pipeline-bench: case=limits fetch_per_s=… copy_per_s=… broker_per_s=… composite_per_s=…
+//! pipeline-bench: case=<initial|unchanged|changed10> products=N e2e_per_s=… result_s=… all_events_s=… events=… fetch_s=… fold_s=… ratio=…
 //! pipeline-bench: case=relay mode=<transactional|idempotent> rows=N relay_per_s=… broker_per_s=… ratio=…
 //! pipeline-bench: case=million products=1000000 result_s=… all_events_s=… command_s=… peak_rss_mb=…
 //! ```
+//!
+//! `limits`: the parts measured alone in the same run, after the initial case filled the store:
+//! `fetch` the service's own client fetching and parsing every page with no store, `copy` the
+//! stored rows (products, change rows, queue rows) loaded again by raw `COPY`, `broker` the
+//! plain producer below; `composite` = 1 / (1/fetch + 1/copy + 1/broker). Each case's `ratio`
+//! is its rate against its limit: `initial` against composite, `unchanged` against fetch,
+//! `changed10` against 1 / (1/fetch + 0.1/copy + 0.1/broker).
 //!
 //! `fetch_s` and `fold_s` are the instance's own summed page timings (they overlap: the next
 //! page is fetched while one is folded). `relay`: a plain producer (same settings) sends N change
@@ -372,8 +380,13 @@ fn plain_producer() -> Result<FutureProducer, Error> {
     Ok(producer_config(&kafka(), 900_000).create()?)
 }
 
-/// One case of the three: prints its line.
-async fn case(w: &World, producer: &FutureProducer, name: &str, n: usize) -> Result<(), Error> {
+/// One case of the three: its line (without its ratio) and its end-to-end rate.
+async fn case(
+    w: &World,
+    producer: &FutureProducer,
+    name: &str,
+    n: usize,
+) -> Result<(String, f64), Error> {
     let (fetch0, fold0) = (
         w.metric("product_sync_fetch_page_seconds_sum{system=\"wms\"}")
             .await,
@@ -385,14 +398,129 @@ async fn case(w: &World, producer: &FutureProducer, name: &str, n: usize) -> Res
             .await,
         w.metric("product_sync_fold_page_seconds_sum").await,
     );
-    println!(
-        "pipeline-bench: case={name} products={n} e2e_per_s={:.0} result_s={result_s:.2} \
+    let rate = n as f64 / all_s;
+    let line = format!(
+        "pipeline-bench: case={name} products={n} e2e_per_s={rate:.0} result_s={result_s:.2} \
          all_events_s={all_s:.2} events={events} fetch_s={:.2} fold_s={:.2}",
-        n as f64 / all_s,
         fetch1 - fetch0,
         fold1 - fold0,
     );
-    Ok(())
+    Ok((line, rate))
+}
+
+/// What this machine can do, each part measured alone in the same run (products per second;
+/// the broker's figure is rows: a change event and a state record each).
+struct Limits {
+    fetch: f64,
+    copy: f64,
+    broker: f64,
+}
+
+impl Limits {
+    /// The parts one after the other: the honest limit of a case that needs all three on a
+    /// machine where they share the CPU.
+    fn composite(&self) -> f64 {
+        1.0 / (1.0 / self.fetch + 1.0 / self.copy + 1.0 / self.broker)
+    }
+
+    /// Every product fetched, a tenth of them stored and published.
+    fn changed10(&self) -> f64 {
+        1.0 / (1.0 / self.fetch + 0.1 / self.copy + 0.1 / self.broker)
+    }
+
+    async fn measure(w: &World, n: usize) -> Result<Self, Error> {
+        let (fetched, fetch_s) = fetch_alone(&w.sim_url).await?;
+        let (copied, copy_s) = copy_alone(w).await?;
+        let limits = Limits {
+            fetch: fetched as f64 / fetch_s,
+            copy: copied as f64 / copy_s,
+            broker: n as f64 / plain_send(w, n).await?,
+        };
+        println!(
+            "pipeline-bench: case=limits fetch_per_s={:.0} copy_per_s={:.0} broker_per_s={:.0} composite_per_s={:.0}",
+            limits.fetch,
+            limits.copy,
+            limits.broker,
+            limits.composite()
+        );
+        Ok(limits)
+    }
+}
+
+/// The service's own client fetching and parsing every page of the simulator (the instance's
+/// page size and credentials), storing nothing; the products and the seconds.
+async fn fetch_alone(sim_url: &str) -> Result<(usize, f64), Error> {
+    use futures::StreamExt;
+    let policy = product_sync::retry::RetryPolicy::with_budget(Duration::from_secs(60));
+    let http = product_sync::upstream::http_client(Duration::from_secs(30))?;
+    let tokens = Arc::new(product_sync::upstream::TokenSource::new(
+        http.clone(),
+        sim_url,
+        "product-sync".to_owned(),
+        SecretString::from(SECRET),
+        policy,
+    )?);
+    let client = product_sync::upstream::ProductClient::new(http, sim_url, tokens, 500, policy)?;
+    let selector: product_sync::command::Selector =
+        serde_json::from_value(serde_json::json!({"all": true}))?;
+    let started = Instant::now();
+    let mut products = 0;
+    let mut pages = std::pin::pin!(client.pages(selector));
+    while let Some(page) = pages.next().await {
+        products += page?.items.len();
+    }
+    Ok((products, started.elapsed().as_secs_f64()))
+}
+
+/// The rows the initial case stored (its products, their change rows and their queue rows)
+/// loaded again by raw `COPY` into empty copies of their tables (same columns, indexes and
+/// defaults); the products and the seconds of the three `COPY`s.
+async fn copy_alone(w: &World) -> Result<(usize, f64), Error> {
+    use futures::StreamExt;
+    use sqlx::postgres::PgPoolCopyExt;
+    let pool = w.pool();
+    let tables = [
+        ("products", "SELECT * FROM products", ""),
+        ("product_changes", "SELECT * FROM product_changes", ""),
+        (
+            "outbox_pending",
+            "SELECT product_id, id, product_id, created_at FROM product_changes",
+            "(shard_key, change_id, product_id, created_at)",
+        ),
+    ];
+    let mut data = Vec::new();
+    for (table, select, columns) in tables {
+        w.db.execute_unprepared(&format!(
+            "CREATE TABLE bench_copy_{table} (LIKE {table} INCLUDING ALL)"
+        ))
+        .await?;
+        let mut out = pool
+            .copy_out_raw(&format!("COPY ({select}) TO STDOUT"))
+            .await?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = out.next().await {
+            bytes.extend_from_slice(&chunk?);
+        }
+        data.push((table, columns, bytes));
+    }
+    let products: i64 = sqlx::query("SELECT COUNT(*) AS n FROM products")
+        .fetch_one(pool)
+        .await?
+        .try_get("n")?;
+    let started = Instant::now();
+    for (table, columns, bytes) in &data {
+        let mut copy = pool
+            .copy_in_raw(&format!("COPY bench_copy_{table} {columns} FROM STDIN"))
+            .await?;
+        copy.send(bytes.as_slice()).await?;
+        copy.finish().await?;
+    }
+    let took = started.elapsed().as_secs_f64();
+    for (table, ..) in &data {
+        w.db.execute_unprepared(&format!("DROP TABLE bench_copy_{table}"))
+            .await?;
+    }
+    Ok((usize::try_from(products)?, took))
 }
 
 /// Publishes the first `rows` change rows with the relay alone, transactional and then
@@ -567,17 +695,23 @@ async fn mutate(sim_url: &str, count: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// The initial case fills the store; then the parts are measured alone (the copy needs the
+/// stored rows) and the case lines are printed with their ratios.
 async fn three_cases(n: usize) -> Result<(), Error> {
     let (_sim, sim_url) = simulator(n)?;
     let w = World::new(sim_url.clone()).await?;
     let instance = w.instance()?;
     w.wait_ready().await?;
     let producer = plain_producer()?;
-    case(&w, &producer, "initial", n).await?;
+    let (initial, rate) = case(&w, &producer, "initial", n).await?;
+    let limits = Limits::measure(&w, n).await?;
+    println!("{initial} ratio={:.2}", rate / limits.composite());
     if !std::env::args().any(|a| a == "--relay-only") {
-        case(&w, &producer, "unchanged", n).await?;
+        let (line, rate) = case(&w, &producer, "unchanged", n).await?;
+        println!("{line} ratio={:.2}", rate / limits.fetch);
         mutate(&sim_url, n / 10).await?;
-        case(&w, &producer, "changed10", n).await?;
+        let (line, rate) = case(&w, &producer, "changed10", n).await?;
+        println!("{line} ratio={:.2}", rate / limits.changed10());
     }
     instance.stop()?;
     relay_case(&w, n).await?;

@@ -81,14 +81,16 @@ fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Dura
 }
 
 /// A stretch long enough to look into, on the run's log: the partition, the offset it stood
-/// at and when it began (UTC), to set beside the instances' logs and the faults.
+/// at, when it began (UTC) and when the partition was next seen past it — while the broker
+/// does not answer nothing is seen, so this can exceed `max_stall_s`, which counts only the
+/// time seen standing.
 fn report(partition: i32, offset: i64, lasted: Duration) {
     if lasted >= REPORTED {
         let began = chrono::Utc::now() - lasted;
         eprintln!(
-            "chaos: request partition {partition} stood at offset {offset} for {} s from {}",
-            lasted.as_secs(),
-            began.format("%H:%M:%S")
+            "chaos: request partition {partition} stood at offset {offset} from {} until seen moving {} s later",
+            began.format("%H:%M:%S"),
+            lasted.as_secs()
         );
     }
 }
