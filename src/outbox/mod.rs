@@ -487,8 +487,8 @@ impl Relay {
                 self.cursor = row.pending_id;
                 continue;
             }
-            self.fit(&mut row);
-            match self.produce(&self.producer, &row) {
+            self.settings.fit(&mut row);
+            match self.settings.produce(&self.producer, &row) {
                 Ok(delivery) => {
                     self.cursor = row.pending_id;
                     sent.push((row, delivery));
@@ -499,12 +499,12 @@ impl Relay {
                     if let Some(p) = row.product_id {
                         held_back.insert(p);
                     }
-                    self.park(&row, &e).await?;
+                    self.settings.park(&self.db, &row, &e).await?;
                     self.totals.parked += 1;
                 }
                 Err(e) => {
                     self.flights.push_back(Flight { sent });
-                    return Err(self.publish_error(&row, e));
+                    return Err(self.settings.publish_error(&row, e));
                 }
             }
         }
@@ -523,22 +523,6 @@ impl Relay {
         m.published
             .with_label_values(&["result"])
             .inc_by(published.results as u64);
-    }
-
-    fn fit(&self, row: &mut Outgoing) {
-        self.settings.fit(row);
-    }
-
-    fn produce(&self, producer: &FutureProducer, row: &Outgoing) -> Result<Delivery, KafkaError> {
-        self.settings.produce(producer, row)
-    }
-
-    fn publish_error(&self, row: &Outgoing, source: KafkaError) -> RelayError {
-        self.settings.publish_error(row, source)
-    }
-
-    async fn park(&self, row: &Outgoing, e: &KafkaError) -> Result<(), RelayError> {
-        self.settings.park(&self.db, row, e).await
     }
 
     /// Lands every flight and waits for every delete.
@@ -587,7 +571,7 @@ impl Relay {
                 Err(e) if is_refusal(&e) => refused.push((row, e)),
                 Err(e) => {
                     if error.is_none() {
-                        error = Some(self.publish_error(&row, e));
+                        error = Some(self.settings.publish_error(&row, e));
                     }
                 }
             }
@@ -595,19 +579,19 @@ impl Relay {
         let mut parked = 0;
         for (row, first) in refused {
             tracing::warn!(ce_id = %row.ce_id, error = %first, "the broker refused an event; sending it alone");
-            let alone = match self.produce(&self.producer, &row) {
+            let alone = match self.settings.produce(&self.producer, &row) {
                 Ok(delivery) => delivery.landed().await,
                 Err(e) => Err(e),
             };
             match alone {
                 Ok(()) => acked.push(row),
                 Err(e) if is_refusal(&e) => {
-                    self.park(&row, &e).await?;
+                    self.settings.park(&self.db, &row, &e).await?;
                     parked += 1;
                 }
                 Err(e) => {
                     if error.is_none() {
-                        error = Some(self.publish_error(&row, e));
+                        error = Some(self.settings.publish_error(&row, e));
                     }
                 }
             }
