@@ -325,12 +325,19 @@ pub async fn done(
         return Ok(());
     }
     if let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &db.inner {
-        // One array parameter rather than thousands of bind parameters.
-        sqlx::query("DELETE FROM outbox_pending WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(db.get_postgres_connection_pool())
-            .await
-            .map_err(|e| StoreError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))))?;
+        // The ids as runs of consecutive ids, two array parameters: a round's rows are mostly
+        // one run, deleted by one index range scan (an array of every id cost a probe each,
+        // and its binding alone took tens of milliseconds at 20,000 ids).
+        let (starts, ends): (Vec<i64>, Vec<i64>) = runs(ids.iter().copied()).into_iter().unzip();
+        sqlx::query(
+            "DELETE FROM outbox_pending o USING unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
+             WHERE o.id BETWEEN r.lo AND r.hi",
+        )
+        .bind(&starts)
+        .bind(&ends)
+        .execute(db.get_postgres_connection_pool())
+        .await
+        .map_err(|e| StoreError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))))?;
     } else {
         for chunk in ids.chunks(5000) {
             outbox_pending::Entity::delete_many()
@@ -340,6 +347,19 @@ pub async fn done(
         }
     }
     requests::mark_published(db, &done.results, now).await
+}
+
+/// The ids, sorted, as runs `(first, last)` of consecutive ids.
+pub fn runs(ids: impl IntoIterator<Item = i64>) -> Vec<(i64, i64)> {
+    let sorted: BTreeSet<i64> = ids.into_iter().collect();
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match ranges.last_mut() {
+            Some((_, end)) if end.checked_add(1) == Some(id) => *end = id,
+            _ => ranges.push((id, id)),
+        }
+    }
+    ranges
 }
 
 /// Removes rows a committed transaction published (found again in a shard's progress record
@@ -449,4 +469,19 @@ pub async fn backlog(
         .await?
         .map(|r| r.created_at);
     Ok((queued, parked, oldest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_sorted_ranges_of_consecutive_ids() {
+        assert_eq!(runs([7, 3, 4, 5, 9, 8, 4]), vec![(3, 5), (7, 9)]);
+        assert_eq!(
+            runs([i64::MAX, i64::MAX - 1, 1]),
+            vec![(1, 1), (i64::MAX - 1, i64::MAX)]
+        );
+        assert!(runs([]).is_empty());
+    }
 }

@@ -59,6 +59,8 @@ const TXN_BATCHES: u64 = 4;
 const MAX_RUNS: usize = 4096;
 /// How long one blocking transaction call (init, commit, abort) may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Rows a shard's produce loop handles between two yields to the runtime.
+const YIELD_EVERY: usize = 256;
 /// How long reading a shard's progress record may take.
 const PROGRESS_READ: Duration = Duration::from_secs(30);
 /// The last records of a progress partition read first (each transaction adds one record and
@@ -91,17 +93,9 @@ pub struct Progress {
 
 impl Progress {
     pub fn of(shard: u32, ids: impl IntoIterator<Item = i64>) -> Self {
-        let sorted: BTreeSet<i64> = ids.into_iter().collect();
-        let mut ranges: Vec<(i64, i64)> = Vec::new();
-        for id in sorted {
-            match ranges.last_mut() {
-                Some((_, end)) if *end + 1 == id => *end = id,
-                _ => ranges.push((id, id)),
-            }
-        }
         Progress {
             shard,
-            ids: ranges,
+            ids: queue::runs(ids),
             at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
     }
@@ -688,7 +682,13 @@ impl ShardJob {
         let mut leave = Vec::new();
         let mut held_back: HashSet<i64> = HashSet::new();
         let mut parked = 0;
-        for mut row in rows {
+        for (i, mut row) in rows.into_iter().enumerate() {
+            // The produce loop runs without awaiting: every few hundred rows it lets the
+            // runtime poll the other tasks (the queue's removal and read-ahead, the other
+            // shards' commits), which would otherwise wait for whole loops to end.
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                tokio::task::yield_now().await;
+            }
             if row.kind == Kind::Gone {
                 leave.push(row);
                 continue;
