@@ -133,6 +133,18 @@ pub enum TxnError {
     /// The transaction was aborted; its rows stay queued for the next one.
     #[error("shard {shard}: transaction aborted: {source}")]
     Aborted { shard: u32, source: KafkaError },
+    /// The broker refused records of the transaction for good (it was aborted). A refusal
+    /// names a whole record batch, so the rows are suspects: each goes again in a
+    /// transaction of its own, where a refusal is the row's own.
+    #[error(
+        "shard {shard}: the broker refused {} of the transaction's rows ({source}); each goes again alone to find the one at fault",
+        rows.len()
+    )]
+    Refused {
+        shard: u32,
+        rows: Vec<i64>,
+        source: KafkaError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -141,7 +153,7 @@ impl TxnError {
     /// Each heals by publishing the rows again in a later transaction.
     pub fn is_transient(&self) -> bool {
         match self {
-            TxnError::Fatal { .. } | TxnError::Aborted { .. } => true,
+            TxnError::Fatal { .. } | TxnError::Aborted { .. } | TxnError::Refused { .. } => true,
             TxnError::Store(e) => e.is_transient(),
         }
     }
@@ -197,6 +209,9 @@ pub struct Txns {
     /// The next round's rows, read while the last round was published (kept only when that
     /// round published every row and the ready shards stayed the same).
     next: Option<Vec<Outgoing>>,
+    /// By shard, rows in a record batch the broker refused: while one is queued, the shard's
+    /// transactions take one row each.
+    suspects: BTreeMap<u32, BTreeSet<i64>>,
 }
 
 impl Txns {
@@ -206,6 +221,7 @@ impl Txns {
             ready: BTreeMap::new(),
             undeleted: Unconfirmed::default(),
             next: None,
+            suspects: BTreeMap::new(),
         }
     }
 
@@ -242,6 +258,28 @@ impl Txns {
         Ok(())
     }
 
+    /// Forgets the suspects of a shard none of whose `rows` they are (parked since, or
+    /// gone from the queue).
+    fn forget_suspects(&mut self, shard: u32, rows: &[Outgoing]) {
+        if let Some(set) = self.suspects.get(&shard)
+            && !rows.iter().any(|r| set.contains(&r.pending_id))
+        {
+            self.suspects.remove(&shard);
+        }
+    }
+
+    /// Notes a round's suspects and forgets those it published or parked.
+    fn suspect(&mut self, shard: u32, rows: &[i64], settled: &[i64]) {
+        let set = self.suspects.entry(shard).or_default();
+        set.extend(rows.iter().copied());
+        for id in settled {
+            set.remove(id);
+        }
+        if set.is_empty() {
+            self.suspects.remove(&shard);
+        }
+    }
+
     /// Forgets a shard's producer after a fatal error.
     pub fn drop_shard(&mut self, shard: u32) {
         self.ready.remove(&shard);
@@ -254,6 +292,7 @@ impl Txns {
     pub async fn sync(&mut self, db: &DatabaseConnection, held: &BTreeSet<u32>) {
         let before: Vec<u32> = self.ready.keys().copied().collect();
         self.ready.retain(|shard, _| held.contains(shard));
+        self.suspects.retain(|shard, _| held.contains(shard));
         let missing: Vec<u32> = held
             .iter()
             .copied()
@@ -511,6 +550,8 @@ struct ShardOutcome {
     shard: u32,
     done: Done,
     published: Published,
+    /// The rows it parked.
+    parked_ids: Vec<i64>,
 }
 
 impl Relay {
@@ -545,6 +586,9 @@ impl Relay {
         for row in rows {
             by_shard.entry(txns.shard_of(&row)).or_default().push(row);
         }
+        for (shard, rows) in &by_shard {
+            txns.forget_suspects(*shard, rows);
+        }
         let (db, gone) = (self.db.clone(), deleting.done.clone());
         let store = tokio::spawn(async move {
             if !gone.is_empty() {
@@ -566,6 +610,7 @@ impl Relay {
                     ready,
                     shard,
                     unconfirmed: deleting.of(shard).to_vec(),
+                    suspects: txns.suspects.get(&shard).cloned().unwrap_or_default(),
                 });
                 (shard, job.map(|job| tokio::spawn(job.publish(rows))))
             })
@@ -619,16 +664,30 @@ impl Relay {
         let mut fatal = Vec::new();
         let mut committed = Unconfirmed::default();
         let mut landed = 0;
+        let mut suspects = Vec::new();
         for outcome in outcomes {
             match outcome {
                 Ok(o) => {
                     total.add(o.published);
                     landed += o.done.pending_ids.len();
+                    if self
+                        .txns
+                        .as_ref()
+                        .is_some_and(|t| t.suspects.contains_key(&o.shard))
+                    {
+                        let mut settled = o.parked_ids;
+                        settled.extend(&o.done.pending_ids);
+                        suspects.push((o.shard, Vec::new(), settled));
+                    }
                     committed.add(o.shard, o.done);
                 }
                 Err(e) => {
-                    if let TxnError::Fatal { shard, .. } = &e {
-                        fatal.push(*shard);
+                    match &e {
+                        TxnError::Fatal { shard, .. } => fatal.push(*shard),
+                        TxnError::Refused { shard, rows, .. } => {
+                            suspects.push((*shard, rows.clone(), Vec::new()))
+                        }
+                        _ => {}
                     }
                     first_error.get_or_insert(e);
                 }
@@ -637,6 +696,9 @@ impl Relay {
         let whole = first_error.is_none() && fatal.is_empty() && landed == count;
         self.count(total);
         if let Some(txns) = self.txns.as_mut() {
+            for (shard, rows, settled) in suspects {
+                txns.suspect(shard, &rows, &settled);
+            }
             fatal.into_iter().for_each(|s| txns.drop_shard(s));
             txns.undeleted.merge(committed);
             txns.next = next.filter(|rows| whole && !rows.is_empty());
@@ -659,6 +721,8 @@ struct ShardJob {
     shard: u32,
     /// The shard's committed rows whose removal from the queue runs meanwhile.
     unconfirmed: Vec<i64>,
+    /// The shard's rows in a record batch the broker refused: each goes alone.
+    suspects: BTreeSet<i64>,
 }
 
 impl ShardJob {
@@ -674,6 +738,13 @@ impl ShardJob {
         // The rest stays queued for a later transaction (a suffix in queue order, so every
         // product's rows keep their order).
         rows.truncate(within_runs(rows.iter().map(|r| r.pending_id), MAX_RUNS));
+        // A suspect goes alone (a refusal is then its own); the rows before it together.
+        if let Some(first) = rows
+            .iter()
+            .position(|r| self.suspects.contains(&r.pending_id))
+        {
+            rows.truncate(first.max(1));
+        }
         let producer = &ready.producer;
         if let Err(e) = producer.begin_transaction() {
             return Err(abort(producer, shard, e).await);
@@ -681,7 +752,7 @@ impl ShardJob {
         let mut sent = Vec::with_capacity(rows.len());
         let mut leave = Vec::new();
         let mut held_back: HashSet<i64> = HashSet::new();
-        let mut parked = 0;
+        let mut parked_ids = Vec::new();
         for (i, mut row) in rows.into_iter().enumerate() {
             // The produce loop runs without awaiting: every few hundred rows it lets the
             // runtime poll the other tasks (the queue's removal and read-ahead, the other
@@ -705,7 +776,7 @@ impl ShardJob {
                         .park(&self.db, &row, &e)
                         .await
                         .map_err(relay_store)?;
-                    parked += 1;
+                    parked_ids.push(row.pending_id);
                 }
                 Err(e) => return Err(abort(producer, shard, e).await),
             }
@@ -720,8 +791,7 @@ impl ShardJob {
             return Err(abort(producer, shard, e).await);
         }
         if let Err(e) = commit(producer, shard).await {
-            self.park_refused(sent).await?;
-            return Err(e);
+            return Err(self.refused(sent, e).await?);
         }
         let published = Published {
             changes: sent.iter().filter(|(r, _)| r.kind == Kind::Change).count(),
@@ -729,31 +799,51 @@ impl ShardJob {
                 .iter()
                 .filter(|(r, _)| matches!(r.kind, Kind::Result(_)))
                 .count(),
-            parked,
+            parked: parked_ids.len(),
         };
         let done = Done::of(sent.iter().map(|(r, _)| r).chain(leave.iter()));
         Ok(ShardOutcome {
             shard,
             done,
             published,
+            parked_ids,
         })
     }
 
-    /// After an aborted transaction: the rows the broker refused for good are parked (the
-    /// transaction is gone, so every delivery has its answer).
-    async fn park_refused(&self, sent: Vec<(Outgoing, Delivery)>) -> Result<(), TxnError> {
+    /// After an aborted transaction (`aborted` says why): the rows the broker refused for good
+    /// (the transaction is gone, so every delivery has its answer). A lone row's refusal is
+    /// its own: it is parked. Among many, a refusal names a whole record batch: the rows
+    /// become suspects (`TxnError::Refused`), each published again alone.
+    async fn refused(
+        &self,
+        sent: Vec<(Outgoing, Delivery)>,
+        aborted: TxnError,
+    ) -> Result<TxnError, TxnError> {
+        let alone = sent.len() == 1;
+        let mut refused = Vec::new();
         for (row, delivery) in sent {
             let answer = tokio::time::timeout(Duration::from_secs(5), delivery.landed()).await;
             if let Ok(Err(e)) = answer
                 && is_refusal(&e)
             {
-                self.settings
-                    .park(&self.db, &row, &e)
-                    .await
-                    .map_err(relay_store)?;
+                if alone {
+                    self.settings
+                        .park(&self.db, &row, &e)
+                        .await
+                        .map_err(relay_store)?;
+                } else {
+                    refused.push((row.pending_id, e));
+                }
             }
         }
-        Ok(())
+        Ok(match refused.first() {
+            Some((_, source)) => TxnError::Refused {
+                shard: self.shard,
+                source: source.clone(),
+                rows: refused.into_iter().map(|(id, _)| id).collect(),
+            },
+            None => aborted,
+        })
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use product_sync::command::Selector;
+use product_sync::outbox::queue;
 use product_sync::outbox::shards::Leases;
 use product_sync::outbox::transactional::Transactions;
 use product_sync::outbox::{Relay, RelaySettings};
@@ -386,4 +387,54 @@ async fn a_holder_dead_between_its_commit_and_its_delete_is_not_published_again(
     assert!(publish_all(&w, &mut next).await > 0);
     let (after, _) = audit_both_ways(&w).await;
     assert!(after as u64 > total);
+}
+
+/// A row the broker refuses for good (its topic now takes less than its event) fails its
+/// shard's transaction at the commit: the transaction is aborted, the row parked, and the
+/// shard's other rows go in the next transaction. A read_committed reader sees every other
+/// event once; after the operator raises the limit and releases the row, it follows in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_the_broker_refuses_at_commit_is_parked_and_the_rest_published_once() {
+    let w = world(100, 1).await;
+    crate::relay::set_topic_limit(&w, 30_000).await;
+    let big = "WM0000003";
+    w.sim
+        .sim
+        .upsert(vec![crate::relay::with_big_attribute(&w, big, 60_000)]);
+    let total = fold_everything(&w, "bulk").await;
+    let mut relay = transactional_relay(&w, "refused").await;
+    take_all(&mut relay, w.settings.pipeline.relay_shards as usize).await;
+
+    // Drained until only the parked row is left (the aborted transaction is an error).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let parked = loop {
+        if let Err(e) = relay.drain().await {
+            assert!(e.is_transient(), "a relay error: {e}");
+        }
+        let parked = queue::parked(&w.db).await.expect("parked rows");
+        if queued(&w).await == 1 && parked.len() == 1 {
+            break parked;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue: {} rows, {} parked",
+            queued(&w).await,
+            parked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = parked[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("too large") || error.contains("TooLarge"),
+        "{error}"
+    );
+    let committed = w.read_all(&w.settings.topics.changes).await;
+    assert!(crate::relay::codes(&committed, big).is_empty());
+    assert_eq!(committed.len(), total - 1, "every other event, once");
+
+    crate::relay::set_topic_limit(&w, 1_000_000).await;
+    assert_eq!(queue::unpark(&w.db, &[]).await.expect("unpark"), 1);
+    assert_eq!(publish_all(&w, &mut relay).await, 1);
+    let (committed, _) = audit_both_ways(&w).await;
+    assert_eq!(committed, total);
 }

@@ -396,7 +396,7 @@ fn noise(bytes: usize) -> String {
 }
 
 /// A product of the catalogue with a large, incompressible attribute (and `version` + 1).
-fn with_big_attribute(w: &World, code: &str, bytes: usize) -> Product {
+pub(crate) fn with_big_attribute(w: &World, code: &str, bytes: usize) -> Product {
     let mut p = w
         .sim
         .sim
@@ -413,7 +413,7 @@ fn with_big_attribute(w: &World, code: &str, bytes: usize) -> Product {
     p
 }
 
-fn codes(events: &[OwnedMessage], code: &str) -> Vec<Value> {
+pub(crate) fn codes(events: &[OwnedMessage], code: &str) -> Vec<Value> {
     let key = format!("wms/{code}");
     let mut v: Vec<&OwnedMessage> = events
         .iter()
@@ -486,7 +486,7 @@ async fn completed(w: &World, request_id: &str) {
     .await;
 }
 
-async fn set_topic_limit(w: &World, bytes: usize) {
+pub(crate) async fn set_topic_limit(w: &World, bytes: usize) {
     let admin: AdminClient<DefaultClientContext> =
         product_sync::kafka::client_config(&w.settings.kafka)
             .create()
