@@ -3,6 +3,9 @@
 # official jars on Maven Central, for local development and the test suite.
 #
 #   deploy/local/kafka.sh up       fetch jars (cached), format storage, start, wait until ready
+#   deploy/local/kafka.sh up --fresh   the same from empty storage (a running broker is stopped
+#                                  first): every test world leaves its topics behind, and a
+#                                  broker reused across many runs ran out of its heap
 #   deploy/local/kafka.sh down     stop the broker this script started (TERM, then KILL)
 #   deploy/local/kafka.sh status   say whether it runs and answers
 #   deploy/local/kafka.sh logs     print the tail of the broker log
@@ -139,6 +142,13 @@ probe() {
 up() {
   ensure_tools
   fetch_jars
+  if [ "${1:-}" = "--fresh" ]; then
+    down
+    say "fresh: removing the broker's storage and log ($state)"
+    rm -rf "$data" "$logfile"
+  elif [ -n "${1:-}" ]; then
+    die "up takes only --fresh (got: $1)"
+  fi
   mkdir -p "$state"
   write_config
   if pid="$(running_pid)"; then
@@ -221,7 +231,7 @@ status() {
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) up "${2:-}" ;;
   down) down ;;
   status) status ;;
   logs) tail -n "${2:-100}" "$logfile" ;;
