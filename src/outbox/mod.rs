@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use sea_orm::DatabaseConnection;
@@ -144,17 +145,7 @@ impl RelaySettings {
         row: &Outgoing,
         topic: &str,
     ) -> Result<DeliveryFuture, KafkaError> {
-        // A change event is product-sync's own JSON: one that does not parse is a bug, parked
-        // like a record the broker refuses.
-        let value = match wire::state_of(&row.payload) {
-            Ok(value) => value,
-            Err(e) => {
-                tracing::error!(ce_id = %row.ce_id, error = %e, "a change event lacks the fields of a state record");
-                return Err(KafkaError::MessageProduction(
-                    RDKafkaErrorCode::InvalidRecord,
-                ));
-            }
-        };
+        let value = state_value(row)?;
         let mut record = FutureRecord::<String, String>::to(topic).key(&row.key);
         if let Some(value) = &value {
             record = record.payload(value);
@@ -167,19 +158,10 @@ impl RelaySettings {
         producer: &FutureProducer,
         row: &Outgoing,
     ) -> Result<DeliveryFuture, KafkaError> {
-        let headers = CloudEvent {
-            id: &row.ce_id,
-            ce_type: &row.ce_type,
-            source: &row.source,
-            subject: &row.subject,
-            time: &row.time,
-            traceparent: row.traceparent.as_deref(),
-        }
-        .headers();
         let record = FutureRecord::to(self.topic(&row.kind))
             .key(&row.key)
             .payload(&row.payload)
-            .headers(headers);
+            .headers(event_headers(row));
         producer.send_result(record).map_err(|(e, _)| e)
     }
 
@@ -209,6 +191,29 @@ impl RelaySettings {
         metrics().outbox_parked.inc();
         Ok(())
     }
+}
+
+/// A row's CloudEvents headers.
+fn event_headers(row: &Outgoing) -> OwnedHeaders {
+    CloudEvent {
+        id: &row.ce_id,
+        ce_type: &row.ce_type,
+        source: &row.source,
+        subject: &row.subject,
+        time: &row.time,
+        traceparent: row.traceparent.as_deref(),
+    }
+    .headers()
+}
+
+/// The state record's value for a change row (`None`: a tombstone). A change event is
+/// product-sync's own JSON: one that does not parse is a bug, parked like a record the
+/// broker refuses.
+fn state_value(row: &Outgoing) -> Result<Option<String>, KafkaError> {
+    wire::state_of(&row.payload).map_err(|e| {
+        tracing::error!(ce_id = %row.ce_id, error = %e, "a change event lacks the fields of a state record");
+        KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord)
+    })
 }
 
 /// What a landing did.

@@ -19,8 +19,8 @@
 //! a row whose store transaction committed late is simply read later from the queue's head.
 //!
 //! Errors as librdkafka documents them: a retriable commit is retried; an abortable one
-//! aborts the transaction (rows the broker refused for good are parked, the rest published in
-//! the next transaction); a fatal one (fenced) drops the producer, and the shard is initialised
+//! aborts the transaction (the rest is published in the next transaction; rows the broker
+//! refused for good go again each alone, and are parked if refused alone); a fatal one (fenced) drops the producer, and the shard is initialised
 //! again on the next round if this instance still holds it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,10 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use rdkafka::ClientContext;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
@@ -39,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 use super::queue::{self, Done, Kind, Outgoing, Shards};
-use super::{Delivery, Published, Relay, RelayError, RelaySettings, is_refusal};
+use super::{Published, Relay, RelayError, RelaySettings, event_headers, is_refusal, state_value};
 use crate::config::KafkaSettings;
 use crate::kafka::{producer_config, reader_config};
 use crate::store::StoreError;
@@ -159,10 +160,45 @@ impl TxnError {
     }
 }
 
+/// The context of a shard's producer. A transaction's commit answers for all its records,
+/// so the producer asks for delivery reports of failures only
+/// (`delivery.report.only.error`): no future and no report per record (they cost the relay
+/// a fifth of its CPU). The refusals among the failures are kept, by queue row, for the
+/// transaction's end.
+#[derive(Default)]
+pub struct ShardContext {
+    refused: std::sync::Mutex<BTreeMap<i64, KafkaError>>,
+}
+
+impl ShardContext {
+    fn refusals(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, KafkaError>> {
+        self.refused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClientContext for ShardContext {}
+
+impl ProducerContext for ShardContext {
+    /// The record's queue row (`0`: the progress record).
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, row: usize) {
+        if let (Err((e, _)), Ok(row)) = (result, i64::try_from(row))
+            && row > 0
+            && is_refusal(e)
+        {
+            self.refusals().insert(row, e.clone());
+        }
+    }
+}
+
+/// A shard's transactional producer.
+pub type ShardProducer = ThreadedProducer<ShardContext>;
+
 /// A taken shard: its transactional producer and its progress partition.
 #[derive(Clone)]
 pub struct Ready {
-    pub producer: FutureProducer,
+    pub producer: Arc<ShardProducer>,
     pub partition: i32,
     /// `topics.relay_progress` and the shard's key on it (its transactional id).
     pub progress_topic: String,
@@ -340,8 +376,9 @@ async fn take_shard(
     shard: u32,
 ) -> Result<Ready, TakeError> {
     let id = format!("{}-{shard}", settings.id_prefix);
-    let producer: FutureProducer = producer_config(&settings.kafka, settings.max_event_bytes)
+    let producer: ShardProducer = producer_config(&settings.kafka, settings.max_event_bytes)
         .set("transactional.id", &id)
+        .set("delivery.report.only.error", "true")
         .set("transaction.timeout.ms", "60000")
         // Back to back transactions: the coordinator answers the next one's
         // AddPartitionsToTxn with CONCURRENT_TRANSACTIONS until the last one's markers are
@@ -350,7 +387,8 @@ async fn take_shard(
         // reason). Retries back off exponentially from here up to the usual second.
         .set("retry.backoff.ms", "10")
         .set("retry.backoff.max.ms", "1000")
-        .create()?;
+        .create_with_context(ShardContext::default())?;
+    let producer = Arc::new(producer);
     let init = producer.clone();
     tokio::task::spawn_blocking(move || init.init_transactions(TXN_TIMEOUT))
         .await
@@ -475,7 +513,7 @@ fn last_record(
 
 /// Commits the open transaction: retried while librdkafka says retriable; an abortable
 /// failure is aborted; a fatal one is reported as such.
-pub async fn commit(producer: &FutureProducer, shard: u32) -> Result<(), TxnError> {
+pub async fn commit(producer: &Arc<ShardProducer>, shard: u32) -> Result<(), TxnError> {
     for _ in 0..3 {
         let p = producer.clone();
         let committed = tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT))
@@ -493,7 +531,7 @@ pub async fn commit(producer: &FutureProducer, shard: u32) -> Result<(), TxnErro
 }
 
 /// Aborts the open transaction after `cause`; fatal when the producer cannot go on.
-pub async fn abort(producer: &FutureProducer, shard: u32, cause: KafkaError) -> TxnError {
+pub async fn abort(producer: &Arc<ShardProducer>, shard: u32, cause: KafkaError) -> TxnError {
     if is_fatal(&cause) {
         return TxnError::Fatal {
             shard,
@@ -533,15 +571,37 @@ pub fn is_fatal(e: &KafkaError) -> bool {
 /// Produces a shard's progress record inside its open transaction.
 pub fn produce_progress(ready: &Ready, progress: &Progress) -> Result<(), KafkaError> {
     let value = serde_json::to_string(progress).unwrap_or_default();
-    let record = FutureRecord::to(&ready.progress_topic)
+    let record = BaseRecord::with_opaque_to(&ready.progress_topic, 0)
         .key(&ready.progress_key)
         .payload(&value)
         .partition(ready.partition);
-    ready
-        .producer
-        .send_result(record)
-        .map(drop)
-        .map_err(|(e, _)| e)
+    ready.producer.send(record).map_err(|(e, _)| e)
+}
+
+/// Produces a row's records into the open transaction, with no delivery future: for a change
+/// with the state topic on, its state record first (a state record repeated later is
+/// harmless on the compacted topic), then its event. A refusal leaves the row's event
+/// unproduced.
+fn produce_row(
+    settings: &RelaySettings,
+    producer: &ShardProducer,
+    row: &Outgoing,
+) -> Result<(), KafkaError> {
+    let opaque = usize::try_from(row.pending_id).unwrap_or(0);
+    if let (Kind::Change, Some(topic)) = (&row.kind, &settings.state_topic) {
+        let value = state_value(row)?;
+        let mut record =
+            BaseRecord::<String, String, usize>::with_opaque_to(topic, opaque).key(&row.key);
+        if let Some(value) = &value {
+            record = record.payload(value);
+        }
+        producer.send(record).map_err(|(e, _)| e)?;
+    }
+    let record = BaseRecord::with_opaque_to(settings.topic(&row.kind), opaque)
+        .key(&row.key)
+        .payload(&row.payload)
+        .headers(event_headers(row));
+    producer.send(record).map_err(|(e, _)| e)
 }
 
 /// What one shard's transaction did.
@@ -728,8 +788,8 @@ struct ShardJob {
 impl ShardJob {
     /// Publishes one shard's rows in one transaction with its progress record. A row the
     /// producer refuses at once is parked (its product's later rows in the batch wait); a
-    /// transaction that fails is aborted, the rows the broker refused for good are parked,
-    /// and the rest stay queued for the next transaction.
+    /// transaction that fails is aborted and its rows stay queued for the next one (those the
+    /// broker refused for good become suspects, see [`TxnError::Refused`]; alone, parked).
     ///
     /// The progress record names the rows this transaction published and `unconfirmed`,
     /// the shard's committed rows whose removal from the queue runs meanwhile.
@@ -746,6 +806,7 @@ impl ShardJob {
             rows.truncate(first.max(1));
         }
         let producer = &ready.producer;
+        producer.context().refusals().clear();
         if let Err(e) = producer.begin_transaction() {
             return Err(abort(producer, shard, e).await);
         }
@@ -768,8 +829,8 @@ impl ShardJob {
                 continue;
             }
             self.settings.fit(&mut row);
-            match self.settings.produce(producer, &row) {
-                Ok(delivery) => sent.push((row, delivery)),
+            match produce_row(&self.settings, producer, &row) {
+                Ok(()) => sent.push(row),
                 Err(e) if is_refusal(&e) => {
                     held_back.extend(row.product_id);
                     self.settings
@@ -781,7 +842,7 @@ impl ShardJob {
                 Err(e) => return Err(abort(producer, shard, e).await),
             }
         }
-        let ids = sent.iter().map(|(r, _)| r.pending_id);
+        let ids = sent.iter().map(|r| r.pending_id);
         let progress = Progress::of(
             shard,
             ids.chain(leave.iter().map(|r| r.pending_id))
@@ -794,14 +855,14 @@ impl ShardJob {
             return Err(self.refused(sent, e).await?);
         }
         let published = Published {
-            changes: sent.iter().filter(|(r, _)| r.kind == Kind::Change).count(),
+            changes: sent.iter().filter(|r| r.kind == Kind::Change).count(),
             results: sent
                 .iter()
-                .filter(|(r, _)| matches!(r.kind, Kind::Result(_)))
+                .filter(|r| matches!(r.kind, Kind::Result(_)))
                 .count(),
             parked: parked_ids.len(),
         };
-        let done = Done::of(sent.iter().map(|(r, _)| r).chain(leave.iter()));
+        let done = Done::of(sent.iter().chain(leave.iter()));
         Ok(ShardOutcome {
             shard,
             done,
@@ -814,18 +875,16 @@ impl ShardJob {
     /// (the transaction is gone, so every delivery has its answer). A lone row's refusal is
     /// its own: it is parked. Among many, a refusal names a whole record batch: the rows
     /// become suspects (`TxnError::Refused`), each published again alone.
-    async fn refused(
-        &self,
-        sent: Vec<(Outgoing, Delivery)>,
-        aborted: TxnError,
-    ) -> Result<TxnError, TxnError> {
+    async fn refused(&self, sent: Vec<Outgoing>, aborted: TxnError) -> Result<TxnError, TxnError> {
+        // The commit flushed first, so the failures' reports are in; the flush after the
+        // abort (which purged the rest) makes sure.
+        let p = self.ready.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(5))).await;
+        let refusals = std::mem::take(&mut *self.ready.producer.context().refusals());
         let alone = sent.len() == 1;
         let mut refused = Vec::new();
-        for (row, delivery) in sent {
-            let answer = tokio::time::timeout(Duration::from_secs(5), delivery.landed()).await;
-            if let Ok(Err(e)) = answer
-                && is_refusal(&e)
-            {
+        for row in sent {
+            if let Some(e) = refusals.get(&row.pending_id).cloned() {
                 if alone {
                     self.settings
                         .park(&self.db, &row, &e)
