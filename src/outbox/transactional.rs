@@ -19,9 +19,9 @@
 //! a row whose store transaction committed late is simply read later from the queue's head.
 //!
 //! Errors as librdkafka documents them: a retriable commit is retried; an abortable one
-//! aborts the transaction (the rest is published in the next transaction; rows the broker
-//! refused for good go again each alone, and are parked if refused alone); a fatal one (fenced) drops the producer, and the shard is initialised
-//! again on the next round if this instance still holds it.
+//! aborts the transaction (its rows go in the next one; rows the broker refused for good go
+//! each alone, and are parked if refused alone); a fatal one (fenced) drops the producer, and
+//! the shard is initialised again on the next round if this instance still holds it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -245,8 +245,8 @@ pub struct Txns {
     /// The next round's rows, read while the last round was published (kept only when that
     /// round published every row and the ready shards stayed the same).
     next: Option<Vec<Outgoing>>,
-    /// By shard, rows in a record batch the broker refused: while one is queued, the shard's
-    /// transactions take one row each.
+    /// By shard, rows in a record batch the broker refused: while one is queued, each goes
+    /// in a transaction of its own (the rows before it together).
     suspects: BTreeMap<u32, BTreeSet<i64>>,
 }
 
