@@ -268,6 +268,11 @@ fn differ(
 }
 
 /// Rows still in the relay's queue.
+/// The rows still in the relay's queue.
+pub async fn queued(world: &World) -> anyhow::Result<usize> {
+    unpublished(&Database::connect(world.db_url.to_string()).await?).await
+}
+
 async fn unpublished(db: &DatabaseConnection) -> anyhow::Result<usize> {
     let n = db
         .query_one_raw(sea_orm::Statement::from_string(
