@@ -267,12 +267,12 @@ fn differ(
     missing + extra
 }
 
-/// Rows still in the relay's queue.
-/// The rows still in the relay's queue.
+/// The rows still in the relay's queue (a connection of its own).
 pub async fn queued(world: &World) -> anyhow::Result<usize> {
     unpublished(&Database::connect(world.db_url.to_string()).await?).await
 }
 
+/// Rows still in the relay's queue.
 async fn unpublished(db: &DatabaseConnection) -> anyhow::Result<usize> {
     let n = db
         .query_one_raw(sea_orm::Statement::from_string(
