@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs a real single-node Apache Kafka broker (KRaft, no ZooKeeper, no Docker) from the
-# official jars on Maven Central, for local development and the test suite.
+# Runs real Apache Kafka brokers (KRaft, no ZooKeeper, no Docker) from the official jars on
+# Maven Central, for local development and the test suite: one broker, or a three-node cluster
+# shaped like production (replication factor 3, min.insync.replicas 2, SASL_SSL listeners).
 #
 #   deploy/local/kafka.sh up       fetch jars (cached), format storage, start, wait until ready
 #   deploy/local/kafka.sh up --fresh   the same from empty storage (a running broker is stopped
@@ -8,34 +9,72 @@
 #                                  broker reused across many runs ran out of its heap
 #   deploy/local/kafka.sh down     stop the broker this script started (TERM, then KILL)
 #   deploy/local/kafka.sh status   say whether it runs and answers
-#   deploy/local/kafka.sh logs     print the tail of the broker log
+#   deploy/local/kafka.sh logs [N] print the tail of the broker log
+#
+# Each command takes `--brokers 3` for the cluster, which runs beside the single broker:
+# node i (1..3) listens on PLAINTEXT 127.0.0.1:(KAFKA_CLUSTER_PORT + 10*(i-1)), its controller
+# on that port + 1 and SASL_SSL (SCRAM-SHA-512, the certificate of deploy/local/tls.sh) on
+# that port + 2. `up --brokers 3` also creates the SCRAM user and writes client.properties
+# (bootstrap lists, CA, user, password file) into the cluster's directory for the tests.
 #
 # Environment:
 #   PRODUCT_SYNC_CACHE   where jars and broker state live (default ~/.cache/product-sync)
-#   KAFKA_PORT           client port (default 9092; the controller uses KAFKA_PORT+1)
-#   KAFKA_HEAP_OPTS      JVM heap (default -Xms512m -Xmx512m)
+#   KAFKA_PORT           client port of the single broker (default 9092; controller: +1)
+#   KAFKA_CLUSTER_PORT   first client port of the cluster (default 19092)
+#   KAFKA_HEAP_OPTS      JVM heap per broker (default -Xms512m -Xmx512m; cluster: 384m each)
 #   KAFKA_READY_TIMEOUT_S  how long `up` waits for a real Kafka request to succeed (default 120)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${PRODUCT_SYNC_CACHE:-$HOME/.cache/product-sync}"
-port="${KAFKA_PORT:-9092}"
-ctl_port=$((port + 1))
+single_port="${KAFKA_PORT:-9092}"
+cluster_port="${KAFKA_CLUSTER_PORT:-19092}"
 ready_timeout="${KAFKA_READY_TIMEOUT_S:-120}"
-heap="${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}"
+scram_user=product-sync
 
 pom="$here/kafka/pom.xml"
 kafka_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
 jars="$cache/kafka-$kafka_version/libs"
-state="$cache/kafka-run-$port"
-data="$state/data"
-pidfile="$state/kafka.pid"
-logfile="$state/kafka.log"
-props="$state/server.properties"
-log4j="$state/log4j2.properties"
 
 say() { echo "kafka.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
+
+# The nodes this invocation manages: 1 (the single broker) or 3 (the cluster).
+brokers=1
+cluster_dir="$cache/kafka-cluster-$cluster_port"
+
+# Sets port, ctl_port, ssl_port, state, data, pidfile, logfile, props, log4j of node $1.
+node() {
+  if [ "$brokers" = 1 ]; then
+    port="$single_port"
+    state="$cache/kafka-run-$port"
+  else
+    port=$((cluster_port + 10 * ($1 - 1)))
+    state="$cluster_dir/node-$1"
+  fi
+  ctl_port=$((port + 1))
+  ssl_port=$((port + 2))
+  data="$state/data"
+  pidfile="$state/kafka.pid"
+  logfile="$state/kafka.log"
+  props="$state/server.properties"
+  log4j="$state/log4j2.properties"
+}
+
+nodes() { seq 1 "$brokers"; }
+
+# The PLAINTEXT bootstrap list of the nodes managed.
+plain_bootstrap() {
+  local list="" i
+  for i in $(nodes); do node "$i"; list="$list${list:+,}127.0.0.1:$port"; done
+  echo "$list"
+}
+
+heap() {
+  if [ -n "${KAFKA_HEAP_OPTS:-}" ]; then echo "$KAFKA_HEAP_OPTS"
+  elif [ "$brokers" = 1 ]; then echo "-Xms512m -Xmx512m"
+  else echo "-Xms256m -Xmx384m"; fi
+}
 
 apt_install() {
   if ! command -v apt-get >/dev/null 2>&1; then
@@ -63,6 +102,9 @@ ensure_tools() {
   if [ ! -f "$jars/.complete" ] && ! command -v mvn >/dev/null 2>&1; then
     apt_install "mvn" "maven"
   fi
+  if [ "$brokers" != 1 ] && ! command -v openssl >/dev/null 2>&1; then
+    apt_install "openssl" "openssl"
+  fi
 }
 
 fetch_jars() {
@@ -77,7 +119,9 @@ fetch_jars() {
   touch "$jars/.complete"
 }
 
+# The pid of node $1 when it runs (the current node's variables are set).
 running_pid() {
+  node "$1"
   [ -f "$pidfile" ] || return 1
   local pid
   pid="$(cat "$pidfile")"
@@ -87,26 +131,58 @@ running_pid() {
   echo "$pid"
 }
 
+# Properties of node $1, single or cluster.
 write_config() {
+  node "$1"
   mkdir -p "$data"
-  cat >"$props" <<EOF
+  if [ "$brokers" = 1 ]; then
+    cat >"$props" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$ctl_port
 listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl_port
 advertised.listeners=PLAINTEXT://127.0.0.1:$port
-inter.broker.listener.name=PLAINTEXT
-controller.listener.names=CONTROLLER
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-log.dirs=$data
-num.partitions=1
 offsets.topic.replication.factor=1
-offsets.topic.num.partitions=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
-transaction.state.log.num.partitions=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
+EOF
+  else
+    local voters="" i tls
+    for i in 1 2 3; do voters="$voters${voters:+,}$i@127.0.0.1:$((cluster_port + 10 * (i - 1) + 1))"; done
+    tls="$("$here/tls.sh" dir)"
+    cat >"$props" <<EOF
+process.roles=broker,controller
+node.id=$1
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl_port,SASL_SSL://127.0.0.1:$ssl_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$ssl_port
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$tls/server.p12
+ssl.keystore.password=$(cat "$tls/keystore.password")
+ssl.key.password=$(cat "$tls/keystore.password")
+default.replication.factor=3
+min.insync.replicas=2
+offsets.topic.replication.factor=3
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+EOF
+    chmod 600 "$props"
+  fi
+  cat >>"$props" <<EOF
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$data
+num.partitions=1
+offsets.topic.num.partitions=1
+transaction.state.log.num.partitions=1
 group.initial.rebalance.delay.ms=0
 group.min.session.timeout.ms=1000
 auto.create.topics.enable=false
@@ -133,107 +209,188 @@ EOF
 
 java_cp() { echo "$jars/*"; }
 
-# A real Kafka request (DescribeCluster through Kafka's Admin client), not a port check.
+quiet_java() {
+  java -Xmx128m -cp "$(java_cp)" -Dlog4j2.configurationFile="$state/probe-log4j2.properties" "$@"
+}
+
+# A real Kafka request (DescribeCluster through Kafka's Admin client), not a port check: every
+# managed node must be in the answer.
 probe() {
-  timeout 30 java -Xmx128m -cp "$(java_cp)" -Dlog4j2.configurationFile="$state/probe-log4j2.properties" \
-    "$here/kafka/Probe.java" "127.0.0.1:$port" >/dev/null 2>&1
+  local out
+  out="$(timeout 30 java -Xmx128m -cp "$(java_cp)" \
+    -Dlog4j2.configurationFile="$cache/kafka-probe-log4j2.properties" \
+    "$here/kafka/Probe.java" "$(plain_bootstrap)" 2>/dev/null)" || return 1
+  [ "${out#nodes=}" -ge "$brokers" ] 2>/dev/null
+}
+
+cluster_id() {
+  local file="$cache/kafka-run-$single_port/cluster-id"
+  [ "$brokers" = 1 ] || file="$cluster_dir/cluster-id"
+  mkdir -p "$(dirname "$file")"
+  [ -f "$file" ] || java -cp "$(java_cp)" -Dlog4j2.configurationFile="$log4j" \
+    kafka.tools.StorageTool random-uuid >"$file" 2>/dev/null
+  cat "$file"
+}
+
+# Formats (when new) and starts node $1 unless it runs.
+start_node() {
+  local pid p
+  node "$1"
+  if pid="$(running_pid "$1")"; then
+    say "node $1 already running (pid $pid) on 127.0.0.1:$port"
+    return 0
+  fi
+  # A port held by another process (another broker, or one started with another
+  # PRODUCT_SYNC_CACHE) would answer the readiness probe while ours fails to bind.
+  for p in "$port" "$ctl_port" $([ "$brokers" = 1 ] || echo "$ssl_port"); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      die "127.0.0.1:$p is already taken by a process this script did not start (pid file: $pidfile); stop it, or choose other ports with KAFKA_PORT / KAFKA_CLUSTER_PORT"
+    fi
+  done
+  java -cp "$(java_cp)" -Dlog4j2.configurationFile="$log4j" kafka.tools.StorageTool format \
+    -t "$(cluster_id)" -c "$props" --ignore-formatted >>"$logfile" 2>&1 \
+    || { tail -n 30 "$logfile" >&2; die "formatting storage in $data failed (log above)"; }
+  say "starting node $1 ($kafka_version) on 127.0.0.1:$port (heap: $(heap), log: $logfile)"
+  # shellcheck disable=SC2046
+  nohup java $(heap) -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$log4j" -cp "$(java_cp)" kafka.Kafka "$props" \
+    >>"$logfile" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+}
+
+# What the tests need to reach the cluster's SASL_SSL listeners.
+write_client_properties() {
+  local tls list="" i
+  tls="$("$here/tls.sh" dir)"
+  for i in $(nodes); do node "$i"; list="$list${list:+,}127.0.0.1:$ssl_port"; done
+  cat >"$cluster_dir/client.properties" <<EOF
+plaintext.bootstrap=$(plain_bootstrap)
+sasl_ssl.bootstrap=$list
+ssl.ca.location=$tls/ca.pem
+sasl.username=$scram_user
+sasl.password.file=$cluster_dir/scram.password
+EOF
 }
 
 up() {
+  local fresh=""
+  [ "${1:-}" = "--fresh" ] && fresh=1
   ensure_tools
   fetch_jars
-  if [ "${1:-}" = "--fresh" ]; then
+  printf 'status = error\nrootLogger.level = off\n' >"$cache/kafka-probe-log4j2.properties"
+  if [ "$brokers" != 1 ]; then "$here/tls.sh" up; fi
+  local i
+  if [ -n "$fresh" ]; then
     down
-    say "fresh: removing the broker's storage and log ($state)"
-    rm -rf "$data" "$logfile"
-  elif [ -n "${1:-}" ]; then
-    die "up takes only --fresh (got: $1)"
-  fi
-  mkdir -p "$state"
-  write_config
-  if pid="$(running_pid)"; then
-    if probe; then
-      say "already running (pid $pid) on 127.0.0.1:$port"
-      return 0
-    fi
-    say "pid $pid exists but does not answer; waiting for it"
-  else
-    # A port held by another process (another broker, or one started with another
-    # PRODUCT_SYNC_CACHE) would answer the readiness probe while ours fails to bind.
-    for p in "$port" "$ctl_port"; do
-      if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-        die "127.0.0.1:$p is already taken by a process this script did not start (pid file: $pidfile); stop it, or choose another port with KAFKA_PORT"
-      fi
+    for i in $(nodes); do
+      node "$i"
+      say "fresh: removing node $i's storage and log ($state)"
+      rm -rf "$data" "$logfile"
     done
-    [ -f "$state/cluster-id" ] || java -cp "$(java_cp)" -Dlog4j2.configurationFile="$log4j" \
-      kafka.tools.StorageTool random-uuid >"$state/cluster-id" 2>/dev/null
-    java -cp "$(java_cp)" -Dlog4j2.configurationFile="$log4j" kafka.tools.StorageTool format \
-      -t "$(cat "$state/cluster-id")" -c "$props" --ignore-formatted >>"$logfile" 2>&1 \
-      || { tail -n 30 "$logfile" >&2; die "formatting storage in $data failed (log above)"; }
-    say "starting broker $kafka_version on 127.0.0.1:$port (heap: $heap, log: $logfile)"
-    # shellcheck disable=SC2086
-    nohup java $heap -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-      -Dlog4j2.configurationFile="$log4j" -cp "$(java_cp)" kafka.Kafka "$props" \
-      >>"$logfile" 2>&1 </dev/null &
-    echo $! >"$pidfile"
   fi
+  for i in $(nodes); do
+    node "$i"
+    mkdir -p "$state"
+    write_config "$i"
+    start_node "$i"
+  done
   local start deadline
   start=$(date +%s)
   deadline=$((start + ready_timeout))
-  while :; do
-    if ! running_pid >/dev/null; then
-      tail -n 40 "$logfile" >&2
-      die "the broker process exited during start-up (log tail above)"
-    fi
-    if probe; then
-      say "ready on 127.0.0.1:$port after $(($(date +%s) - start)) s (pid $(cat "$pidfile"))"
-      return 0
-    fi
+  while ! probe; do
+    for i in $(nodes); do
+      node "$i"
+      if ! running_pid "$i" >/dev/null; then
+        tail -n 40 "$logfile" >&2
+        die "node $i exited during start-up (log tail above)"
+      fi
+    done
     if [ "$(date +%s)" -ge "$deadline" ]; then
       tail -n 40 "$logfile" >&2
-      die "the broker did not answer a Kafka request within ${ready_timeout}s (log tail above)"
+      die "the brokers did not answer a Kafka request within ${ready_timeout}s (log tail above)"
     fi
     sleep 1
   done
+  if [ "$brokers" != 1 ]; then
+    [ -f "$cluster_dir/scram.password" ] || { umask 077; openssl rand -hex 16 >"$cluster_dir/scram.password"; }
+    node 1
+    quiet_java "$here/kafka/Scram.java" "$(plain_bootstrap)" "$scram_user" "$cluster_dir/scram.password" \
+      || die "could not create the SCRAM-SHA-512 user $scram_user"
+    write_client_properties
+  fi
+  say "ready on $(plain_bootstrap) after $(($(date +%s) - start)) s"
 }
 
 down() {
-  local pid
-  if ! pid="$(running_pid)"; then
-    say "not running"
+  local i pid
+  for i in $(nodes); do
+    node "$i"
+    if ! pid="$(running_pid "$i")"; then
+      say "node $i not running"
+      rm -f "$pidfile"
+      continue
+    fi
+    say "stopping node $i (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    local stopped=""
+    for _ in $(seq 1 60); do
+      kill -0 "$pid" 2>/dev/null || { stopped=1; break; }
+      sleep 0.5
+    done
+    if [ -z "$stopped" ]; then
+      say "node $i did not stop within 30 s: sending KILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
     rm -f "$pidfile"
-    return 0
-  fi
-  say "stopping broker pid $pid"
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; say "stopped"; return 0; }
-    sleep 0.5
   done
-  say "broker did not stop within 30 s: sending KILL"
-  kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$pidfile"
 }
 
 status() {
-  local pid
-  if pid="$(running_pid)"; then
-    if probe; then
-      echo "kafka: running (pid $pid) and answering on 127.0.0.1:$port"
+  local i pid missing=0
+  for i in $(nodes); do
+    node "$i"
+    if pid="$(running_pid "$i")"; then
+      echo "kafka: node $i running (pid $pid) on 127.0.0.1:$port"
     else
-      echo "kafka: process $pid exists but does not answer on 127.0.0.1:$port"
-      return 1
+      echo "kafka: node $i not running (start it with deploy/local/kafka.sh up$([ "$brokers" = 1 ] || echo " --brokers $brokers"))"
+      missing=1
     fi
+  done
+  [ "$missing" = 0 ] || return 3
+  if probe; then
+    echo "kafka: answering on $(plain_bootstrap)"
   else
-    echo "kafka: not running (start it with deploy/local/kafka.sh up)"
-    return 3
+    echo "kafka: does not answer on $(plain_bootstrap)"
+    return 1
   fi
 }
 
-case "${1:-}" in
-  up) up "${2:-}" ;;
+logs() {
+  local i
+  for i in $(nodes); do
+    node "$i"
+    [ "$brokers" = 1 ] || echo "== node $i: $logfile"
+    tail -n "${1:-100}" "$logfile"
+  done
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --brokers)
+      [ "${2:-}" = 1 ] || [ "${2:-}" = 3 ] || die "--brokers takes 1 or 3 (got: ${2:-nothing})"
+      brokers="$2"; shift 2 ;;
+    --fresh) [ "$cmd" = up ] || die "--fresh goes with up"; args+=("$1"); shift ;;
+    *) [ "$cmd" = logs ] || die "unknown argument: $1"; args+=("$1"); shift ;;
+  esac
+done
+
+case "$cmd" in
+  up) up "${args[@]}" ;;
   down) down ;;
   status) status ;;
-  logs) tail -n "${2:-100}" "$logfile" ;;
-  *) echo "usage: $0 up|down|status|logs [lines]" >&2; exit 2 ;;
+  logs) logs "${args[@]}" ;;
+  *) echo "usage: $0 up [--fresh]|down|status|logs [lines] [--brokers 3]" >&2; exit 2 ;;
 esac

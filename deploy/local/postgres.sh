@@ -2,7 +2,8 @@
 # Runs a real PostgreSQL server from Debian's packages for local development and the tests:
 # its own cluster (initdb) listening on 127.0.0.1, with the role and database the tests use.
 #
-#   deploy/local/postgres.sh up       install if absent, init the cluster once, start, create role+db
+#   deploy/local/postgres.sh up       install if absent, init the cluster once, start, create role+db,
+#                                     turn TLS on (the certificate of deploy/local/tls.sh)
 #   deploy/local/postgres.sh down     stop the cluster this script started
 #   deploy/local/postgres.sh status   say whether it runs and answers
 #   deploy/local/postgres.sh url      print the connection URL of the test database
@@ -124,7 +125,32 @@ END \$\$;
 EOF
   psql_admin -tAc "SELECT 1 FROM pg_database WHERE datname = '$database'" | grep -q 1 \
     || psql_admin -c "CREATE DATABASE $database OWNER $user"
+  enable_tls
   say "ready: $(url)"
+}
+
+# ssl = on with the local test CA's server certificate (copied into the cluster, readable only
+# by its owner, as the server demands). Plain connections stay allowed: pg_hba's `host` lines
+# match both; a client asks for TLS with sslmode=verify-full&sslrootcert=<tls dir>/ca.pem.
+enable_tls() {
+  local here tls
+  here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  "$here/tls.sh" up
+  tls="$("$here/tls.sh" dir)"
+  install -m 600 -o "$(stat -c %U "$datadir")" "$tls/server.pem" "$datadir/server.crt"
+  install -m 600 -o "$(stat -c %U "$datadir")" "$tls/server.key" "$datadir/server.key"
+  psql_admin >/dev/null <<EOF
+ALTER SYSTEM SET ssl_cert_file = 'server.crt';
+ALTER SYSTEM SET ssl_key_file = 'server.key';
+ALTER SYSTEM SET ssl = on;
+SELECT pg_reload_conf();
+EOF
+  # The reload is asynchronous: wait until a new session sees it.
+  local deadline=$(($(date +%s) + ready_timeout))
+  until [ "$(psql_admin -tAc 'SHOW ssl')" = on ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "PostgreSQL did not turn ssl on (see $datadir/server.log)"
+    sleep 0.2
+  done
 }
 
 down() {
