@@ -457,7 +457,7 @@ impl Limits {
 async fn fetch_alone(sim_url: &str) -> Result<(usize, f64), Error> {
     use futures::StreamExt;
     let policy = product_sync::retry::RetryPolicy::with_budget(Duration::from_secs(60));
-    let http = product_sync::upstream::http_client(Duration::from_secs(30))?;
+    let http = product_sync::upstream::http_client(Duration::from_secs(30), None)?;
     let tokens = Arc::new(product_sync::upstream::TokenSource::new(
         http.clone(),
         sim_url,

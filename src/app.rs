@@ -68,6 +68,7 @@ pub struct Application {
     relay: Option<Relay>,
     scheduler: Scheduler,
     governance: Option<Arc<Governance>>,
+    systems: Arc<Systems>,
     ops: OpsServer,
     ops_addr: SocketAddr,
     console: Console,
@@ -89,7 +90,7 @@ impl Application {
         }
         warn_if_topics_refuse_large_events(&settings).await;
         let u = &settings.upstream;
-        let http = upstream::http_client(u.timeout)?;
+        let http = upstream::http_client(u.timeout, u.ca_file.as_deref().map(|p| (p, "upstream.ca_file")))?;
         let systems = Arc::new(Systems::build(&settings)?);
         let producer: FutureProducer =
             kafka::producer_config(&settings.kafka, settings.pipeline.max_event_bytes)
@@ -107,17 +108,19 @@ impl Application {
             Scheduler::new(&settings, db.clone(), producer.clone(), instance_id.clone());
         let g = &settings.governance;
         let governance = g.enabled.then(|| {
-            Arc::new(
+            let ca = g.ca_file.as_deref().map(|p| (p, "governance.ca_file"));
+            Ok::<_, AppError>(Arc::new(
                 Governance::new(
-                    http.clone(),
+                    upstream::http_client(u.timeout, ca)?,
                     &g.base_url,
                     &g.app_id,
                     instance_id.clone(),
                     RetryPolicy::with_budget(u.retry_max_elapsed),
                 )
                 .with_systems(systems.names()),
-            )
+            ))
         });
+        let governance = governance.transpose()?;
         let state = OpsState::new(
             db.clone(),
             producer.clone(),
@@ -141,6 +144,7 @@ impl Application {
             relay,
             scheduler,
             governance,
+            systems,
             ops,
             ops_addr,
             console,
@@ -193,6 +197,10 @@ impl Application {
             },
             None => None,
         };
+        if let Err(e) = authorize(&self.systems).await {
+            stop_all(&tasks, &parts, Instant::now() + self.shutdown_timeout).await;
+            return Err(e.into());
+        }
         let relay = self.relay.map(|r| tasks.spawn(r.run(relay_stop.clone())));
         let scheduler = tasks.spawn(self.scheduler.run(scheduler_stop.clone()));
         tasks.close();
@@ -229,6 +237,24 @@ async fn join_by(task: Option<JoinHandle<()>>, deadline: Instant, what: &str) {
 }
 
 /// Stops every part still running and joins every task until `deadline`.
+/// Authorizes with every management system once at start-up: a setting that can never work
+/// (client credentials, the CA) stops the start with an error naming it; a system that is
+/// only down now is logged, and its commands retry as usual.
+async fn authorize(systems: &Systems) -> Result<(), UpstreamError> {
+    for system in systems.iter() {
+        match system.client.tokens().authorize_once().await {
+            Ok(()) => tracing::info!(system = %system.name, "authorized with the management system"),
+            Err(e) if e.is_transient() => tracing::warn!(
+                system = %system.name,
+                error = %e,
+                "cannot authorize with the management system now; its commands will retry"
+            ),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 async fn stop_all(tasks: &TaskTracker, parts: &CancellationToken, deadline: Instant) {
     parts.cancel();
     tasks.close();

@@ -103,7 +103,8 @@ pub enum OutboxCommand {
 }
 
 #[cfg(feature = "dev-tools")]
-/// Options of `simulate`. The first line on stdout is `listening on http://IP:PORT`.
+/// Options of `simulate`. The first line on stdout is `listening on http://IP:PORT` (https
+/// with --tls-cert).
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// Address to listen on; port 0 picks a free one.
@@ -112,7 +113,7 @@ pub struct SimulateArgs {
     /// Serve several management systems, comma-separated: the first on --listen, each next
     /// one on the next port (or a free one with port 0), each with its own catalogue (seed +
     /// its position), faults and secret (`<client-secret>-<name>` after the first). One line
-    /// per system on stdout: `<name> listening on http://IP:PORT`.
+    /// per system on stdout: `<name> listening on http://IP:PORT` (https with --tls-cert).
     #[arg(long, value_delimiter = ',')]
     pub systems: Vec<String>,
     /// Size of the generated catalogue (ignored with --catalogue).
@@ -171,6 +172,13 @@ pub struct SimulateArgs {
     /// Log level of the simulator.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Serve https with this PEM certificate chain (with --tls-key); stdout then says
+    /// `listening on https://…`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PKCS#8 PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 /// `schema`: the JSON Schemas of everything product-sync reads and writes on Kafka.
@@ -453,22 +461,41 @@ async fn simulator(args: SimulateArgs, stop: CancellationToken) -> anyhow::Resul
         faults,
         seed: args.seed,
     };
+    let tls = tls_acceptor(&args)?;
     if args.systems.len() > 1 {
-        return several(&args, config, catalogue, stop).await;
+        return several(&args, config, catalogue, tls, stop).await;
     }
     let sim = Sim::new(config, catalogue);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let bound = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on http://{bound}")?;
+        writeln!(out, "listening on {scheme}://{bound}")?;
         out.flush()?;
     }
     tracing::info!(%bound, products, "simulator serving the management-system and governance contract");
-    sim.serve(listener, stop).await?;
+    match tls {
+        Some(acceptor) => sim.serve_tls(listener, acceptor, stop).await?,
+        None => sim.serve(listener, stop).await?,
+    }
     Ok(())
+}
+
+/// The TLS identity of `--tls-cert`/`--tls-key`, when given.
+#[cfg(feature = "dev-tools")]
+fn tls_acceptor(args: &SimulateArgs) -> anyhow::Result<Option<tokio_native_tls::TlsAcceptor>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+    };
+    let acceptor = product_sync::sim::tls::acceptor(&read(cert, "--tls-cert")?, &read(key, "--tls-key")?)
+        .context("--tls-cert/--tls-key: not a PEM certificate chain and its PKCS#8 PEM key")?;
+    Ok(Some(acceptor))
 }
 
 /// `simulate --systems a,b,…`: one simulator per system, each its own catalogue, faults and
@@ -478,6 +505,7 @@ async fn several(
     args: &SimulateArgs,
     config: product_sync::sim::SimConfig,
     first: product_sync::sim::Catalogue,
+    tls: Option<tokio_native_tls::TlsAcceptor>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     use std::io::Write;
@@ -508,12 +536,16 @@ async fn several(
         let bound = listener.local_addr()?;
         {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{name} listening on http://{bound}")?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            writeln!(out, "{name} listening on {scheme}://{bound}")?;
             out.flush()?;
         }
         tracing::info!(%bound, system = %name, products = catalogue.len(), "simulator serving one management system");
         let sim = Sim::new(config, catalogue);
-        serving.spawn(sim.serve(listener, stop.clone()));
+        match &tls {
+            Some(acceptor) => serving.spawn(sim.serve_tls(listener, acceptor.clone(), stop.clone())),
+            None => serving.spawn(sim.serve(listener, stop.clone())),
+        };
     }
     while let Some(done) = serving.join_next().await {
         done??;

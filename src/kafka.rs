@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 
 use crate::config::KafkaSettings;
@@ -30,6 +30,14 @@ pub enum KafkaError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    /// The brokers refused this client's TLS or SASL: a setting to fix, not a moment to wait
+    /// out (permanent).
+    #[error("Kafka broker at {servers} refused the connection: {reason}; check {settings}")]
+    Security {
+        servers: String,
+        reason: String,
+        settings: &'static str,
+    },
     /// Any other broker error.
     #[error("Kafka error: {0}")]
     Other(#[from] RdKafkaError),
@@ -39,7 +47,7 @@ impl Transient for KafkaError {
     fn is_transient(&self) -> bool {
         match self {
             KafkaError::Unreachable { .. } => true,
-            KafkaError::Client(_) => false,
+            KafkaError::Client(_) | KafkaError::Security { .. } => false,
             KafkaError::CreateTopic { code, .. } => code_is_transient(*code),
             KafkaError::Other(e) => e.rdkafka_error_code().is_some_and(code_is_transient),
         }
@@ -131,10 +139,61 @@ pub fn producer_config(settings: &KafkaSettings, max_event_bytes: usize) -> Clie
     config
 }
 
-/// Waits until the broker answers a metadata request, retrying with backoff up to `budget`.
+/// Longest librdkafka message carried into an error.
+const MAX_REASON_CHARS: usize = 300;
+
+/// The context of the start-up probe: keeps the last TLS or SASL failure librdkafka reports
+/// (those arrive through the error callback, while the metadata request only times out).
+#[derive(Default)]
+struct ProbeContext {
+    refused: std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        if let Some(code @ (RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication)) = code {
+            let reason: String = reason
+                .chars()
+                .take(MAX_REASON_CHARS)
+                .flat_map(char::escape_debug)
+                .collect();
+            if let Ok(mut refused) = self.refused.lock() {
+                *refused = Some((code, reason));
+            }
+        } else {
+            tracing::warn!(error = %error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+impl ProbeContext {
+    /// The TLS or SASL refusal seen, as the error that names the settings to check.
+    fn refusal(&self, servers: &str) -> Option<KafkaError> {
+        let (code, reason) = self.refused.lock().ok()?.take()?;
+        let settings = match code {
+            RDKafkaErrorCode::Authentication => {
+                "kafka.librdkafka.\"sasl.username\", \"sasl.password\" and \"sasl.mechanisms\""
+            }
+            _ => {
+                "kafka.librdkafka.\"ssl.ca.location\" (the CA that signed the brokers' certificates) and that the certificates name the hosts of kafka.bootstrap_servers"
+            }
+        };
+        Some(KafkaError::Security {
+            servers: servers.to_owned(),
+            reason,
+            settings,
+        })
+    }
+}
+
+/// Waits until the broker answers a metadata request, retrying with backoff up to `budget`;
+/// a TLS or SASL refusal ends the wait at once with an error naming the settings to check.
 pub async fn wait_for_broker(settings: &KafkaSettings, budget: Duration) -> Result<(), KafkaError> {
-    let consumer: BaseConsumer = client_config(settings)
-        .create()
+    let consumer: BaseConsumer<ProbeContext> = client_config(settings)
+        .create_with_context(ProbeContext::default())
         .map_err(KafkaError::Client)?;
     let consumer = std::sync::Arc::new(consumer);
     let servers = settings.bootstrap_servers.clone();
@@ -145,13 +204,17 @@ pub async fn wait_for_broker(settings: &KafkaSettings, budget: Duration) -> Resu
             let consumer = consumer.clone();
             let servers = servers.clone();
             async move {
-                match tokio::task::spawn_blocking(move || {
-                    consumer.fetch_metadata(None, Duration::from_secs(3))
+                let probe = consumer.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    probe.fetch_metadata(None, Duration::from_secs(3))
                 })
-                .await
-                {
+                .await;
+                match answer {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(source)) => Err(KafkaError::Unreachable { servers, source }),
+                    Ok(Err(source)) => Err(consumer
+                        .context()
+                        .refusal(&servers)
+                        .unwrap_or(KafkaError::Unreachable { servers, source })),
                     Err(_) => Err(KafkaError::Unreachable {
                         servers,
                         source: RdKafkaError::Canceled,

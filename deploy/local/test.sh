@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs what the build needs, starts the real Kafka broker and the real
-# PostgreSQL (deploy/local/*.sh), checks formatting and lints, then runs every test target.
+# The test command: installs what the build needs, starts the real Kafka broker, the
+# three-broker cluster and the real PostgreSQL (deploy/local/*.sh), checks formatting and
+# lints, then runs every test target.
 #
 #   deploy/local/test.sh            everything
 #   deploy/local/test.sh -- ARGS    extra arguments for `cargo test` (e.g. a test name filter)
@@ -33,6 +34,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/product-sync/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 deploy/local/kafka.sh up
+# The three-node cluster with SASL_SSL listeners: the TLS tests (tests/integration/tls.rs).
+deploy/local/kafka.sh up --brokers 3
 deploy/local/postgres.sh up
 deploy/local/browser.sh up
 t_services=$(date +%s)

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::upstream::check_url;
+use super::upstream::{check_ca_file, check_url};
 
 /// The service-governance platform that instances register with.
 #[derive(Debug, Clone, Deserialize)]
@@ -21,6 +21,10 @@ pub struct GovernanceSettings {
     pub base_url: String,
     /// This service's identity at the platform.
     pub app_id: String,
+    /// A PEM file of CA certificates trusted for the platform's https, besides the system's
+    /// trust store. Unset: the system's trust store only.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The ops endpoint.
@@ -68,7 +72,8 @@ impl GovernanceSettings {
             return Err(("governance.app_id", "must not be empty".to_owned()));
         }
         check_url(&self.base_url, self.allow_http, "governance.allow_http")
-            .map_err(|reason| ("governance.base_url", reason))
+            .map_err(|reason| ("governance.base_url", reason))?;
+        check_ca_file(self.ca_file.as_deref()).map_err(|reason| ("governance.ca_file", reason))
     }
 
     /// `governance.*`.
@@ -76,7 +81,11 @@ impl GovernanceSettings {
         writeln!(f, "governance.enabled = {}", self.enabled)?;
         writeln!(f, "governance.allow_http = {}", self.allow_http)?;
         writeln!(f, "governance.base_url = {:?}", self.base_url)?;
-        writeln!(f, "governance.app_id = {:?}", self.app_id)
+        writeln!(f, "governance.app_id = {:?}", self.app_id)?;
+        match &self.ca_file {
+            Some(ca) => writeln!(f, "governance.ca_file = {:?}", ca.display().to_string()),
+            None => Ok(()),
+        }
     }
 }
 

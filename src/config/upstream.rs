@@ -49,6 +49,10 @@ pub struct UpstreamSettings {
     /// Accept a plain `http://` base URL (credentials and tokens would travel in clear text):
     /// `true` for development, `false` in production.
     pub allow_http: bool,
+    /// A PEM file of CA certificates trusted for this system's https, besides the system's
+    /// trust store (a bank's internal CA). Unset: the system's trust store only.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// A snapshot delists at most this share of the stored products in its scope unless the
     /// command says `force` (an upstream briefly answering an empty catalogue must never wipe
     /// the copy).
@@ -83,6 +87,27 @@ pub(super) fn check_url(value: &str, allow_http: bool, allow_key: &str) -> Resul
     }
 }
 
+/// Largest CA file read (a bundle of a few hundred certificates is well below).
+const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A CA file that can be read and holds at least one PEM certificate (its contents are
+/// parsed again when the HTTP client is built).
+pub(super) fn check_ca_file(path: Option<&std::path::Path>) -> Result<(), String> {
+    let Some(path) = path else { return Ok(()) };
+    let shown = path.display();
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?
+        .len();
+    if size > MAX_CA_FILE_BYTES {
+        return Err(format!("{shown} is {size} bytes, more than a CA bundle"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    match text.contains("-----BEGIN CERTIFICATE-----") {
+        true => Ok(()),
+        false => Err(format!("{shown} holds no PEM certificate")),
+    }
+}
+
 impl UpstreamSettings {
     /// Checks one system's keys (under `prefix`); the failing key is named relative to its
     /// table. A further system's name must be usable in environment variable names, too.
@@ -112,6 +137,7 @@ impl UpstreamSettings {
         }
         let allow_key = format!("{prefix}.allow_http");
         check_url(&self.base_url, self.allow_http, &allow_key).map_err(|r| ("base_url", r))?;
+        check_ca_file(self.ca_file.as_deref()).map_err(|r| ("ca_file", r))?;
         self.check_bounds()?;
         self.schedule.check()
     }
@@ -166,6 +192,27 @@ impl UpstreamSettings {
     }
 }
 
+/// Largest CA file read (a bundle of a few hundred certificates is well below).
+const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A CA file that can be read and holds at least one PEM certificate (its contents are
+/// parsed again when the HTTP client is built).
+pub(super) fn check_ca_file(path: Option<&std::path::Path>) -> Result<(), String> {
+    let Some(path) = path else { return Ok(()) };
+    let shown = path.display();
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?
+        .len();
+    if size > MAX_CA_FILE_BYTES {
+        return Err(format!("{shown} is {size} bytes, more than a CA bundle"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    match text.contains("-----BEGIN CERTIFICATE-----") {
+        true => Ok(()),
+        false => Err(format!("{shown} holds no PEM certificate")),
+    }
+}
+
 impl UpstreamSettings {
     /// One system's keys under `prefix`, the secret redacted.
     pub(super) fn fmt_keys(&self, f: &mut fmt::Formatter<'_>, prefix: &str) -> fmt::Result {
@@ -191,6 +238,9 @@ impl UpstreamSettings {
         writeln!(f, "{prefix}.circuit_failures = {}", self.circuit_failures)?;
         writeln!(f, "{prefix}.circuit_open_ms = {}", ms(self.circuit_open))?;
         writeln!(f, "{prefix}.allow_http = {}", self.allow_http)?;
+        if let Some(ca) = &self.ca_file {
+            writeln!(f, "{prefix}.ca_file = {:?}", ca.display().to_string())?;
+        }
         self.schedule.fmt_keys(f, prefix)
     }
 }

@@ -37,6 +37,7 @@ use crate::command::{Selector, Since};
 use crate::product::Product;
 
 pub mod catalogue;
+pub mod tls;
 
 pub use catalogue::Catalogue;
 
@@ -321,6 +322,19 @@ impl Sim {
         listener: TcpListener,
         stop: CancellationToken,
     ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    }
+
+    /// Serves https on `listener` with `acceptor`'s identity until `stop` fires.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        acceptor: tokio_native_tls::TlsAcceptor,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        let listener = tls::TlsListener::new(listener, acceptor, stop.clone())?;
         axum::serve(listener, self.router())
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await

@@ -30,6 +30,13 @@ pub enum StoreError {
     /// The database could not be reached (within the start-up budget, or mid-operation).
     #[error("database at {url} is unreachable: {source}")]
     Unreachable { url: String, source: DbErr },
+    /// The database refused this client's TLS or password: a setting to fix (permanent).
+    #[error("database at {url} refused the connection: {reason}; check {settings}")]
+    Refused {
+        url: String,
+        reason: String,
+        settings: &'static str,
+    },
     /// A statement failed.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
@@ -59,7 +66,9 @@ impl Transient for StoreError {
             StoreError::Db(e) => db_err_is_transient(e),
             StoreError::Migration(e) => db_err_is_transient(e),
             StoreError::Conflict => true,
-            StoreError::Corrupt { .. } | StoreError::InvalidRecord { .. } => false,
+            StoreError::Corrupt { .. }
+            | StoreError::InvalidRecord { .. }
+            | StoreError::Refused { .. } => false,
         }
     }
 }
@@ -114,6 +123,33 @@ fn sqlx_is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Longest driver message carried into an error.
+const MAX_REASON_CHARS: usize = 300;
+
+/// A connection error no retry cures, with the settings to check: a failed TLS handshake
+/// (the CA, the host the certificate names) or refused credentials (28P01, 28000).
+fn refusal(e: &DbErr) -> Option<(String, &'static str)> {
+    let DbErr::Conn(RuntimeErr::SqlxError(e)) = e else {
+        return None;
+    };
+    let cut = |text: String| -> String {
+        text.chars()
+            .take(MAX_REASON_CHARS)
+            .flat_map(char::escape_debug)
+            .collect()
+    };
+    match &**e {
+        sqlx::Error::Tls(tls) => Some((
+            cut(tls.to_string()),
+            "the sslrootcert= of database.url (the CA that signed the server's certificate) and that the certificate names the URL's host",
+        )),
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01" | "28000")) => {
+            Some((cut(db.message().to_owned()), "the user and password of database.url"))
+        }
+        _ => None,
+    }
+}
+
 /// Opens the pool, retrying with backoff while the database is unreachable, up to
 /// `database.connect_timeout_ms`. The password never appears in logs or errors.
 pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, StoreError> {
@@ -144,7 +180,14 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         async move {
             Database::connect(options)
                 .await
-                .map_err(|source| StoreError::Unreachable { url, source })
+                .map_err(|source| match refusal(&source) {
+                    Some((reason, settings)) => StoreError::Refused {
+                        url,
+                        reason,
+                        settings,
+                    },
+                    None => StoreError::Unreachable { url, source },
+                })
         }
     })
     .await?;

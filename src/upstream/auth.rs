@@ -163,6 +163,19 @@ impl TokenSource {
         .await
     }
 
+    /// One token request at start-up, without retries: a refusal no wait cures (wrong client
+    /// credentials, a failed TLS handshake) is returned for the caller to stop on; a
+    /// transient failure is returned too, for the caller to log and go on. A token got is
+    /// cached for the first command.
+    pub async fn authorize_once(&self) -> Result<(), UpstreamError> {
+        let mut cache = self.cache.lock().await;
+        if cache.is_some() {
+            return Ok(());
+        }
+        *cache = Some(self.request().await?);
+        Ok(())
+    }
+
     /// How long the cached token is used before it is refreshed; `None` without one (or
     /// while a refresh holds the cache).
     pub fn valid_for(&self) -> Option<Duration> {
@@ -193,10 +206,7 @@ impl TokenSource {
             .form(&[("grant_type", "client_credentials")])
             .send()
             .await
-            .map_err(|source| UpstreamError::Transport {
-                what: WHAT.into(),
-                source: source.without_url(),
-            })?;
+            .map_err(|source| super::unanswered(WHAT, source, "upstream.ca_file"))?;
         let status = response.status();
         let wait = retry_after(response.headers());
         let body = read_limited(response, MAX_SMALL_BODY_BYTES, WHAT).await?;

@@ -202,8 +202,5 @@ impl Governance {
 }
 
 fn transport(what: &str, source: reqwest::Error) -> UpstreamError {
-    UpstreamError::Transport {
-        what: what.to_owned(),
-        source,
-    }
+    super::unanswered(what, source, "governance.ca_file")
 }

@@ -92,6 +92,52 @@ pub enum UpstreamError {
     /// A base URL from configuration that cannot be joined with a path.
     #[error("invalid URL {url:?}: {reason}")]
     Url { url: String, reason: String },
+    /// The TLS handshake failed: the server's certificate is not signed by a trusted CA, names
+    /// another host, or has expired. A setting to fix, not a moment to wait out: permanent.
+    #[error(
+        "{what}: the TLS handshake failed ({reason}); check {setting} (the CA that signed the server's certificate) and that the certificate names the host of the URL"
+    )]
+    Tls {
+        what: String,
+        setting: &'static str,
+        reason: String,
+    },
+    /// The configured CA file cannot be used.
+    #[error("{setting}: cannot use {path} as CA certificates: {reason}")]
+    CaFile {
+        setting: &'static str,
+        path: String,
+        reason: String,
+    },
+}
+
+/// Longest TLS library message carried into an error.
+const MAX_TLS_REASON_CHARS: usize = 240;
+
+/// The error of a request that was not answered: a failed TLS handshake (permanent, naming
+/// `ca_setting`), else a transport failure (transient).
+pub(crate) fn unanswered(what: &str, source: reqwest::Error, ca_setting: &'static str) -> UpstreamError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<native_tls::Error>() {
+            let reason: String = tls
+                .to_string()
+                .chars()
+                .take(MAX_TLS_REASON_CHARS)
+                .flat_map(char::escape_debug)
+                .collect();
+            return UpstreamError::Tls {
+                what: what.to_owned(),
+                setting: ca_setting,
+                reason,
+            };
+        }
+        cause = e.source();
+    }
+    UpstreamError::Transport {
+        what: what.to_owned(),
+        source: source.without_url(),
+    }
 }
 
 impl Transient for UpstreamError {
@@ -229,9 +275,26 @@ pub(crate) fn join(base: &str, path: &str) -> Result<url::Url, UpstreamError> {
         })
 }
 
-/// The HTTP client every upstream call uses: per-request timeout, no redirects to elsewhere.
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, UpstreamError> {
-    reqwest::Client::builder()
+/// The HTTP client every upstream call uses: per-request timeout, no redirects to elsewhere,
+/// the certificates of `ca` (a PEM file, and the key that names it) trusted besides the
+/// system's.
+pub fn http_client(
+    timeout: Duration,
+    ca: Option<(&std::path::Path, &'static str)>,
+) -> Result<reqwest::Client, UpstreamError> {
+    let mut builder = reqwest::Client::builder();
+    if let Some((path, setting)) = ca {
+        let ca_error = |reason: String| UpstreamError::CaFile {
+            setting,
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
         .redirect(reqwest::redirect::Policy::none())

@@ -304,10 +304,7 @@ impl ProductClient {
             .bearer_auth(token.expose())
             .send()
             .await
-            .map_err(|source| UpstreamError::Transport {
-                what: what.to_owned(),
-                source,
-            })
+            .map_err(|source| super::unanswered(what, source, "upstream.ca_file"))
     }
 }
 

@@ -29,7 +29,8 @@ pub struct System {
 impl System {
     /// The client, tokens, rate limit and circuit of one configured system.
     pub fn build(u: &UpstreamSettings) -> Result<Self, UpstreamError> {
-        let http = http_client(u.timeout)?;
+        let ca = u.ca_file.as_deref().map(|p| (p, "upstream.ca_file"));
+        let http = http_client(u.timeout, ca)?;
         let policy = RetryPolicy::with_budget(u.retry_max_elapsed);
         let guard = Arc::new(Guard::new(
             &u.system,

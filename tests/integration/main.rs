@@ -24,4 +24,5 @@ mod schedule;
 mod snapshot;
 mod store_smoke;
 mod systems;
+mod tls;
 mod upstream;

@@ -53,7 +53,7 @@ pub fn client_with(
     page_size: u32,
     budget: Duration,
 ) -> ProductClient {
-    let http = http_client(Duration::from_secs(5)).unwrap();
+    let http = http_client(Duration::from_secs(5), None).unwrap();
     let policy = RetryPolicy {
         initial: Duration::from_millis(20),
         max_interval: Duration::from_millis(200),
@@ -358,7 +358,7 @@ async fn governance_registers_heartbeats_and_deregisters() {
         },
     )
     .await;
-    let http = http_client(Duration::from_secs(5)).unwrap();
+    let http = http_client(Duration::from_secs(5), None).unwrap();
     let policy = RetryPolicy::with_budget(Duration::from_secs(5));
     let gov = Arc::new(Governance::new(
         http.clone(),
