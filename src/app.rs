@@ -90,7 +90,10 @@ impl Application {
         }
         warn_if_topics_refuse_large_events(&settings).await;
         let u = &settings.upstream;
-        let http = upstream::http_client(u.timeout, u.ca_file.as_deref().map(|p| (p, "upstream.ca_file")))?;
+        let http = upstream::http_client(
+            u.timeout,
+            u.ca_file.as_deref().map(|p| (p, "upstream.ca_file")),
+        )?;
         let systems = Arc::new(Systems::build(&settings)?);
         let producer: FutureProducer =
             kafka::producer_config(&settings.kafka, settings.pipeline.max_event_bytes)
@@ -243,7 +246,9 @@ async fn join_by(task: Option<JoinHandle<()>>, deadline: Instant, what: &str) {
 async fn authorize(systems: &Systems) -> Result<(), UpstreamError> {
     for system in systems.iter() {
         match system.client.tokens().authorize_once().await {
-            Ok(()) => tracing::info!(system = %system.name, "authorized with the management system"),
+            Ok(()) => {
+                tracing::info!(system = %system.name, "authorized with the management system")
+            }
             Err(e) if e.is_transient() => tracing::warn!(
                 system = %system.name,
                 error = %e,

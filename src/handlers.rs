@@ -493,8 +493,9 @@ fn tls_acceptor(args: &SimulateArgs) -> anyhow::Result<Option<tokio_native_tls::
     let read = |path: &std::path::Path, what: &str| {
         std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
     };
-    let acceptor = product_sync::sim::tls::acceptor(&read(cert, "--tls-cert")?, &read(key, "--tls-key")?)
-        .context("--tls-cert/--tls-key: not a PEM certificate chain and its PKCS#8 PEM key")?;
+    let acceptor =
+        product_sync::sim::tls::acceptor(&read(cert, "--tls-cert")?, &read(key, "--tls-key")?)
+            .context("--tls-cert/--tls-key: not a PEM certificate chain and its PKCS#8 PEM key")?;
     Ok(Some(acceptor))
 }
 
@@ -543,7 +544,9 @@ async fn several(
         tracing::info!(%bound, system = %name, products = catalogue.len(), "simulator serving one management system");
         let sim = Sim::new(config, catalogue);
         match &tls {
-            Some(acceptor) => serving.spawn(sim.serve_tls(listener, acceptor.clone(), stop.clone())),
+            Some(acceptor) => {
+                serving.spawn(sim.serve_tls(listener, acceptor.clone(), stop.clone()))
+            }
             None => serving.spawn(sim.serve(listener, stop.clone())),
         };
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
 use crate::config::KafkaSettings;
 use crate::retry::{RetryPolicy, Transient, retry};
@@ -143,7 +143,8 @@ pub fn producer_config(settings: &KafkaSettings, max_event_bytes: usize) -> Clie
 const MAX_REASON_CHARS: usize = 300;
 
 /// The context of the start-up probe: keeps the last TLS or SASL failure librdkafka reports
-/// (those arrive through the error callback, while the metadata request only times out).
+/// (those arrive through the error callback, served by a producer's poll, while the metadata
+/// request only fails with a transport error).
 #[derive(Default)]
 struct ProbeContext {
     refused: std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>,
@@ -167,7 +168,10 @@ impl ClientContext for ProbeContext {
     }
 }
 
-impl ConsumerContext for ProbeContext {}
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
 
 impl ProbeContext {
     /// The TLS or SASL refusal seen, as the error that names the settings to check.
@@ -192,26 +196,29 @@ impl ProbeContext {
 /// Waits until the broker answers a metadata request, retrying with backoff up to `budget`;
 /// a TLS or SASL refusal ends the wait at once with an error naming the settings to check.
 pub async fn wait_for_broker(settings: &KafkaSettings, budget: Duration) -> Result<(), KafkaError> {
-    let consumer: BaseConsumer<ProbeContext> = client_config(settings)
+    let probe: BaseProducer<ProbeContext> = client_config(settings)
         .create_with_context(ProbeContext::default())
         .map_err(KafkaError::Client)?;
-    let consumer = std::sync::Arc::new(consumer);
+    let probe = std::sync::Arc::new(probe);
     let servers = settings.bootstrap_servers.clone();
     retry(
         &RetryPolicy::with_budget(budget),
         "reach Kafka broker",
         || {
-            let consumer = consumer.clone();
+            let probe = probe.clone();
             let servers = servers.clone();
             async move {
-                let probe = consumer.clone();
+                let asked = probe.clone();
                 let answer = tokio::task::spawn_blocking(move || {
-                    probe.fetch_metadata(None, Duration::from_secs(3))
+                    let answer = asked.client().fetch_metadata(None, Duration::from_secs(3));
+                    // Serves the error events (TLS, SASL) to the context.
+                    asked.poll(Duration::from_millis(100));
+                    answer
                 })
                 .await;
                 match answer {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(source)) => Err(consumer
+                    Ok(Err(source)) => Err(probe
                         .context()
                         .refusal(&servers)
                         .unwrap_or(KafkaError::Unreachable { servers, source })),

@@ -13,8 +13,10 @@
 #
 # Each command takes `--brokers 3` for the cluster, which runs beside the single broker:
 # node i (1..3) listens on PLAINTEXT 127.0.0.1:(KAFKA_CLUSTER_PORT + 10*(i-1)), its controller
-# on that port + 1 and SASL_SSL (SCRAM-SHA-512, the certificate of deploy/local/tls.sh) on
-# that port + 2. `up --brokers 3` also creates the SCRAM user and writes client.properties
+# on that port + 1, SASL_SSL (SCRAM-SHA-512, the certificate of deploy/local/tls.sh) on
+# that port + 2, and a plaintext listener on + 3 that advertises + 4, where
+# deploy/local/toxiproxy.sh puts its proxy (clients bootstrapping there stay behind the
+# proxies). `up --brokers 3` also creates the SCRAM user and writes client.properties
 # (bootstrap lists, CA, user, password file) into the cluster's directory for the tests.
 #
 # Environment:
@@ -157,9 +159,9 @@ EOF
 process.roles=broker,controller
 node.id=$1
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl_port,SASL_SSL://127.0.0.1:$ssl_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$ssl_port
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctl_port,SASL_SSL://127.0.0.1:$ssl_port,PROXIED://127.0.0.1:$((port + 3))
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$ssl_port,PROXIED://127.0.0.1:$((port + 4))
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT
 sasl.enabled.mechanisms=SCRAM-SHA-512
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 ssl.keystore.type=PKCS12
@@ -242,7 +244,7 @@ start_node() {
   fi
   # A port held by another process (another broker, or one started with another
   # PRODUCT_SYNC_CACHE) would answer the readiness probe while ours fails to bind.
-  for p in "$port" "$ctl_port" $([ "$brokers" = 1 ] || echo "$ssl_port"); do
+  for p in "$port" "$ctl_port" $([ "$brokers" = 1 ] || echo "$ssl_port $((port + 3))"); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       die "127.0.0.1:$p is already taken by a process this script did not start (pid file: $pidfile); stop it, or choose other ports with KAFKA_PORT / KAFKA_CLUSTER_PORT"
     fi
@@ -263,8 +265,11 @@ write_client_properties() {
   local tls list="" i
   tls="$("$here/tls.sh" dir)"
   for i in $(nodes); do node "$i"; list="$list${list:+,}127.0.0.1:$ssl_port"; done
+  local proxied=""
+  for i in $(nodes); do node "$i"; proxied="$proxied${proxied:+,}127.0.0.1:$((port + 4))"; done
   cat >"$cluster_dir/client.properties" <<EOF
 plaintext.bootstrap=$(plain_bootstrap)
+proxied.bootstrap=$proxied
 sasl_ssl.bootstrap=$list
 ssl.ca.location=$tls/ca.pem
 sasl.username=$scram_user
@@ -321,26 +326,31 @@ up() {
   say "ready on $(plain_bootstrap) after $(($(date +%s) - start)) s"
 }
 
+# TERM to every node at once (a node stopped after the others lost the controller quorum
+# would wait for it), then KILL what has not stopped within 30 s.
 down() {
-  local i pid
+  local i pid pids=()
   for i in $(nodes); do
     node "$i"
-    if ! pid="$(running_pid "$i")"; then
+    if pid="$(running_pid "$i")"; then
+      say "stopping node $i (pid $pid)"
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$i:$pid")
+    else
       say "node $i not running"
       rm -f "$pidfile"
-      continue
     fi
-    say "stopping node $i (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local stopped=""
-    for _ in $(seq 1 60); do
-      kill -0 "$pid" 2>/dev/null || { stopped=1; break; }
-      sleep 0.5
-    done
-    if [ -z "$stopped" ]; then
+  done
+  local deadline=$(($(date +%s) + 30)) entry
+  for entry in "${pids[@]}"; do
+    i="${entry%%:*}"
+    pid="${entry#*:}"
+    while kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.5; done
+    if kill -0 "$pid" 2>/dev/null; then
       say "node $i did not stop within 30 s: sending KILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
+    node "$i"
     rm -f "$pidfile"
   done
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tools the tests need that Debian does not package, built once per machine and cached like
-# the Kafka jars: Prometheus's promtool (the alerting rules' unit tests) and Helm (the chart's
-# lint and rendering) from their Go modules, mdBook (the book under docs/) from crates.io.
+# the Kafka jars: Prometheus's promtool (the alerting rules' unit tests), Helm (the chart's
+# lint and rendering) and Toxiproxy's server (the network faults of the cluster chaos run)
+# from their Go modules, mdBook (the book under docs/) from crates.io.
 #
 #   deploy/local/tools.sh up            build promtool and helm if not cached yet (Go only: may run
 #                                       beside a cargo build)
@@ -15,6 +16,7 @@
 #   PRODUCT_SYNC_CACHE   where the binaries live (default ~/.cache/product-sync)
 #   PROMTOOL_VERSION     default v0.316.0 (github.com/prometheus/prometheus/cmd/promtool)
 #   HELM_VERSION         default v3.22.0 (helm.sh/helm/v3/cmd/helm)
+#   TOXIPROXY_VERSION    default v2.12.0 (github.com/Shopify/toxiproxy/v2/cmd/server)
 #   MDBOOK_VERSION       default 0.5.4 (crates.io)
 # A cold build takes minutes (promtool about 7 on 2 cores); it needs Go and the module proxy.
 set -euo pipefail
@@ -29,8 +31,9 @@ module_of() {
   case "$1" in
     promtool) echo "github.com/prometheus/prometheus/cmd/promtool@${PROMTOOL_VERSION:-v0.316.0}" ;;
     helm) echo "helm.sh/helm/v3/cmd/helm@${HELM_VERSION:-v3.22.0}" ;;
+    toxiproxy) echo "github.com/Shopify/toxiproxy/v2/cmd/server@${TOXIPROXY_VERSION:-v2.12.0}" ;;
     mdbook) echo "mdbook@${MDBOOK_VERSION:-0.5.4}" ;;
-    *) die "unknown tool: $1 (promtool, helm, mdbook)" ;;
+    *) die "unknown tool: $1 (promtool, helm, toxiproxy, mdbook)" ;;
   esac
 }
 
@@ -51,6 +54,10 @@ path_of() {
     else
       command -v go >/dev/null 2>&1 || die "Go is missing: $name is built from $module"
       GOBIN="$dir.tmp" CGO_ENABLED=0 go install "$module" >&2 || die "building $name failed (see above)"
+      # A module whose command is not named after the tool (toxiproxy's is cmd/server).
+      local built="${module%@*}"
+      built="${built##*/}"
+      [ "$built" = "$name" ] || mv "$dir.tmp/$built" "$dir.tmp/$name"
     fi
     mkdir -p "$dir" && mv "$dir.tmp/$name" "$dir/$name" && rm -rf "$dir.tmp"
   fi
@@ -75,7 +82,7 @@ book() {
 }
 
 case "${1:-}" in
-  up) path_of promtool >/dev/null; path_of helm >/dev/null ;;
+  up) path_of promtool >/dev/null; path_of helm >/dev/null; path_of toxiproxy >/dev/null ;;
   path) path_of "${2:?name}" ;;
   mdbook) path_of mdbook >/dev/null ;;
   check) check ;;

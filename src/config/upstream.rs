@@ -192,27 +192,6 @@ impl UpstreamSettings {
     }
 }
 
-/// Largest CA file read (a bundle of a few hundred certificates is well below).
-const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
-
-/// A CA file that can be read and holds at least one PEM certificate (its contents are
-/// parsed again when the HTTP client is built).
-pub(super) fn check_ca_file(path: Option<&std::path::Path>) -> Result<(), String> {
-    let Some(path) = path else { return Ok(()) };
-    let shown = path.display();
-    let size = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?
-        .len();
-    if size > MAX_CA_FILE_BYTES {
-        return Err(format!("{shown} is {size} bytes, more than a CA bundle"));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    match text.contains("-----BEGIN CERTIFICATE-----") {
-        true => Ok(()),
-        false => Err(format!("{shown} holds no PEM certificate")),
-    }
-}
-
 impl UpstreamSettings {
     /// One system's keys under `prefix`, the secret redacted.
     pub(super) fn fmt_keys(&self, f: &mut fmt::Formatter<'_>, prefix: &str) -> fmt::Result {

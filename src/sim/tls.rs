@@ -55,7 +55,9 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "simulator: TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "simulator: TLS handshake failed")
+                        }
                         Err(_) => tracing::info!(%peer, "simulator: TLS handshake timed out"),
                     }
                 });

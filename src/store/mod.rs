@@ -144,7 +144,10 @@ fn refusal(e: &DbErr) -> Option<(String, &'static str)> {
             "the sslrootcert= of database.url (the CA that signed the server's certificate) and that the certificate names the URL's host",
         )),
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01" | "28000")) => {
-            Some((cut(db.message().to_owned()), "the user and password of database.url"))
+            Some((
+                cut(db.message().to_owned()),
+                "the user and password of database.url",
+            ))
         }
         _ => None,
     }

@@ -116,7 +116,11 @@ const MAX_TLS_REASON_CHARS: usize = 240;
 
 /// The error of a request that was not answered: a failed TLS handshake (permanent, naming
 /// `ca_setting`), else a transport failure (transient).
-pub(crate) fn unanswered(what: &str, source: reqwest::Error, ca_setting: &'static str) -> UpstreamError {
+pub(crate) fn unanswered(
+    what: &str,
+    source: reqwest::Error,
+    ca_setting: &'static str,
+) -> UpstreamError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
     while let Some(e) = cause {
         if let Some(tls) = e.downcast_ref::<native_tls::Error>() {
@@ -290,7 +294,9 @@ pub fn http_client(
             reason,
         };
         let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))? {
+        for cert in
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))?
+        {
             builder = builder.add_root_certificate(cert);
         }
     }

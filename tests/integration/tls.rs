@@ -29,7 +29,10 @@ struct Cluster {
 
 fn cluster() -> Cluster {
     let cache = std::env::var("PRODUCT_SYNC_CACHE").unwrap_or_else(|_| {
-        format!("{}/.cache/product-sync", std::env::var("HOME").unwrap_or_default())
+        format!(
+            "{}/.cache/product-sync",
+            std::env::var("HOME").unwrap_or_default()
+        )
     });
     let port = std::env::var("KAFKA_CLUSTER_PORT").unwrap_or_else(|_| "19092".to_owned());
     let file = format!("{cache}/kafka-cluster-{port}/client.properties");
@@ -97,8 +100,19 @@ impl TestCa {
         openssl(
             dir.path(),
             &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                "/CN=tls test CA", "-keyout", "ca.key", "-out", "ca.pem",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=tls test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
             ],
         );
         TestCa { dir }
@@ -121,15 +135,36 @@ impl TestCa {
         openssl(
             d,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=server", "-keyout", &key,
-                "-out", &csr,
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=server",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
             ],
         );
         openssl(
             d,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", &ext, "-out", &pem,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
             ],
         );
         let read = |f: &str| std::fs::read(d.join(f)).expect("certificate file");
@@ -147,7 +182,9 @@ async fn https_sim(identity: (Vec<u8>, Vec<u8>), secret: &str, stop: &Cancellati
         },
         Catalogue::generate(40, 7),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("bound address");
     tokio::spawn(sim.serve_tls(listener, acceptor, stop.clone()));
     format!("https://127.0.0.1:{}", addr.port())
@@ -183,9 +220,18 @@ async fn world() -> World {
         ("PRODUCT_SYNC_ENV", "production"),
         ("PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS", &cluster.sasl_ssl),
         ("PRODUCT_SYNC__KAFKA__GROUP_ID", &name),
-        ("PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SASL_USERNAME", &cluster.user),
-        ("PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SASL_PASSWORD", &cluster.password),
-        ("PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SSL_CA_LOCATION", &cluster.ca),
+        (
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SASL_USERNAME",
+            &cluster.user,
+        ),
+        (
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SASL_PASSWORD",
+            &cluster.password,
+        ),
+        (
+            "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SSL_CA_LOCATION",
+            &cluster.ca,
+        ),
         ("PRODUCT_SYNC__DATABASE__URL", url.as_str()),
         ("PRODUCT_SYNC__UPSTREAM__BASE_URL", &sim),
         ("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRET", &secret),
@@ -199,8 +245,14 @@ async fn world() -> World {
         ("PRODUCT_SYNC__TOPICS__STATE", &format!("{name}-state")),
         ("PRODUCT_SYNC__TOPICS__DLQ", &format!("{name}-dlq")),
         ("PRODUCT_SYNC__TOPICS__RETRY", &format!("{name}-retry")),
-        ("PRODUCT_SYNC__TOPICS__NOTIFICATIONS", &format!("{name}-notifications")),
-        ("PRODUCT_SYNC__TOPICS__RELAY_PROGRESS", &format!("{name}-relay-progress")),
+        (
+            "PRODUCT_SYNC__TOPICS__NOTIFICATIONS",
+            &format!("{name}-notifications"),
+        ),
+        (
+            "PRODUCT_SYNC__TOPICS__RELAY_PROGRESS",
+            &format!("{name}-relay-progress"),
+        ),
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .into();
@@ -242,14 +294,19 @@ impl World {
     /// Starts with `changes`, waits for the process to end on its own; its stderr.
     async fn refused_start(&self, name: &str, changes: &[(&str, &str)]) -> String {
         let mut child = self.spawn(name, changes);
-        let status = wait_for(&format!("{name}: the start to fail"), Duration::from_secs(90), || {
-            std::future::ready(child.try_wait().expect("child status"))
-        })
+        let status = wait_for(
+            &format!("{name}: the start to fail"),
+            Duration::from_secs(90),
+            || std::future::ready(child.try_wait().expect("child status")),
+        )
         .await;
         let log = self.log(name);
         assert!(!status.success(), "{name}: the start should fail: {log}");
         for secret in [&self.cluster.password, &self.secret] {
-            assert!(!log.contains(secret.as_str()), "{name}: a secret was printed: {log}");
+            assert!(
+                !log.contains(secret.as_str()),
+                "{name}: a secret was printed: {log}"
+            );
         }
         log
     }
@@ -294,30 +351,71 @@ async fn a_production_configured_instance_completes_a_command_over_tls_everywher
         .expect("producer");
     let (requests, results) = &w.topics;
     // The instance creates the topics at start; the command is sent once they exist.
-    let body = json!({"request_id": "tls-1", "selector": {"all": true}}).to_string();
-    wait_for("the instance to create its topics and take the command", Duration::from_secs(120), || async {
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &w.cluster.plaintext)
+        .create()
+        .expect("metadata client");
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("product-sync run exited with {status}: {}", w.log("run.log"));
+            panic!(
+                "product-sync run exited with {status}: {}",
+                w.log("run.log")
+            );
         }
-        let record = FutureRecord::to(requests.as_str()).key("tls-1").payload(&body);
-        producer.send(record, Duration::from_secs(5)).await.ok()
-    })
-    .await;
-    let result = wait_for("a completed result over TLS", Duration::from_secs(120), || {
-        let found = read_all(&w.cluster, results)
-            .into_iter()
-            .find(|r| r["request_id"] == "tls-1");
-        std::future::ready(found)
-    })
+        let exists = probe
+            .fetch_metadata(Some(requests.as_str()), Duration::from_secs(5))
+            .is_ok_and(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.error().is_none() && !t.partitions().is_empty())
+            });
+        if exists {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the instance did not create {requests}: {}",
+            w.log("run.log")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let body = json!({"request_id": "tls-1", "selector": {"all": true}}).to_string();
+    producer
+        .send(
+            FutureRecord::to(requests.as_str())
+                .key("tls-1")
+                .payload(&body),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("the command sent");
+    let result = wait_for(
+        "a completed result over TLS",
+        Duration::from_secs(120),
+        || {
+            let found = read_all(&w.cluster, results)
+                .into_iter()
+                .find(|r| r["request_id"] == "tls-1");
+            std::future::ready(found)
+        },
+    )
     .await;
     assert_eq!(result["status"], "completed", "{result}");
     assert_eq!(result["counts"]["fetched"], 40, "{result}");
     let _ = child.kill();
     let _ = child.wait();
     let log = w.log("run.log");
-    assert!(log.contains("authorized with the management system"), "{log}");
+    assert!(
+        log.contains("authorized with the management system"),
+        "{log}"
+    );
     for secret in [&w.cluster.password, &w.secret] {
-        assert!(!log.contains(secret.as_str()), "a secret was printed: {log}");
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret was printed: {log}"
+        );
     }
     w.stop.cancel();
 }
@@ -327,24 +425,56 @@ async fn a_wrong_ca_a_wrong_password_and_a_certificate_for_another_host_each_sto
     let w = world().await;
     let other_ca = w.ca.ca().display().to_string();
     let log = w
-        .refused_start("kafka-ca.log", &[("PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SSL_CA_LOCATION", &other_ca)])
+        .refused_start(
+            "kafka-ca.log",
+            &[(
+                "PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SSL_CA_LOCATION",
+                &other_ca,
+            )],
+        )
         .await;
-    assert!(log.contains("\"ssl.ca.location\""), "names the Kafka CA setting: {log}");
+    assert!(
+        log.contains("\"ssl.ca.location\""),
+        "names the Kafka CA setting: {log}"
+    );
 
     let wrong = format!("wr0ng-{}", unique("p"));
     let log = w
-        .refused_start("kafka-password.log", &[("PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SASL_PASSWORD", &wrong)])
+        .refused_start(
+            "kafka-password.log",
+            &[("PRODUCT_SYNC__KAFKA__LIBRDKAFKA__SASL_PASSWORD", &wrong)],
+        )
         .await;
-    assert!(log.contains("\"sasl.password\""), "names the SCRAM password setting: {log}");
-    assert!(!log.contains(&wrong), "the wrong password was printed: {log}");
+    assert!(
+        log.contains("\"sasl.password\""),
+        "names the SCRAM password setting: {log}"
+    );
+    assert!(
+        !log.contains(&wrong),
+        "the wrong password was printed: {log}"
+    );
 
     let log = w
-        .refused_start("database-ca.log", &[("PRODUCT_SYNC__DATABASE__URL", &database_url_with_ca(&w, &other_ca))])
+        .refused_start(
+            "database-ca.log",
+            &[(
+                "PRODUCT_SYNC__DATABASE__URL",
+                &database_url_with_ca(&w, &other_ca),
+            )],
+        )
         .await;
-    assert!(log.contains("sslrootcert"), "names the database's CA setting: {log}");
+    assert!(
+        log.contains("sslrootcert"),
+        "names the database's CA setting: {log}"
+    );
 
     // The simulator presents a certificate its CA signed, but for another host.
-    let elsewhere = https_sim(w.ca.server("other", "DNS:other.example"), &w.secret, &w.stop).await;
+    let elsewhere = https_sim(
+        w.ca.server("other", "DNS:other.example"),
+        &w.secret,
+        &w.stop,
+    )
+    .await;
     let log = w
         .refused_start(
             "other-host.log",
@@ -355,7 +485,10 @@ async fn a_wrong_ca_a_wrong_password_and_a_certificate_for_another_host_each_sto
         )
         .await;
     assert!(log.contains("ca_file"), "names the CA setting: {log}");
-    assert!(log.contains("names the host"), "says the host may be wrong: {log}");
+    assert!(
+        log.contains("names the host"),
+        "says the host may be wrong: {log}"
+    );
     w.stop.cancel();
 }
 
@@ -370,7 +503,14 @@ fn database_url_with_ca(w: &World, ca: &str) -> String {
     let mut url = url::Url::parse(url).expect("url");
     let pairs: Vec<(String, String)> = url
         .query_pairs()
-        .map(|(k, v)| (k.into_owned(), if k == "sslrootcert" { ca.to_owned() } else { v.into_owned() }))
+        .map(|(k, v)| {
+            let v = if k == "sslrootcert" {
+                ca.to_owned()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
         .collect();
     url.query_pairs_mut().clear().extend_pairs(pairs);
     url.to_string()
