@@ -243,6 +243,40 @@ fn production_refuses_plain_http_unless_allowed() {
 }
 
 #[test]
+fn a_ca_file_must_hold_a_pem_certificate_and_is_named_when_it_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for (key, var) in [
+        ("upstream.ca_file", "PRODUCT_SYNC__UPSTREAM__CA_FILE"),
+        ("governance.ca_file", "PRODUCT_SYNC__GOVERNANCE__CA_FILE"),
+    ] {
+        for (path, why) in [
+            (&not_pem, "holds no PEM certificate"),
+            (&missing, "cannot read"),
+        ] {
+            let err = load(&sources(&[(var, path.to_str().unwrap())]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(why), "{err}");
+        }
+    }
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let s = load(&sources(&[(
+        "PRODUCT_SYNC__UPSTREAM__CA_FILE",
+        pem.to_str().unwrap(),
+    )]))
+    .unwrap();
+    assert_eq!(s.upstream.ca_file.as_deref(), Some(pem.as_path()));
+}
+
+#[test]
 fn unknown_env_key_is_named_with_origin() {
     let err = load(&sources(&[("PRODUCT_SYNC__UPSTREAM__CLIENT_SECRETT", "x")])).unwrap_err();
     let msg = err.to_string();

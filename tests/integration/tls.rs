@@ -76,6 +76,18 @@ fn cluster() -> Cluster {
     cluster
 }
 
+/// A child process killed when dropped, so a failing test leaves none behind.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A CA made with openssl for this test, and server certificates it signs.
 struct TestCa {
     dir: tempfile::TempDir,
@@ -269,7 +281,7 @@ async fn world() -> World {
 
 impl World {
     /// `product-sync run` with this world's settings, `changes` applied on top; stderr to `log`.
-    fn spawn(&self, log: &str, changes: &[(&str, &str)]) -> Child {
+    fn spawn(&self, log: &str, changes: &[(&str, &str)]) -> Killed {
         let file = std::fs::File::create(self.logs.path().join(log)).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_product-sync"));
         command
@@ -284,6 +296,7 @@ impl World {
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
+            .map(Killed)
             .expect("spawn product-sync run")
     }
 
@@ -297,7 +310,7 @@ impl World {
         let status = wait_for(
             &format!("{name}: the start to fail"),
             Duration::from_secs(90),
-            || std::future::ready(child.try_wait().expect("child status")),
+            || std::future::ready(child.0.try_wait().expect("child status")),
         )
         .await;
         let log = self.log(name);
@@ -357,7 +370,7 @@ async fn a_production_configured_instance_completes_a_command_over_tls_everywher
         .expect("metadata client");
     let until = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = child.0.try_wait() {
             panic!(
                 "product-sync run exited with {status}: {}",
                 w.log("run.log")
@@ -404,8 +417,7 @@ async fn a_production_configured_instance_completes_a_command_over_tls_everywher
     .await;
     assert_eq!(result["status"], "completed", "{result}");
     assert_eq!(result["counts"]["fetched"], 40, "{result}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let log = w.log("run.log");
     assert!(
         log.contains("authorized with the management system"),
@@ -514,4 +526,65 @@ fn database_url_with_ca(w: &World, ca: &str) -> String {
         .collect();
     url.query_pairs_mut().clear().extend_pairs(pairs);
     url.to_string()
+}
+
+#[tokio::test]
+async fn the_simulator_serves_https_with_tls_cert_and_tls_key() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.server("cli", "IP:127.0.0.1");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert).expect("cert file");
+    std::fs::write(&key_file, key).expect("key file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_product-sync"))
+        .args([
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--products",
+            "3",
+            "--tls-cert",
+        ])
+        .arg(&cert_file)
+        .arg("--tls-key")
+        .arg(&key_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Killed)
+        .expect("spawn product-sync simulate");
+    let stdout = child.0.stdout.take().expect("stdout");
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    })
+    .await
+    .expect("reader task")
+    .expect("first line");
+    let base = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    assert!(base.starts_with("https://127.0.0.1:"), "{base}");
+    let pem = std::fs::read(ca.ca()).expect("CA file");
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA"))
+        .build()
+        .expect("client");
+    let token = trusting
+        .post(format!("{base}/oauth2/token"))
+        .basic_auth("product-sync", Some("local-dev-secret"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .expect("a token over https");
+    assert!(token.status().is_success(), "{}", token.status());
+    // A client that does not trust the test CA is refused by its own verification.
+    let plain = reqwest::Client::new()
+        .post(format!("{base}/oauth2/token"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "an untrusted certificate was accepted");
+    drop(child);
 }
