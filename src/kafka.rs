@@ -139,9 +139,6 @@ pub fn producer_config(settings: &KafkaSettings, max_event_bytes: usize) -> Clie
     config
 }
 
-/// Longest librdkafka message carried into an error.
-const MAX_REASON_CHARS: usize = 300;
-
 /// The context of the start-up probe: keeps the last TLS or SASL failure librdkafka reports
 /// (those arrive through the error callback, served by a producer's poll, while the metadata
 /// request only fails with a transport error).
@@ -154,11 +151,7 @@ impl ClientContext for ProbeContext {
     fn error(&self, error: RdKafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
         if let Some(code @ (RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication)) = code {
-            let reason: String = reason
-                .chars()
-                .take(MAX_REASON_CHARS)
-                .flat_map(char::escape_debug)
-                .collect();
+            let reason = crate::text::cut(reason, crate::text::REASON_CHARS);
             if let Ok(mut refused) = self.refused.lock() {
                 *refused = Some((code, reason));
             }

@@ -4,14 +4,23 @@
 /// The longest prefix of an outside value quoted anywhere.
 pub const QUOTE_CHARS: usize = 64;
 
+/// The longest library message (TLS, SASL, a driver's) carried into an error.
+pub const REASON_CHARS: usize = 300;
+
+/// `value` cut to `max` characters, control characters escaped: a message from a library or a
+/// server carried into an error can neither flood nor forge a line.
+pub fn cut(value: &str, max: usize) -> String {
+    value
+        .chars()
+        .take(max)
+        .flat_map(char::escape_debug)
+        .collect()
+}
+
 /// A value quoted in an error or a log line: cut to [`QUOTE_CHARS`] characters, control
 /// characters escaped, so a hostile value can neither flood nor forge a line.
 pub fn quote(value: &str) -> String {
-    let mut out: String = value
-        .chars()
-        .take(QUOTE_CHARS)
-        .flat_map(char::escape_debug)
-        .collect();
+    let mut out = cut(value, QUOTE_CHARS);
     if value.chars().nth(QUOTE_CHARS).is_some() {
         out.push('…');
     }

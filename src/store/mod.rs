@@ -123,31 +123,20 @@ fn sqlx_is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Longest driver message carried into an error.
-const MAX_REASON_CHARS: usize = 300;
-
 /// A connection error no retry cures, with the settings to check: a failed TLS handshake
 /// (the CA, the host the certificate names) or refused credentials (28P01, 28000).
 fn refusal(e: &DbErr) -> Option<(String, &'static str)> {
     let DbErr::Conn(RuntimeErr::SqlxError(e)) = e else {
         return None;
     };
-    let cut = |text: String| -> String {
-        text.chars()
-            .take(MAX_REASON_CHARS)
-            .flat_map(char::escape_debug)
-            .collect()
-    };
+    let cut = |text: &str| crate::text::cut(text, crate::text::REASON_CHARS);
     match &**e {
         sqlx::Error::Tls(tls) => Some((
-            cut(tls.to_string()),
+            cut(&tls.to_string()),
             "the sslrootcert= of database.url (the CA that signed the server's certificate) and that the certificate names the URL's host",
         )),
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01" | "28000")) => {
-            Some((
-                cut(db.message().to_owned()),
-                "the user and password of database.url",
-            ))
+            Some((cut(db.message()), "the user and password of database.url"))
         }
         _ => None,
     }

@@ -111,9 +111,6 @@ pub enum UpstreamError {
     },
 }
 
-/// Longest TLS library message carried into an error.
-const MAX_TLS_REASON_CHARS: usize = 240;
-
 /// The error of a request that was not answered: a failed TLS handshake (permanent, naming
 /// `ca_setting`), else a transport failure (transient).
 pub(crate) fn unanswered(
@@ -124,16 +121,10 @@ pub(crate) fn unanswered(
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
     while let Some(e) = cause {
         if let Some(tls) = e.downcast_ref::<native_tls::Error>() {
-            let reason: String = tls
-                .to_string()
-                .chars()
-                .take(MAX_TLS_REASON_CHARS)
-                .flat_map(char::escape_debug)
-                .collect();
             return UpstreamError::Tls {
                 what: what.to_owned(),
                 setting: ca_setting,
-                reason,
+                reason: crate::text::cut(&tls.to_string(), crate::text::REASON_CHARS),
             };
         }
         cause = e.source();

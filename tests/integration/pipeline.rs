@@ -813,6 +813,16 @@ async fn an_outage_within_the_budget_heals_beyond_it_fails_to_the_dlq_and_replay
 pub struct ChildGuard(Child);
 
 impl ChildGuard {
+    /// Guards a child spawned elsewhere.
+    pub fn new(child: Child) -> Self {
+        ChildGuard(child)
+    }
+
+    /// The child itself (its status, its pipes).
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.0
+    }
+
     /// The child's process id.
     pub fn id(&self) -> u32 {
         self.0.id()

@@ -6,7 +6,7 @@
 //! secrets never printed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use product_sync::sim::{Catalogue, Sim, SimConfig};
@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{fresh_pg_database, unique, wait_for};
+use crate::pipeline::{ChildGuard, wait_exit};
 
 /// The cluster `deploy/local/kafka.sh up --brokers 3` runs, as its client.properties says.
 struct Cluster {
@@ -74,18 +75,6 @@ fn cluster() -> Cluster {
         cluster.plaintext
     );
     cluster
-}
-
-/// A child process killed when dropped, so a failing test leaves none behind.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// A CA made with openssl for this test, and server certificates it signs.
@@ -281,7 +270,7 @@ async fn world() -> World {
 
 impl World {
     /// `product-sync run` with this world's settings, `changes` applied on top; stderr to `log`.
-    fn spawn(&self, log: &str, changes: &[(&str, &str)]) -> Killed {
+    fn spawn(&self, log: &str, changes: &[(&str, &str)]) -> ChildGuard {
         let file = std::fs::File::create(self.logs.path().join(log)).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_product-sync"));
         command
@@ -296,7 +285,7 @@ impl World {
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
-            .map(Killed)
+            .map(ChildGuard::new)
             .expect("spawn product-sync run")
     }
 
@@ -307,12 +296,7 @@ impl World {
     /// Starts with `changes`, waits for the process to end on its own; its stderr.
     async fn refused_start(&self, name: &str, changes: &[(&str, &str)]) -> String {
         let mut child = self.spawn(name, changes);
-        let status = wait_for(
-            &format!("{name}: the start to fail"),
-            Duration::from_secs(90),
-            || std::future::ready(child.0.try_wait().expect("child status")),
-        )
-        .await;
+        let status = wait_exit(&mut child, Duration::from_secs(90)).await;
         let log = self.log(name);
         assert!(!status.success(), "{name}: the start should fail: {log}");
         for secret in [&self.cluster.password, &self.secret] {
@@ -370,7 +354,7 @@ async fn a_production_configured_instance_completes_a_command_over_tls_everywher
         .expect("metadata client");
     let until = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(Some(status)) = child.0.try_wait() {
+        if let Ok(Some(status)) = child.child().try_wait() {
             panic!(
                 "product-sync run exited with {status}: {}",
                 w.log("run.log")
@@ -551,9 +535,9 @@ async fn the_simulator_serves_https_with_tls_cert_and_tls_key() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map(Killed)
+        .map(ChildGuard::new)
         .expect("spawn product-sync simulate");
-    let stdout = child.0.stdout.take().expect("stdout");
+    let stdout = child.child().stdout.take().expect("stdout");
     let first = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
