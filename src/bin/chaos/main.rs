@@ -28,6 +28,7 @@
 use std::collections::BTreeSet;
 
 mod checks;
+mod cluster;
 mod schedule;
 mod stalls;
 mod world;
@@ -51,6 +52,8 @@ const FUND_SECRET: &str = "chaos-fund-secret-93c0aa";
 
 struct Options {
     short: bool,
+    /// The three-broker cluster behind Toxiproxy, with leader kills and network faults.
+    cluster: bool,
     seed: u64,
     repo: PathBuf,
 }
@@ -58,6 +61,7 @@ struct Options {
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
         short: false,
+        cluster: false,
         seed: 1,
         repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
     };
@@ -66,6 +70,7 @@ fn options() -> anyhow::Result<Options> {
     while i < args.len() {
         match args[i].as_str() {
             "--short" => o.short = true,
+            "--cluster" => o.cluster = true,
             "--seed" => {
                 i += 1;
                 o.seed = args
@@ -78,7 +83,7 @@ fn options() -> anyhow::Result<Options> {
                 o.repo = PathBuf::from(args.get(i).context("--repo takes a directory")?);
             }
             other => bail!(
-                "unknown argument {other:?}; usage: product-sync-chaos [--short] [--seed S] [--repo DIR]"
+                "unknown argument {other:?}; usage: product-sync-chaos [--short] [--cluster] [--seed S] [--repo DIR]"
             ),
         }
         i += 1;
@@ -276,10 +281,18 @@ async fn main() -> anyhow::Result<()> {
         .set("enable.idempotence", "true")
         .create()?;
     let stream = world::CommandStream::spawn(&world, &producer, o.seed);
+    let net = world
+        .cluster
+        .as_ref()
+        .map(|c| cluster::NetFaults::spawn(c.toxiproxy.clone(), world.links.clone(), o.seed));
     let mut faults = schedule::Schedule::new(&o, &run);
     faults
         .run(&world, &mut instances, &producer, run.run_for)
         .await?;
+    let net_faults = match net {
+        Some(net) => net.stop().await?,
+        None => [0; 4],
+    };
     let streamed = stream.stop().await?;
     let (mut good, bad_sent) = (streamed.good, streamed.bad);
     world.sim.set_faults(Faults::default());
@@ -314,21 +327,20 @@ async fn main() -> anyhow::Result<()> {
         instances.terminate(0);
     }
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
+    world.remove_proxies().await?;
     world.sim_stop.cancel();
-    result_line(
-        o.seed,
-        &faults,
-        &instances,
-        &verdict,
-        max_stall,
-        bad_sent.len(),
-        streamed.notifications,
-    );
+    let counts = Counts {
+        bad_commands: bad_sent.len(),
+        notifications: streamed.notifications,
+        net_faults: net_faults.iter().sum(),
+    };
+    result_line(o.seed, &faults, &instances, &verdict, max_stall, &counts);
     eprintln!(
-        "chaos: scale changes {}, good commands {}, change events {}, logs in {}",
+        "chaos: scale changes {}, good commands {}, change events {}, net faults {}, logs in {}",
         faults.scale_changes,
         good.len(),
         verdict.events,
+        cluster::describe(&net_faults),
         world.dir.display()
     );
     let clean_run = instances.crashes + instances.unclean_exits == 0 && max_stall <= MAX_STALL;
@@ -371,6 +383,13 @@ async fn final_round(
     Ok(ids)
 }
 
+/// What the run sent and did besides the schedule's faults.
+struct Counts {
+    bad_commands: usize,
+    notifications: usize,
+    net_faults: u32,
+}
+
 /// Prints the run's one result line, then the change topic's problems if any.
 fn result_line(
     seed: u64,
@@ -378,12 +397,16 @@ fn result_line(
     instances: &world::Instances,
     verdict: &checks::Verdict,
     max_stall: Duration,
-    bad_commands: usize,
-    notifications: usize,
+    counts: &Counts,
 ) {
     let max_stall_s = max_stall.as_secs();
+    let Counts {
+        bad_commands,
+        notifications,
+        net_faults,
+    } = counts;
     println!(
-        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={} withdrawn={} delisted={} wrongly_delisted={} system_outages={} fund_products={} notifications={notifications} notification_commands={}",
+        "chaos: seed={seed} kills={} sigterms={} broker_restarts={} db_restarts={} bad_commands={bad_commands} hostile_commands={} products={} lost={} doubled={} gaps={} stalled={} leaked_secrets={} crashes={} unclean_exits={} out_of_order={} max_stall_s={max_stall_s} repeats={} withdrawn={} delisted={} wrongly_delisted={} system_outages={} fund_products={} notifications={notifications} notification_commands={} leader_kills={} net_faults={net_faults}",
         faults.kills,
         faults.sigterms,
         faults.broker_restarts,
@@ -405,6 +428,7 @@ fn result_line(
         faults.system_outages,
         verdict.fund_products,
         verdict.notification_commands,
+        faults.leader_kills,
     );
     for (part, n) in &verdict.lost_parts {
         eprintln!("chaos: lost: {part}={n}");

@@ -1,7 +1,8 @@
 //! The fault schedule: every few seconds a fault drawn from the seed — kill -9, SIGTERM,
 //! 3 → 1 → 3 scaling, a broker or database restart, a hostile management system for one
-//! command, the second management system down for a while, or a burst of simulator faults. Once the scheduled time is up, every kind the dice
-//! left out is forced once (and kills up to the minimum).
+//! command, the second management system down for a while, a burst of simulator faults, and
+//! with `--cluster` the kill of a partition leader. Once the scheduled time is up, every kind
+//! the dice left out is forced once (and kills up to the minimum).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ pub struct Schedule {
     pub sigterms: u32,
     pub broker_restarts: u32,
     pub db_restarts: u32,
+    /// Partition leaders killed (`--cluster` only).
+    pub leader_kills: u32,
+    cluster: bool,
     pub scale_changes: u32,
     pub sim_faults: u32,
     /// Times the second management system went down for a while.
@@ -39,6 +43,8 @@ impl Schedule {
             sigterms: 0,
             broker_restarts: 0,
             db_restarts: 0,
+            leader_kills: 0,
+            cluster: o.cluster,
             scale_changes: 0,
             sim_faults: 0,
             system_outages: 0,
@@ -57,6 +63,7 @@ impl Schedule {
             (self.hostile_ids.is_empty(), 78),
             (self.system_outages == 0, 85),
             (self.sim_faults == 0, 92),
+            (self.cluster && self.leader_kills == 0, 100),
         ]
         .into_iter()
         .find_map(|(missing, roll)| missing.then_some(roll))
@@ -78,9 +85,11 @@ impl Schedule {
                 return Ok(());
             }
             self.pause(2_000..6_000).await;
+            // The cluster adds leader kills to the dice (100..=114).
+            let sides = if self.cluster { 115 } else { 100 };
             let roll = match missing {
                 Some(roll) if overtime => roll,
-                _ => self.rng.gen_range(0..100),
+                _ => self.rng.gen_range(0..sides),
             };
             let alive = instances.alive();
             match roll {
@@ -91,6 +100,7 @@ impl Schedule {
                 70..=77 => self.restart(world, "postgres.sh").await?,
                 78..=84 => self.hostile(world, producer).await?,
                 85..=91 => self.system_outage(world).await,
+                100.. => self.leader_kill(world).await?,
                 _ => self.sim_fault(world).await,
             }
             instances.restart_the_dead()?;
@@ -128,15 +138,36 @@ impl Schedule {
         (0..3).try_for_each(|slot| instances.start(slot))
     }
 
+    /// The broker (with `--cluster`, all three nodes at once) or the database, down and up.
     async fn restart(&mut self, world: &World, service: &str) -> anyhow::Result<()> {
-        script(&world.repo, service, "down")?;
+        let nodes: &[&str] = match service {
+            "kafka.sh" if self.cluster => &["--brokers", "3"],
+            _ => &[],
+        };
+        script(&world.repo, service, &[&["down"], nodes].concat())?;
         self.pause(1_000..6_000).await;
-        script(&world.repo, service, "up")?;
+        script(&world.repo, service, &[&["up"], nodes].concat())?;
         match service {
             "kafka.sh" => self.broker_restarts += 1,
             _ => self.db_restarts += 1,
         }
         Ok(())
+    }
+
+    /// `kill -9` of the node leading a busy partition, then (after 2–10 s with two nodes, which
+    /// `min.insync.replicas=2` still lets write) the node started again.
+    async fn leader_kill(&mut self, world: &World) -> anyhow::Result<()> {
+        let Some(cluster) = &world.cluster else {
+            return Ok(());
+        };
+        let leader = cluster
+            .busy_leader(&world.settings, &world.settings.topics.changes, &mut self.rng)
+            .await?;
+        eprintln!("chaos: kill -9 of node {leader}, a leader of the change topic");
+        cluster.kill_node(leader).await?;
+        self.leader_kills += 1;
+        self.pause(2_000..10_000).await;
+        script(&world.repo, "kafka.sh", &["up", "--brokers", "3"])
     }
 
     /// A hostile management system, for one command aimed at it: the command must end

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Cluster;
 use crate::{FUND_SECRET, Options, SECRET, bad_commands, selectors};
 
 /// Everything the run set up.
@@ -31,6 +32,9 @@ pub struct World {
     pub sim_stop: CancellationToken,
     pub db_url: url::Url,
     pub settings: Settings,
+    /// With `--cluster`: the cluster, its proxies, and the names of the run's links.
+    pub cluster: Option<Cluster>,
+    pub links: Vec<String>,
     env: HashMap<String, String>,
     binary: PathBuf,
 }
@@ -83,10 +87,36 @@ impl World {
             .spawn("127.0.0.1:0".parse()?, sim_stop.clone())
             .await?;
         let db_url = own_database(o.seed).await?;
-        let mut env = environment(o, &db_url, &format!("http://{sim_addr}"));
+        let cluster = match o.cluster {
+            true => Some(Cluster::find().await?),
+            false => None,
+        };
+        // With the cluster, the instances reach everything through Toxiproxy; this run's own
+        // readers and writers go straight to the brokers and the database.
+        let (links, sim_url, fund_url) = match &cluster {
+            Some(c) => proxied(c, o.seed, &sim_addr.to_string(), &fund_addr.to_string()).await?,
+            None => (Vec::new(), format!("http://{sim_addr}"), format!("http://{fund_addr}")),
+        };
+        let mut instances_db = db_url.clone();
+        if let Some(c) = &cluster {
+            instances_db
+                .set_port(Some(c.pg_port))
+                .map_err(|()| anyhow::anyhow!("the database URL takes no port"))?;
+        }
+        let mut env = environment(o, &instances_db, &sim_url);
+        if let Some(c) = &cluster {
+            env.insert(
+                "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS".to_owned(),
+                c.proxied.clone(),
+            );
+            env.insert(
+                "PRODUCT_SYNC__TOPICS__REPLICATION_FACTOR".to_owned(),
+                "3".to_owned(),
+            );
+        }
         env.extend(
             [
-                ("BASE_URL", format!("http://{fund_addr}")),
+                ("BASE_URL", fund_url),
                 ("CLIENT_SECRET", FUND_SECRET.to_owned()),
                 ("CIRCUIT_FAILURES", "3".to_owned()),
                 ("CIRCUIT_OPEN_MS", "3000".to_owned()),
@@ -94,12 +124,15 @@ impl World {
             ]
             .map(|(k, v)| (format!("PRODUCT_SYNC__UPSTREAM__SYSTEMS__FUND__{k}"), v)),
         );
-        let settings = config::load(&Sources {
+        let mut settings = config::load(&Sources {
             dir: Some(o.repo.join("config")),
             env_name: None,
             file: None,
             vars: Some(env.clone()),
         })?;
+        if let Some(c) = &cluster {
+            settings.kafka.bootstrap_servers = c.plaintext.clone();
+        }
         own_topics(&settings).await?;
         Ok(World {
             dir,
@@ -109,9 +142,21 @@ impl World {
             sim_stop,
             db_url,
             settings,
+            cluster,
+            links,
             env,
             binary,
         })
+    }
+
+    /// Removes the proxies this run made for its simulators.
+    pub async fn remove_proxies(&self) -> anyhow::Result<()> {
+        if let Some(c) = &self.cluster {
+            for link in self.links.iter().filter(|l| l.starts_with("chaos-")) {
+                c.toxiproxy.delete(link).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The three instances' slots, none started.
@@ -126,6 +171,27 @@ impl World {
             unclean_exits: 0,
         })
     }
+}
+
+/// Proxies in front of the two simulators (the governance platform is the first one); returns
+/// every link the network faults may hit (the brokers', the database's, the simulators') and
+/// the simulators' URLs behind their proxies.
+async fn proxied(
+    cluster: &Cluster,
+    seed: u64,
+    sim: &str,
+    fund: &str,
+) -> anyhow::Result<(Vec<String>, String, String)> {
+    let prefix = format!("chaos-{seed}-{}", std::process::id());
+    let (wms_link, fund_link) = (format!("{prefix}-wms"), format!("{prefix}-fund"));
+    let sim_url = format!("http://{}", cluster.toxiproxy.proxy(&wms_link, sim).await?);
+    let fund_url = format!("http://{}", cluster.toxiproxy.proxy(&fund_link, fund).await?);
+    let links = ["kafka-1", "kafka-2", "kafka-3", "postgres"]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([wms_link, fund_link])
+        .collect();
+    Ok((links, sim_url, fund_url))
 }
 
 /// A database of this run's own; returns its URL.
@@ -163,7 +229,7 @@ async fn own_topics(settings: &Settings) -> anyhow::Result<()> {
     .map(|n| TopicSpec {
         name: n.clone(),
         partitions: 12,
-        replication_factor: 1,
+        replication_factor: settings.topics.replication_factor,
         compacted: *n == t.state,
     })
     .collect();
@@ -586,10 +652,11 @@ impl Drop for Instances {
     }
 }
 
-pub fn script(repo: &Path, name: &str, action: &str) -> anyhow::Result<()> {
+pub fn script(repo: &Path, name: &str, args: &[&str]) -> anyhow::Result<()> {
+    let action = args.join(" ");
     let status = Command::new("bash")
         .arg(repo.join("deploy/local").join(name))
-        .arg(action)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
