@@ -557,7 +557,7 @@ async fn relay_alone(w: &World, rows: usize, exactly_once: bool) -> Result<f64, 
     });
     let mut relay = Relay::new(
         w.db.clone(),
-        plain_producer()?,
+        product_sync::kafka::Publisher::create(producer_config(&kafka(), 900_000))?,
         RelaySettings {
             changes_topic: w.topic("changes"),
             results_topic: w.topic("results"),

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rdkafka::producer::FutureProducer;
 use sea_orm::{DatabaseBackend, DatabaseConnection};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -15,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::console::Console;
-use crate::kafka::{self, KafkaError, TopicSpec};
+use crate::kafka::{self, KafkaError, Publisher, TopicSpec};
 use crate::ops::{OpsServer, OpsState};
 use crate::outbox::shards::Leases;
 use crate::outbox::transactional::Transactions;
@@ -62,7 +61,7 @@ impl AppError {
 /// [`Application::run_until_stopped`].
 pub struct Application {
     db: DatabaseConnection,
-    producer: FutureProducer,
+    producer: Publisher,
     instance_id: String,
     pipeline: Pipeline,
     relay: Option<Relay>,
@@ -95,10 +94,10 @@ impl Application {
             u.ca_file.as_deref().map(|p| (p, "upstream.ca_file")),
         )?;
         let systems = Arc::new(Systems::build(&settings)?);
-        let producer: FutureProducer =
-            kafka::producer_config(&settings.kafka, settings.pipeline.max_event_bytes)
-                .create()
-                .map_err(KafkaError::Client)?;
+        let producer = Publisher::create(kafka::producer_config(
+            &settings.kafka,
+            settings.pipeline.max_event_bytes,
+        ))?;
         let instance_id = instance_id();
         let membership = Arc::new(Membership::default());
         let wake = Arc::new(Notify::new());
@@ -218,7 +217,7 @@ impl Application {
         relay_stop.cancel();
         join_by(relay, deadline, "the relay's last round").await;
         let left = deadline.saturating_duration_since(Instant::now());
-        crate::outbox::flush(self.producer.clone(), left).await;
+        crate::outbox::flush(self.producer.current(), left).await;
         governance_stop.cancel();
         join_by(governance, deadline, "deregistration").await;
         stop_all(&tasks, &parts, deadline).await;
@@ -279,7 +278,7 @@ fn pipeline(
     settings: &Settings,
     db: &DatabaseConnection,
     systems: &Arc<Systems>,
-    producer: &FutureProducer,
+    producer: &Publisher,
     membership: &Arc<Membership>,
     wake: Arc<Notify>,
 ) -> Pipeline {
@@ -357,7 +356,7 @@ fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
 fn relay(
     settings: &Settings,
     db: &DatabaseConnection,
-    producer: &FutureProducer,
+    producer: &Publisher,
     instance_id: &str,
     wake: Arc<Notify>,
 ) -> Relay {

@@ -60,10 +60,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     say("  pipeline:          started (registered with the governance platform)\n");
 
     let watcher = Watcher::start(&stage.bootstrap)?;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stage.bootstrap)
-        .create()
-        .context("demo producer")?;
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", &stage.bootstrap);
+    let publisher = crate::kafka::Publisher::create(config).context("demo producer")?;
+    let producer: FutureProducer = publisher.current();
     let pension = act_one(&producer, &watcher, &db).await?;
     let (expected, updated) = act_two(&stage.sim, &producer, &watcher, &db, &pension).await?;
     let delisted = act_three(&stage.sim, &producer, &watcher, &db).await?;
@@ -72,7 +72,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let mut scheduled = stage.settings.clone();
     scheduled.upstream.schedule.incremental_every = Some(SCHEDULE_EVERY);
     scheduled.upstream.schedule.watermark_overlap = Duration::from_secs(1);
-    let scheduler = Scheduler::new(&scheduled, db.clone(), producer.clone(), "demo".into());
+    let scheduler = Scheduler::new(&scheduled, db.clone(), publisher, "demo".into());
     let stop_scheduler = CancellationToken::new();
     let scheduling = tokio::spawn(scheduler.run(stop_scheduler.clone()));
     let picked_up = act_four(&stage.sim, &watcher, &db).await?;

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+mod publisher;
+pub use publisher::Publisher;
+
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};

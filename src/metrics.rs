@@ -60,6 +60,8 @@ pub struct Metrics {
     pub notifications: IntCounterVec,
     /// Commands made from notifications, by system.
     pub notification_commands: IntCounterVec,
+    /// Times the shared producer failed for good and a new one took over.
+    pub producer_renewals: IntCounterVec,
     /// Codes read from notifications and not yet published in a command (this instance).
     pub notification_pending: IntGauge,
     /// The most codes ever waiting at once in this instance (bounded by
@@ -278,6 +280,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "product_sync_notification_commands_total",
             "Commands made from coalesced notifications, by system",
             &["system"],
+        ),
+        producer_renewals: counter(
+            &registry,
+            "product_sync_producer_renewals_total",
+            "Times the shared Kafka producer failed for good (a librdkafka fatal error) and a new one took over",
+            &[],
         ),
         notification_pending: gauge(
             &registry,

@@ -13,7 +13,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::Utc;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
+
+use crate::kafka::Publisher;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -26,7 +28,7 @@ use crate::pipeline::Membership;
 #[derive(Clone)]
 pub struct OpsState {
     pub db: DatabaseConnection,
-    pub producer: FutureProducer,
+    pub producer: Publisher,
     pub http: reqwest::Client,
     pub upstream_base_url: String,
     pub membership: Arc<Membership>,
@@ -37,7 +39,7 @@ pub struct OpsState {
 impl OpsState {
     pub fn new(
         db: DatabaseConnection,
-        producer: FutureProducer,
+        producer: Publisher,
         http: reqwest::Client,
         upstream_base_url: String,
         membership: Arc<Membership>,
@@ -124,7 +126,7 @@ const READINESS_EVERY: Duration = Duration::from_secs(5);
 
 async fn check(s: &OpsState) -> Checked {
     let database = s.db.execute_unprepared("SELECT 1").await.is_ok();
-    let producer = s.producer.clone();
+    let producer = s.producer.current();
     let broker = tokio::task::spawn_blocking(move || {
         producer
             .client()

@@ -20,7 +20,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka::Publisher;
 use rdkafka::util::Timeout;
 use sea_orm::DatabaseConnection;
 use tokio::time::Instant;
@@ -128,7 +130,7 @@ pub fn schedules_of(settings: &Settings) -> Vec<SystemSchedule> {
 /// The scheduler of one instance.
 pub struct Scheduler {
     db: DatabaseConnection,
-    producer: FutureProducer,
+    producer: Publisher,
     topic: String,
     holder: String,
     systems: Vec<SystemSchedule>,
@@ -140,7 +142,7 @@ impl Scheduler {
     pub fn new(
         settings: &Settings,
         db: DatabaseConnection,
-        producer: FutureProducer,
+        producer: Publisher,
         holder: String,
     ) -> Self {
         let systems = schedules_of(settings);

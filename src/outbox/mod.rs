@@ -39,6 +39,8 @@ use chrono::Utc;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use crate::kafka::Publisher;
 use rdkafka::util::Timeout;
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
@@ -272,6 +274,8 @@ impl Delivery {
 /// Publishes the queue.
 pub struct Relay {
     db: DatabaseConnection,
+    /// The instance's producer, made again after a fatal error; `producer` is the one in use.
+    publisher: Publisher,
     producer: FutureProducer,
     settings: Arc<RelaySettings>,
     leases: Leases,
@@ -294,7 +298,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(
         db: DatabaseConnection,
-        producer: FutureProducer,
+        publisher: Publisher,
         settings: RelaySettings,
         leases: Leases,
         wake: Arc<Notify>,
@@ -303,7 +307,8 @@ impl Relay {
         Self {
             txns,
             db,
-            producer,
+            producer: publisher.current(),
+            publisher,
             settings: Arc::new(settings),
             leases,
             wake,
@@ -479,6 +484,7 @@ impl Relay {
     /// is parked, and the rest of its product's rows in this batch are held back behind it.
     /// A full local queue stops the batch: the read position goes back to the last row sent.
     async fn send(&mut self, rows: Vec<Outgoing>) -> Result<(), RelayError> {
+        self.producer = self.publisher.current();
         let mut sent = Vec::with_capacity(rows.len());
         let mut held_back: HashSet<i64> = HashSet::new();
         let mut gone = Vec::new();
@@ -508,6 +514,7 @@ impl Relay {
                     self.totals.parked += 1;
                 }
                 Err(e) => {
+                    self.publisher.renew_if_fatal(&self.producer, &e);
                     self.flights.push_back(Flight { sent });
                     return Err(self.settings.publish_error(&row, e));
                 }
@@ -575,6 +582,7 @@ impl Relay {
                 Ok(()) => acked.push(row),
                 Err(e) if is_refusal(&e) => refused.push((row, e)),
                 Err(e) => {
+                    self.publisher.renew_if_fatal(&self.producer, &e);
                     if error.is_none() {
                         error = Some(self.settings.publish_error(&row, e));
                     }

@@ -13,7 +13,9 @@ use chrono::Utc;
 use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka::Publisher;
 use rdkafka::util::Timeout;
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
@@ -67,7 +69,7 @@ pub struct Processor {
     pub db: DatabaseConnection,
     /// The management systems, by name (commands route by their `system`).
     pub systems: Arc<Systems>,
-    pub producer: FutureProducer,
+    pub producer: Publisher,
     pub dlq_topic: String,
     pub results_topic: String,
     /// Where transiently failed commands wait for their next attempt; `None`: the DLQ.

@@ -1,15 +1,20 @@
 //! Smoke tests against the real broker: topics through the AdminClient, a produce/consume
-//! round trip through a consumer group, a manual commit read back from the broker.
+//! round trip through a consumer group, a manual commit read back from the broker, and the shared
+//! producer made again after a fatal error.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use product_sync::kafka::{TopicSpec, client_config, ensure_topics, wait_for_broker};
+use product_sync::kafka::{
+    Publisher, TopicSpec, client_config, ensure_topics, producer_config, wait_for_broker,
+};
 use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::helpers::{require_kafka, unique, wait_for};
@@ -144,4 +149,64 @@ async fn produce_consume_commit_and_read_the_committed_offset_back() {
     })
     .await;
     assert_eq!(committed, sent as i64);
+}
+
+/// An idempotent producer that failed for good (librdkafka's fatal error: here raised through
+/// its testing hook, in the chaos run by a sequence desynchronization after a connection
+/// reset) refuses every message from then on. The shared producer makes a new one: the send
+/// that met the fatal error fails, the next one is acknowledged by the broker.
+#[tokio::test]
+async fn the_shared_producer_is_made_again_after_a_fatal_error() {
+    let settings = require_kafka().await;
+    let topic = unique("smoke-fatal");
+    ensure_topics(
+        &settings,
+        &[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+            replication_factor: 1,
+            compacted: false,
+        }],
+    )
+    .await
+    .expect("create topic");
+    let publisher = Publisher::create(producer_config(&settings, 900_000)).expect("producer");
+    let send = |n: u32| {
+        let (publisher, topic) = (publisher.clone(), topic.clone());
+        async move {
+            let payload = format!("message {n}");
+            publisher
+                .send(
+                    FutureRecord::to(&topic).key("k").payload(&payload),
+                    Timeout::After(Duration::from_secs(30)),
+                )
+                .await
+                .map_err(|(e, _)| e)
+        }
+    };
+    send(1).await.expect("a healthy producer is acknowledged");
+    let first = publisher.current();
+    let reason = std::ffi::CString::new("the test's fatal error").expect("no NUL");
+    // SAFETY: the client pointer is valid while `first` lives; librdkafka copies the reason.
+    let raised = unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            first.client().native_ptr(),
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        )
+    };
+    assert_eq!(
+        raised,
+        rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+        "librdkafka raised the fatal error"
+    );
+    let refused = send(2).await.expect_err("the dead producer refuses");
+    assert_eq!(refused.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+    assert!(first.client().fatal_error().is_some());
+    assert_ne!(
+        publisher.current().client().native_ptr(),
+        first.client().native_ptr(),
+        "a new producer took over"
+    );
+    send(3).await.expect("the new producer is acknowledged");
 }

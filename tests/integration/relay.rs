@@ -15,7 +15,7 @@ use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::FutureProducer;
+use product_sync::kafka::Publisher;
 use sea_orm::{ConnectionTrait, DatabaseBackend, EntityTrait, PaginatorTrait, Statement};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -162,7 +162,7 @@ async fn two_instances_split_the_shards_both_publish_and_a_killed_ones_shards_mo
 }
 
 /// A relay on its own (no pipeline), holding every shard of the world's database.
-fn relay(w: &World, producer: FutureProducer, max_event_bytes: usize) -> Relay {
+fn relay(w: &World, producer: Publisher, max_event_bytes: usize) -> Relay {
     Relay::new(
         w.db.clone(),
         producer,
@@ -180,10 +180,12 @@ fn relay(w: &World, producer: FutureProducer, max_event_bytes: usize) -> Relay {
     )
 }
 
-fn producer(w: &World) -> FutureProducer {
-    product_sync::kafka::producer_config(&w.settings.kafka, 900_000)
-        .create()
-        .expect("producer")
+fn producer(w: &World) -> Publisher {
+    Publisher::create(product_sync::kafka::producer_config(
+        &w.settings.kafka,
+        900_000,
+    ))
+    .expect("producer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -710,10 +712,12 @@ async fn change_rows_wait_out_a_broker_outage_and_are_published_after_it() {
     let proxy = crate::helpers::Proxy::start(&w.settings.kafka.bootstrap_servers, false).await;
     let mut kafka = w.settings.kafka.clone();
     kafka.bootstrap_servers = proxy.addr.to_string();
-    let producer: FutureProducer = product_sync::kafka::producer_config(&kafka, 900_000)
-        .set("message.timeout.ms", "1500")
-        .create()
-        .expect("producer");
+    let producer = Publisher::create(
+        product_sync::kafka::producer_config(&kafka, 900_000)
+            .set("message.timeout.ms", "1500")
+            .clone(),
+    )
+    .expect("producer");
     let mut relay = relay(&w, producer, 900_000);
     relay.refresh_shards().await.expect("take the shards");
     for _ in 0..2 {

@@ -66,6 +66,8 @@ impl Cluster {
             .check()
             .await
             .context("Toxiproxy does not answer: start it with deploy/local/toxiproxy.sh up")?;
+        // A run that ended early may have left a toxic in place.
+        toxiproxy.reset().await?;
         Ok(Cluster {
             plaintext: get("plaintext.bootstrap")?,
             proxied: get("proxied.bootstrap")?,
@@ -153,6 +155,17 @@ impl Toxiproxy {
             .send()
             .await?
             .error_for_status()?;
+        Ok(())
+    }
+
+    /// Removes every toxic from every proxy (and enables them all).
+    async fn reset(&self) -> anyhow::Result<()> {
+        self.http
+            .post(format!("{}/reset", self.api))
+            .send()
+            .await?
+            .error_for_status()
+            .context("resetting Toxiproxy's toxics")?;
         Ok(())
     }
 

@@ -144,9 +144,9 @@ impl Schedule {
             "kafka.sh" if self.cluster => &["--brokers", "3"],
             _ => &[],
         };
-        script(&world.repo, service, &[&["down"], nodes].concat())?;
+        script(world, service, &[&["down"], nodes].concat())?;
         self.pause(1_000..6_000).await;
-        script(&world.repo, service, &[&["up"], nodes].concat())?;
+        script(world, service, &[&["up"], nodes].concat())?;
         match service {
             "kafka.sh" => self.broker_restarts += 1,
             _ => self.db_restarts += 1,
@@ -167,7 +167,7 @@ impl Schedule {
         cluster.kill_node(leader).await?;
         self.leader_kills += 1;
         self.pause(2_000..10_000).await;
-        script(&world.repo, "kafka.sh", &["up", "--brokers", "3"])
+        script(world, "kafka.sh", &["up", "--brokers", "3"])
     }
 
     /// A hostile management system, for one command aimed at it: the command must end

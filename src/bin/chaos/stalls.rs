@@ -31,9 +31,17 @@ impl StallWatch {
     }
 
     /// Stops watching; the longest stall seen.
-    pub async fn stop(self) -> anyhow::Result<Duration> {
+    pub async fn stop(mut self) -> anyhow::Result<Duration> {
         self.stop.cancel();
-        Ok(self.task.await?)
+        Ok((&mut self.task).await?)
+    }
+}
+
+/// A run that ends early with an error stops the watch too: its blocking thread would hold
+/// the runtime's shutdown, and the error would never be printed.
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -3,7 +3,7 @@
 //! stream of commands.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -652,17 +652,23 @@ impl Drop for Instances {
     }
 }
 
-pub fn script(repo: &Path, name: &str, args: &[&str]) -> anyhow::Result<()> {
+/// Runs `deploy/local/<name> <args>`, its output appended to the run's `scripts.log`.
+pub fn script(world: &World, name: &str, args: &[&str]) -> anyhow::Result<()> {
     let action = args.join(" ");
+    let log_path = world.dir.join("scripts.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
     let status = Command::new("bash")
-        .arg(repo.join("deploy/local").join(name))
+        .arg(world.repo.join("deploy/local").join(name))
         .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .status()
         .with_context(|| format!("running {name} {action}"))?;
     if !status.success() {
-        bail!("{name} {action} failed");
+        bail!("{name} {action} failed (its output: {})", log_path.display());
     }
     Ok(())
 }
