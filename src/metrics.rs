@@ -159,7 +159,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(consumer_lag.clone()))
         .unwrap_or_else(|e| panic!("metric consumer_lag: {e}"));
-    Metrics {
+    let m = Metrics {
         commands: counter(
             &registry,
             "product_sync_commands_total",
@@ -332,7 +332,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["system"],
         ),
         registry,
-    }
+    };
+    // Label-less, so exported at 0 from the start (a vector without children exports nothing,
+    // and its alert could not tell "none yet" from "not exported").
+    m.producer_renewals.with_label_values(&[] as &[&str]);
+    m
 });
 
 /// The process's metrics.

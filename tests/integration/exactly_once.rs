@@ -274,9 +274,10 @@ async fn transactional_relay(w: &World, instance: &str) -> Relay {
     )
     .await
     .expect("the progress topic");
-    let producer =
-        product_sync::kafka::Publisher::create(product_sync::kafka::producer_config(&s.kafka, 900_000))
-            .expect("producer");
+    let producer = product_sync::kafka::Publisher::create(product_sync::kafka::producer_config(
+        &s.kafka, 900_000,
+    ))
+    .expect("producer");
     Relay::new(
         w.db.clone(),
         producer,

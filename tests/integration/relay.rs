@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use product_sync::kafka::Publisher;
 use product_sync::outbox::queue::{self, Shards};
 use product_sync::outbox::shards::{HOLDERS_SQL, Leases};
 use product_sync::outbox::{Relay, RelaySettings};
@@ -15,7 +16,6 @@ use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::OwnedMessage;
-use product_sync::kafka::Publisher;
 use sea_orm::{ConnectionTrait, DatabaseBackend, EntityTrait, PaginatorTrait, Statement};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};

@@ -36,7 +36,9 @@ impl Cluster {
     pub async fn find() -> anyhow::Result<Self> {
         let cache = std::env::var_os("PRODUCT_SYNC_CACHE")
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/product-sync")))
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/product-sync"))
+            })
             .context("neither PRODUCT_SYNC_CACHE nor HOME is set")?;
         let port = env_or("KAFKA_CLUSTER_PORT", "19092");
         let dir = cache.join(format!("kafka-cluster-{port}"));
@@ -173,7 +175,8 @@ impl Toxiproxy {
     /// name); returns the address it listens on.
     pub async fn proxy(&self, name: &str, upstream: &str) -> anyhow::Result<String> {
         let _ = self.delete(name).await;
-        let body = json!({"name": name, "listen": "127.0.0.1:0", "upstream": upstream, "enabled": true});
+        let body =
+            json!({"name": name, "listen": "127.0.0.1:0", "upstream": upstream, "enabled": true});
         let created: Value = self
             .http
             .post(format!("{}/proxies", self.api))

@@ -8,7 +8,12 @@
 //! system drains, it checks that nothing was lost, doubled, left with a gap, stalled, or
 //! leaked, and prints one line:
 //!
-//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> hostile_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n> crashes=<n> unclean_exits=<n> out_of_order=<n> max_stall_s=<n> repeats=<n> withdrawn=<n> delisted=<n> wrongly_delisted=<n> system_outages=<n> fund_products=<n> notifications=<n> notification_commands=<n>`
+//! `chaos: seed=<s> kills=<n> sigterms=<n> broker_restarts=<n> db_restarts=<n> bad_commands=<n> hostile_commands=<n> products=<n> lost=<n> doubled=<n> gaps=<n> stalled=<n> leaked_secrets=<n> crashes=<n> unclean_exits=<n> out_of_order=<n> max_stall_s=<n> repeats=<n> withdrawn=<n> delisted=<n> wrongly_delisted=<n> system_outages=<n> fund_products=<n> notifications=<n> notification_commands=<n> leader_kills=<n> net_faults=<n>`
+//!
+//! With `--cluster` it runs on the three-broker cluster (replication factor 3,
+//! `min.insync.replicas=2`) with every link of the instances behind Toxiproxy, and adds
+//! `kill -9` of partition leaders (`leader_kills`) and network toxics (`net_faults`); see
+//! [`cluster`].
 //!
 //! A second management system, `fund`, gets every fourth command; the schedule takes it
 //! down for 15–40 s at a time (`system_outages`) while `wms` carries on: its commands must
@@ -23,7 +28,7 @@
 //! unclean_exits, out_of_order is above zero, or max_stall_s above [`MAX_STALL`]; repeats —
 //! identical re-publications seen by the audit, which reads committed records — too with
 //! `pipeline.exactly_once` (the default; without it they are allowed and only reported).
-//! Run it through `deploy/local/chaos.sh [--short] [--seed S]`.
+//! Run it through `deploy/local/chaos.sh [--short] [--cluster] [--seed S]`.
 
 use std::collections::BTreeSet;
 

@@ -161,7 +161,11 @@ impl Schedule {
             return Ok(());
         };
         let leader = cluster
-            .busy_leader(&world.settings, &world.settings.topics.changes, &mut self.rng)
+            .busy_leader(
+                &world.settings,
+                &world.settings.topics.changes,
+                &mut self.rng,
+            )
             .await?;
         eprintln!("chaos: kill -9 of node {leader}, a leader of the change topic");
         cluster.kill_node(leader).await?;

@@ -95,7 +95,11 @@ impl World {
         // readers and writers go straight to the brokers and the database.
         let (links, sim_url, fund_url) = match &cluster {
             Some(c) => proxied(c, o.seed, &sim_addr.to_string(), &fund_addr.to_string()).await?,
-            None => (Vec::new(), format!("http://{sim_addr}"), format!("http://{fund_addr}")),
+            None => (
+                Vec::new(),
+                format!("http://{sim_addr}"),
+                format!("http://{fund_addr}"),
+            ),
         };
         let mut instances_db = db_url.clone();
         if let Some(c) = &cluster {
@@ -185,7 +189,10 @@ async fn proxied(
     let prefix = format!("chaos-{seed}-{}", std::process::id());
     let (wms_link, fund_link) = (format!("{prefix}-wms"), format!("{prefix}-fund"));
     let sim_url = format!("http://{}", cluster.toxiproxy.proxy(&wms_link, sim).await?);
-    let fund_url = format!("http://{}", cluster.toxiproxy.proxy(&fund_link, fund).await?);
+    let fund_url = format!(
+        "http://{}",
+        cluster.toxiproxy.proxy(&fund_link, fund).await?
+    );
     let links = ["kafka-1", "kafka-2", "kafka-3", "postgres"]
         .map(str::to_owned)
         .into_iter()
@@ -668,7 +675,10 @@ pub fn script(world: &World, name: &str, args: &[&str]) -> anyhow::Result<()> {
         .status()
         .with_context(|| format!("running {name} {action}"))?;
     if !status.success() {
-        bail!("{name} {action} failed (its output: {})", log_path.display());
+        bail!(
+            "{name} {action} failed (its output: {})",
+            log_path.display()
+        );
     }
     Ok(())
 }
