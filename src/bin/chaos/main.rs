@@ -316,21 +316,7 @@ async fn main() -> anyhow::Result<()> {
         notified: &streamed.notified,
         bad_notifications: &streamed.bad_notifications,
     };
-    // Let the relay and the notification consumers finish, then stop the instances cleanly.
-    checks::settle(&world, &sent, SETTLE).await?;
-    instances.restart_the_dead()?;
-    for slot in 0..3 {
-        instances.terminate(slot);
-    }
-    // Rows queued after the settle stay queued, durably: a scheduled command that fired
-    // meanwhile, or a row whose shard was moving between two stopping instances. One
-    // instance started again holds every shard and publishes them, as the next holder would.
-    if checks::queued(&world).await? > 0 {
-        eprintln!("chaos: rows queued after the settle; one instance publishes them");
-        instances.start(0)?;
-        checks::settle(&world, &sent, SETTLE).await?;
-        instances.terminate(0);
-    }
+    wind_down(&world, &sent, &mut instances).await?;
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
     world.remove_proxies().await?;
     world.sim_stop.cancel();
@@ -351,6 +337,29 @@ async fn main() -> anyhow::Result<()> {
     let clean_run = instances.crashes + instances.unclean_exits == 0 && max_stall <= MAX_STALL;
     if !verdict.passed() || !clean_run {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Lets the relay and the notification consumers finish, then stops the instances cleanly.
+async fn wind_down(
+    world: &world::World,
+    sent: &checks::Sent<'_>,
+    instances: &mut world::Instances,
+) -> anyhow::Result<()> {
+    checks::settle(world, sent, SETTLE).await?;
+    instances.restart_the_dead()?;
+    for slot in 0..3 {
+        instances.terminate(slot);
+    }
+    // Rows queued after the settle stay queued, durably: a scheduled command that fired
+    // meanwhile, or a row whose shard was moving between two stopping instances. One
+    // instance started again holds every shard and publishes them, as the next holder would.
+    if checks::queued(world).await? > 0 {
+        eprintln!("chaos: rows queued after the settle; one instance publishes them");
+        instances.start(0)?;
+        checks::settle(world, sent, SETTLE).await?;
+        instances.terminate(0);
     }
     Ok(())
 }

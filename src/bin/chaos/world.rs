@@ -41,51 +41,14 @@ pub struct World {
 
 impl World {
     pub async fn set_up(o: &Options, products: usize) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "product-sync-chaos-{}-{}",
-            o.seed,
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let binary = std::env::current_exe()?.with_file_name("product-sync");
-        if !binary.is_file() {
-            bail!(
-                "{} is missing: build it first (cargo build --release --bins)",
-                binary.display()
-            );
-        }
+        let (dir, binary) = run_dir_and_binary(o.seed)?;
         eprintln!(
             "chaos: seed {} ({}), {products} products, logs in {}",
             o.seed,
             if o.short { "short" } else { "full" },
             dir.display()
         );
-        // The management system, in this process, with the secret the logs are searched for.
-        let sim = Sim::new(
-            SimConfig {
-                client_secret: SECRET.to_owned(),
-                seed: o.seed,
-                ..SimConfig::default()
-            },
-            Catalogue::generate(products, o.seed),
-        );
-        let sim_stop = CancellationToken::new();
-        let sim_addr = sim
-            .clone()
-            .spawn("127.0.0.1:0".parse()?, sim_stop.clone())
-            .await?;
-        let fund = Sim::new(
-            SimConfig {
-                client_secret: FUND_SECRET.to_owned(),
-                seed: o.seed + 1,
-                ..SimConfig::default()
-            },
-            Catalogue::generate(products / 5, o.seed + 1),
-        );
-        let fund_addr = fund
-            .clone()
-            .spawn("127.0.0.1:0".parse()?, sim_stop.clone())
-            .await?;
+        let sims = Simulators::spawn(o.seed, products).await?;
         let db_url = own_database(o.seed).await?;
         let cluster = match o.cluster {
             true => Some(Cluster::find().await?),
@@ -94,40 +57,14 @@ impl World {
         // With the cluster, the instances reach everything through Toxiproxy; this run's own
         // readers and writers go straight to the brokers and the database.
         let (links, sim_url, fund_url) = match &cluster {
-            Some(c) => proxied(c, o.seed, &sim_addr.to_string(), &fund_addr.to_string()).await?,
+            Some(c) => proxied(c, o.seed, &sims.sim_addr, &sims.fund_addr).await?,
             None => (
                 Vec::new(),
-                format!("http://{sim_addr}"),
-                format!("http://{fund_addr}"),
+                format!("http://{}", sims.sim_addr),
+                format!("http://{}", sims.fund_addr),
             ),
         };
-        let mut instances_db = db_url.clone();
-        if let Some(c) = &cluster {
-            instances_db
-                .set_port(Some(c.pg_port))
-                .map_err(|()| anyhow::anyhow!("the database URL takes no port"))?;
-        }
-        let mut env = environment(o, &instances_db, &sim_url);
-        if let Some(c) = &cluster {
-            env.insert(
-                "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS".to_owned(),
-                c.proxied.clone(),
-            );
-            env.insert(
-                "PRODUCT_SYNC__TOPICS__REPLICATION_FACTOR".to_owned(),
-                "3".to_owned(),
-            );
-        }
-        env.extend(
-            [
-                ("BASE_URL", fund_url),
-                ("CLIENT_SECRET", FUND_SECRET.to_owned()),
-                ("CIRCUIT_FAILURES", "3".to_owned()),
-                ("CIRCUIT_OPEN_MS", "3000".to_owned()),
-                ("RETRY_MAX_ELAPSED_MS", "10000".to_owned()),
-            ]
-            .map(|(k, v)| (format!("PRODUCT_SYNC__UPSTREAM__SYSTEMS__FUND__{k}"), v)),
-        );
+        let env = instances_environment(o, &db_url, cluster.as_ref(), &sim_url, fund_url)?;
         let mut settings = config::load(&Sources {
             dir: Some(o.repo.join("config")),
             env_name: None,
@@ -141,9 +78,9 @@ impl World {
         Ok(World {
             dir,
             repo: o.repo.clone(),
-            sim,
-            fund,
-            sim_stop,
+            sim: sims.sim,
+            fund: sims.fund,
+            sim_stop: sims.stop,
             db_url,
             settings,
             cluster,
@@ -175,6 +112,108 @@ impl World {
             unclean_exits: 0,
         })
     }
+}
+
+/// The run's directory for logs, made, and the service's binary, which must have been built.
+fn run_dir_and_binary(seed: u64) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir =
+        std::env::temp_dir().join(format!("product-sync-chaos-{seed}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let binary = std::env::current_exe()?.with_file_name("product-sync");
+    if !binary.is_file() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --bins)",
+            binary.display()
+        );
+    }
+    Ok((dir, binary))
+}
+
+/// The two management systems, served from this process.
+struct Simulators {
+    sim: Sim,
+    fund: Sim,
+    stop: CancellationToken,
+    sim_addr: String,
+    fund_addr: String,
+}
+
+impl Simulators {
+    /// `wms` with `products` products and `fund` with a fifth of that, each with the secret
+    /// the logs are searched for.
+    async fn spawn(seed: u64, products: usize) -> anyhow::Result<Self> {
+        let stop = CancellationToken::new();
+        let sim = Sim::new(
+            SimConfig {
+                client_secret: SECRET.to_owned(),
+                seed,
+                ..SimConfig::default()
+            },
+            Catalogue::generate(products, seed),
+        );
+        let sim_addr = sim
+            .clone()
+            .spawn("127.0.0.1:0".parse()?, stop.clone())
+            .await?;
+        let fund = Sim::new(
+            SimConfig {
+                client_secret: FUND_SECRET.to_owned(),
+                seed: seed + 1,
+                ..SimConfig::default()
+            },
+            Catalogue::generate(products / 5, seed + 1),
+        );
+        let fund_addr = fund
+            .clone()
+            .spawn("127.0.0.1:0".parse()?, stop.clone())
+            .await?;
+        Ok(Simulators {
+            sim,
+            fund,
+            stop,
+            sim_addr: sim_addr.to_string(),
+            fund_addr: fund_addr.to_string(),
+        })
+    }
+}
+
+/// The instances' environment: with the cluster, the proxied brokers and database port and
+/// replicated topics; the second system, `fund`, with a quick circuit breaker.
+fn instances_environment(
+    o: &Options,
+    db_url: &url::Url,
+    cluster: Option<&Cluster>,
+    sim_url: &str,
+    fund_url: String,
+) -> anyhow::Result<HashMap<String, String>> {
+    let mut instances_db = db_url.clone();
+    if let Some(c) = cluster {
+        instances_db
+            .set_port(Some(c.pg_port))
+            .map_err(|()| anyhow::anyhow!("the database URL takes no port"))?;
+    }
+    let mut env = environment(o, &instances_db, sim_url);
+    if let Some(c) = cluster {
+        env.insert(
+            "PRODUCT_SYNC__KAFKA__BOOTSTRAP_SERVERS".to_owned(),
+            c.proxied.clone(),
+        );
+        env.insert(
+            "PRODUCT_SYNC__TOPICS__REPLICATION_FACTOR".to_owned(),
+            "3".to_owned(),
+        );
+    }
+    env.extend(
+        [
+            ("BASE_URL", fund_url),
+            ("CLIENT_SECRET", FUND_SECRET.to_owned()),
+            ("CIRCUIT_FAILURES", "3".to_owned()),
+            ("CIRCUIT_OPEN_MS", "3000".to_owned()),
+            ("RETRY_MAX_ELAPSED_MS", "10000".to_owned()),
+        ]
+        .map(|(k, v)| (format!("PRODUCT_SYNC__UPSTREAM__SYSTEMS__FUND__{k}"), v)),
+    );
+    Ok(env)
 }
 
 /// Proxies in front of the two simulators (the governance platform is the first one); returns
