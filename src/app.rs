@@ -199,7 +199,7 @@ impl Application {
             },
             None => None,
         };
-        if let Err(e) = authorize(&self.systems).await {
+        if let Err(e) = authorize(&self.systems, &self.db).await {
             stop_all(&tasks, &parts, Instant::now() + self.shutdown_timeout).await;
             return Err(e.into());
         }
@@ -238,12 +238,20 @@ async fn join_by(task: Option<JoinHandle<()>>, deadline: Instant, what: &str) {
     }
 }
 
-/// Stops every part still running and joins every task until `deadline`.
 /// Authorizes with every management system once at start-up: a setting that can never work
 /// (client credentials, the CA) stops the start with an error naming it; a system that is
-/// only down now is logged, and its commands retry as usual.
-async fn authorize(systems: &Systems) -> Result<(), UpstreamError> {
+/// only down now is logged, and its commands retry as usual. A system an operator paused is
+/// sent nothing, this request included.
+async fn authorize(systems: &Systems, db: &DatabaseConnection) -> Result<(), UpstreamError> {
+    let paused = store::pauses::paused(db).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the paused systems; authorizing with every system");
+        Vec::new()
+    });
     for system in systems.iter() {
+        if paused.contains(&system.name) {
+            tracing::info!(system = %system.name, "paused by an operator: not authorized at start-up");
+            continue;
+        }
         match system.client.tokens().authorize_once().await {
             Ok(()) => {
                 tracing::info!(system = %system.name, "authorized with the management system")
@@ -259,6 +267,7 @@ async fn authorize(systems: &Systems) -> Result<(), UpstreamError> {
     Ok(())
 }
 
+/// Stops every part still running and joins every task until `deadline`.
 async fn stop_all(tasks: &TaskTracker, parts: &CancellationToken, deadline: Instant) {
     parts.cancel();
     tasks.close();

@@ -346,12 +346,13 @@ async fn a_paused_system_s_commands_wait_without_using_attempts_and_run_once_res
     let fund = fund_sim(30).await;
     let mut settings = two_systems(&w, &fund);
     settings.pipeline.retry_delays = vec![Duration::from_millis(500); 2];
-    let app = w.start_with(settings).await;
-    // Paused in the store, as the console of any instance does: this instance follows.
+    // Paused in the store before the instance starts, as the console of any instance does:
+    // the instance follows it from its start (it does not even authorize with `fund`).
     let now = chrono::Utc::now();
     product_sync::store::pauses::set_paused(&w.db, "fund", true, now)
         .await
         .unwrap();
+    let app = w.start_with(settings).await;
     let overview = format!("http://{}/api/v1/overview", app.ops);
     wait_for(
         "the instance to follow the pause",
@@ -406,6 +407,12 @@ async fn a_paused_system_s_commands_wait_without_using_attempts_and_run_once_res
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     assert_eq!(requests(&fund), 0, "nothing was sent to a paused system");
+    let tokens = fund
+        .sim
+        .stats()
+        .token_requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(tokens, 0, "not even a token request at start-up");
     product_sync::store::pauses::set_paused(&w.db, "fund", false, now)
         .await
         .unwrap();
