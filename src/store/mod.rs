@@ -81,7 +81,11 @@ impl StoreError {
 }
 
 /// Connection loss, pool exhaustion, serialization failures and deadlocks heal by retrying;
-/// constraint violations and type errors do not.
+/// constraint violations and type errors do not. A protocol or TLS error on a statement
+/// comes from a connection the pool opened or used mid-run, broken on the way (the cluster
+/// chaos run saw `unexpected response from SSLRequest: 0x00` through a faulty link and
+/// dead-lettered a command for good): the start-up connection has already proven the server
+/// and its certificate, so a retry on a new connection heals it.
 pub fn db_err_is_transient(e: &DbErr) -> bool {
     match e {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
@@ -95,6 +99,8 @@ pub fn db_err_is_transient(e: &DbErr) -> bool {
 fn sqlx_is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
@@ -206,4 +212,30 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), StoreError> {
             .map_err(StoreError::Migration)?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn on_statement(e: sqlx::Error) -> DbErr {
+        DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
+    }
+
+    #[test]
+    fn a_connection_broken_under_a_statement_is_retried_a_refused_statement_is_not() {
+        let broken = on_statement(sqlx::Error::Protocol(
+            "unexpected response from SSLRequest: 0x00".to_owned(),
+        ));
+        assert!(db_err_is_transient(&broken), "{broken}");
+        let reset = on_statement(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(db_err_is_transient(&reset), "{reset}");
+        let decode = on_statement(sqlx::Error::ColumnNotFound("nav".to_owned()));
+        assert!(!db_err_is_transient(&decode), "{decode}");
+        assert!(StoreError::Db(broken).is_transient());
+    }
 }
