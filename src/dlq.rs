@@ -13,7 +13,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
 use crate::config::Settings;
-use crate::kafka::{KafkaError, client_config, header_text as header, reader_config};
+use crate::kafka::{KafkaError, header_text as header, plain_producer_config, reader_config};
 use crate::wire::{self, FailureClass, dlq};
 
 /// One DLQ record, for people.
@@ -184,7 +184,7 @@ pub async fn replay(
             None,
         ],
     };
-    let producer: FutureProducer = client_config(&settings.kafka)
+    let producer: FutureProducer = plain_producer_config(&settings.kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create()

@@ -87,14 +87,112 @@ fn code_is_transient(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// Base client configuration: bootstrap servers, then every passthrough option.
-pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+/// librdkafka's consumer-only properties (`C` in its CONFIGURATION.md): a producer or admin
+/// client given one logs a `CONFWARN` warning at every creation, so the passthrough leaves
+/// them out of those clients' configurations.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol.type",
+    "group.protocol",
+    "group.remote.assignor",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "auto.commit.enable",
+    "enable.auto.offset.store",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "auto.offset.reset",
+    "offset.store.method",
+    "consume.callback.max.messages",
+];
+
+/// librdkafka's producer-only properties (`P`), left out of consumers' configurations for
+/// the same reason.
+const PRODUCER_ONLY: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "request.required.acks",
+    "acks",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "queuing.strategy",
+    "produce.offset.report",
+    "partitioner",
+];
+
+/// Which kind of client a configuration is for: the passthrough gives each only the options
+/// that apply to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Consumer,
+    /// A producer, or an admin client (librdkafka makes those as producers).
+    Producer,
+}
+
+/// The passthrough options that apply to a client of `role`.
+fn passthrough(settings: &KafkaSettings, role: Role) -> impl Iterator<Item = (&String, &String)> {
+    let other_role = match role {
+        Role::Consumer => PRODUCER_ONLY,
+        Role::Producer => CONSUMER_ONLY,
+    };
+    settings
+        .librdkafka
+        .iter()
+        .filter(move |(key, _)| !other_role.contains(&key.as_str()))
+}
+
+fn with_passthrough(settings: &KafkaSettings, role: Role) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.bootstrap_servers);
-    for (key, value) in settings.librdkafka.iter() {
+    for (key, value) in passthrough(settings, role) {
         config.set(key, value);
     }
     config
+}
+
+/// A consumer's base configuration: bootstrap servers, then every passthrough option but the
+/// producer-only ones.
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    with_passthrough(settings, Role::Consumer)
+}
+
+/// A producer's or admin client's base configuration: bootstrap servers, then every
+/// passthrough option but the consumer-only ones (`session.timeout.ms` and the like).
+pub fn plain_producer_config(settings: &KafkaSettings) -> ClientConfig {
+    with_passthrough(settings, Role::Producer)
 }
 
 /// A consumer that reads a topic once, from a given offset to its end, without joining or
@@ -136,7 +234,7 @@ pub fn producer_config(settings: &KafkaSettings, max_event_bytes: usize) -> Clie
             "message.max.bytes",
             (max_event_bytes.max(1_000_000) + 64 * 1024).to_string(),
         );
-    for (key, value) in settings.librdkafka.iter() {
+    for (key, value) in passthrough(settings, Role::Producer) {
         config.set(key, value);
     }
     config
@@ -192,7 +290,7 @@ impl ProbeContext {
 /// Waits until the broker answers a metadata request, retrying with backoff up to `budget`;
 /// a TLS or SASL refusal ends the wait at once with an error naming the settings to check.
 pub async fn wait_for_broker(settings: &KafkaSettings, budget: Duration) -> Result<(), KafkaError> {
-    let probe: BaseProducer<ProbeContext> = client_config(settings)
+    let probe: BaseProducer<ProbeContext> = plain_producer_config(settings)
         .create_with_context(ProbeContext::default())
         .map_err(KafkaError::Client)?;
     let probe = std::sync::Arc::new(probe);
@@ -244,7 +342,7 @@ pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &[TopicSpec],
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(settings)
+    let admin: AdminClient<DefaultClientContext> = plain_producer_config(settings)
         .create()
         .map_err(KafkaError::Client)?;
     let new_topics: Vec<NewTopic<'_>> = topics
@@ -281,7 +379,7 @@ pub async fn max_message_bytes(
     topics: &[&str],
 ) -> Result<Vec<(String, usize)>, KafkaError> {
     use rdkafka::admin::ResourceSpecifier;
-    let admin: AdminClient<DefaultClientContext> = client_config(settings)
+    let admin: AdminClient<DefaultClientContext> = plain_producer_config(settings)
         .create()
         .map_err(KafkaError::Client)?;
     let specs: Vec<ResourceSpecifier<'_>> =
@@ -308,4 +406,48 @@ pub fn header_text(message: &rdkafka::message::OwnedMessage, name: &str) -> Opti
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LibrdkafkaOptions;
+
+    fn settings() -> KafkaSettings {
+        KafkaSettings {
+            bootstrap_servers: "127.0.0.1:9092".to_owned(),
+            group_id: "g".to_owned(),
+            librdkafka: LibrdkafkaOptions(
+                [
+                    ("session.timeout.ms", "30000"),
+                    ("linger.ms", "50"),
+                    ("security.protocol", "ssl"),
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            ),
+            require_tls: false,
+        }
+    }
+
+    #[test]
+    fn each_client_gets_the_passthrough_options_of_its_role_only() {
+        let s = settings();
+        let consumer = client_config(&s);
+        assert_eq!(consumer.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        assert_eq!(consumer.get("security.protocol"), Some("ssl"));
+        let plain = plain_producer_config(&s);
+        assert_eq!(plain.get("session.timeout.ms"), None);
+        assert_eq!(plain.get("linger.ms"), Some("50"));
+        assert_eq!(plain.get("security.protocol"), Some("ssl"));
+        let relay = producer_config(&s, 1_000_000);
+        assert_eq!(relay.get("session.timeout.ms"), None);
+        assert_eq!(
+            relay.get("linger.ms"),
+            Some("50"),
+            "the passthrough comes last"
+        );
+        assert_eq!(relay.get("security.protocol"), Some("ssl"));
+    }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::command::{Command, CommandWire, Since};
 use crate::config::Settings;
-use crate::kafka::{KafkaError, client_config};
+use crate::kafka::{KafkaError, client_config, plain_producer_config};
 
 /// Errors of the tools.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,7 @@ pub async fn request(settings: &Settings, mut wire: CommandWire) -> Result<Strin
     // Refuse here what the service would refuse, with the same message.
     Command::validate_among(wire.clone(), &settings.upstream.system, &systems)?;
     let body = serde_json::to_string(&wire).unwrap_or_default();
-    let producer: FutureProducer = client_config(&settings.kafka)
+    let producer: FutureProducer = plain_producer_config(&settings.kafka)
         .set("enable.idempotence", "true")
         .create()
         .map_err(KafkaError::Client)?;
@@ -82,7 +82,7 @@ pub async fn notify(
         &settings.upstream.system,
         &systems,
     )?;
-    let producer: FutureProducer = client_config(&settings.kafka)
+    let producer: FutureProducer = plain_producer_config(&settings.kafka)
         .set("enable.idempotence", "true")
         .create()
         .map_err(KafkaError::Client)?;

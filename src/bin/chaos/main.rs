@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use product_sync::config::Settings;
-use product_sync::kafka::client_config;
+use product_sync::kafka::plain_producer_config;
 use product_sync::sim::Faults;
 use product_sync::wire::FailureClass;
 use rdkafka::Message;
@@ -282,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
         instances.start(slot)?;
     }
     let stall_watch = stalls::StallWatch::start(&world.settings, PARTITIONS);
-    let producer: FutureProducer = client_config(&world.settings.kafka)
+    let producer: FutureProducer = plain_producer_config(&world.settings.kafka)
         .set("enable.idempotence", "true")
         .create()?;
     let stream = world::CommandStream::spawn(&world, &producer, o.seed);
