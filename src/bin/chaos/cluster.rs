@@ -118,15 +118,27 @@ impl Cluster {
         let _ = std::process::Command::new("kill")
             .args(["-KILL", pid])
             .status();
-        let proc = PathBuf::from(format!("/proc/{pid}"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while proc.exists() {
+        while runs(pid) {
             if Instant::now() > deadline {
                 bail!("node {id} (pid {pid}) still runs 30 s after kill -9");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
+    }
+}
+
+/// Whether a process runs: a zombie (killed, not yet reaped by a parent that may never reap
+/// it, as a container's first process may not) has stopped running.
+fn runs(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| !matches!(state, 'Z' | 'X')),
+        Err(_) => false,
     }
 }
 
@@ -312,4 +324,36 @@ pub fn describe(counts: &[u32; 4]) -> String {
         .map(|(k, n)| format!("{k}={n}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_process_not_yet_reaped_has_stopped_running() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep starts");
+        let pid = child.id().to_string();
+        assert!(runs(&pid), "a sleeping child runs");
+        child.kill().expect("kill -9");
+        // Not reaped (no wait yet): the child stays a zombie, which has stopped running.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs(&pid) {
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} still runs after kill -9"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the zombie is still there"
+        );
+        child.wait().expect("reaped");
+        assert!(!runs(&pid));
+        assert!(runs(&std::process::id().to_string()));
+    }
 }
