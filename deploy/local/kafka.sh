@@ -305,7 +305,9 @@ up() {
   while ! probe; do
     for i in $(nodes); do
       node "$i"
-      if ! running_pid "$i" >/dev/null; then
+      # Whether the started process still lives, not its command line: right after the start
+      # the child may not have executed java yet.
+      if ! kill -0 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null; then
         tail -n 40 "$logfile" >&2
         die "node $i exited during start-up (log tail above)"
       fi

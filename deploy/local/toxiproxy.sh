@@ -54,15 +54,19 @@ up() {
   local bin
   bin="$("$here/tools.sh" path toxiproxy)"
   mkdir -p "$state"
-  if ! running_pid >/dev/null; then
+  local pid
+  if ! pid="$(running_pid)"; then
     answers && die "127.0.0.1:$api_port already answers as a Toxiproxy this script did not start; stop it or set TOXIPROXY_PORT"
     say "starting Toxiproxy on 127.0.0.1:$api_port (log: $logfile)"
     nohup "$bin" -host 127.0.0.1 -port "$api_port" >>"$logfile" 2>&1 </dev/null &
-    echo $! >"$pidfile"
+    pid=$!
+    echo "$pid" >"$pidfile"
   fi
   local deadline=$(($(date +%s) + 30))
   until answers; do
-    running_pid >/dev/null || { tail -n 20 "$logfile" >&2; die "Toxiproxy exited during start-up"; }
+    # Whether it still lives, not what its command line says: right after the start the child
+    # may not have executed the binary yet (its command line is still this script's).
+    kill -0 "$pid" 2>/dev/null || { tail -n 20 "$logfile" >&2; die "Toxiproxy exited during start-up"; }
     [ "$(date +%s)" -lt "$deadline" ] || die "Toxiproxy did not answer on $api within 30 s"
     sleep 0.2
   done
