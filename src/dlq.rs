@@ -14,6 +14,7 @@ use rdkafka::util::Timeout;
 
 use crate::config::Settings;
 use crate::kafka::{KafkaError, header_text as header, plain_producer_config, reader_config};
+use crate::retry::{RetryPolicy, retry_blocking};
 use crate::wire::{self, FailureClass, dlq};
 
 /// One DLQ record, for people.
@@ -34,11 +35,33 @@ pub struct DlqEntry {
 /// position) up to its end at call time: every record committed by then. The consumer must be
 /// made by [`crate::kafka::reader_config`] (end-of-partition events on). Blocking: call it
 /// from a blocking context.
+///
+/// The topic's partitions and ends are asked again while the brokers answer with a transient
+/// error (a partition's leader moving answers `NotLeaderForPartition` for a moment), for up
+/// to a minute.
 pub fn read_until_end(
     consumer: &BaseConsumer,
     topic: &str,
     from_group: bool,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
+    let policy = RetryPolicy::with_budget(Duration::from_secs(60));
+    let (assignment, ends) = retry_blocking(&policy, "read a topic's ends", || {
+        ends_of(consumer, topic, from_group)
+    })?;
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    consumer.assign(&assignment)?;
+    read_assigned(consumer, topic, ends)
+}
+
+/// What a read of `topic` to its end now assigns, and the end of each partition that has
+/// records to read.
+fn ends_of(
+    consumer: &BaseConsumer,
+    topic: &str,
+    from_group: bool,
+) -> Result<(TopicPartitionList, Vec<(i32, i64)>), KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -69,10 +92,15 @@ pub fn read_until_end(
             ends.push((*p, high));
         }
     }
-    if ends.is_empty() {
-        return Ok(Vec::new());
-    }
-    consumer.assign(&assignment)?;
+    Ok((assignment, ends))
+}
+
+/// Polls the assigned partitions until each has been read to its end.
+fn read_assigned(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ends: Vec<(i32, i64)>,
+) -> Result<Vec<OwnedMessage>, KafkaError> {
     let mut out = Vec::new();
     let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
     let mut at_end = std::collections::HashSet::new();

@@ -114,6 +114,31 @@ where
     .await
 }
 
+/// [`retry`] for blocking code (a consumer's metadata calls on a blocking thread): the same
+/// backoff, budget and log line, the waits spent sleeping the calling thread.
+pub fn retry_blocking<T, E, F>(policy: &RetryPolicy, what: &str, mut op: F) -> Result<T, E>
+where
+    F: FnMut() -> Result<T, E>,
+    E: Transient + Display,
+{
+    backoff::retry_notify(
+        policy.backoff(),
+        || {
+            op().map_err(|e| match e.is_transient() {
+                true => backoff::Error::transient(e),
+                false => backoff::Error::permanent(e),
+            })
+        },
+        |err: E, wait: Duration| {
+            crate::metrics::metrics().retries.with_label_values(&[what]).inc();
+            tracing::warn!(operation = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+        },
+    )
+    .map_err(|e| match e {
+        backoff::Error::Permanent(e) | backoff::Error::Transient { err: e, .. } => e,
+    })
+}
+
 /// The waits of a loop that retries until the failure heals or the loop is cancelled.
 pub struct Backoff {
     policy: RetryPolicy,
