@@ -706,9 +706,14 @@ pub fn script(world: &World, name: &str, args: &[&str]) -> anyhow::Result<()> {
         .create(true)
         .append(true)
         .open(&log_path)?;
+    // A broker killed with -9 recovers every partition's log before it answers: with a few
+    // hundred partitions on a busy 2-core machine that took more than kafka.sh's default two
+    // minutes (full cluster run, seed 2). The run measures the stall it causes either way.
+    let ready_timeout = std::env::var("KAFKA_READY_TIMEOUT_S").unwrap_or_else(|_| "600".into());
     let status = Command::new("bash")
         .arg(world.repo.join("deploy/local").join(name))
         .args(args)
+        .env("KAFKA_READY_TIMEOUT_S", ready_timeout)
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()
