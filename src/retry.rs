@@ -201,6 +201,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn blocking_retries_transient_errors_and_stops_at_a_permanent_one() {
+        let mut calls = 0;
+        let out: Result<u32, E> = retry_blocking(&fast(), "t", || {
+            calls += 1;
+            if calls < 3 { Err(E(true)) } else { Ok(calls) }
+        });
+        assert_eq!(out.unwrap(), 3);
+        let mut calls = 0;
+        let out: Result<(), E> = retry_blocking(&fast(), "t", || {
+            calls += 1;
+            Err(E(false))
+        });
+        assert!(!out.unwrap_err().0);
+        assert_eq!(calls, 1);
+        let out: Result<(), E> = retry_blocking(&fast(), "t", || Err(E(true)));
+        assert!(
+            out.unwrap_err().0,
+            "the last transient error once the budget is spent"
+        );
+    }
+
     #[tokio::test]
     async fn transient_errors_are_retried_until_success() {
         let calls = AtomicU32::new(0);
