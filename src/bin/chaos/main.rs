@@ -318,7 +318,10 @@ async fn main() -> anyhow::Result<()> {
     };
     wind_down(&world, &sent, &mut instances).await?;
     let verdict = checks::Verdict::of(&world, &sent, &results).await?;
-    world.remove_proxies().await?;
+    if let Err(e) = world.remove_proxies().await {
+        // The verdict stands; a proxy left only listens, idle, until Toxiproxy stops.
+        eprintln!("chaos: removing this run's proxies: {e:#}");
+    }
     world.sim_stop.cancel();
     let counts = Counts {
         bad_commands: bad_sent.len(),
