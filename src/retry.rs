@@ -105,13 +105,19 @@ where
                 })
             }
         },
-        |err: E, wait: Duration| {
-            let operation = what.trim_end_matches(|c: char| c.is_ascii_digit() || c == ' ');
-            crate::metrics::metrics().retries.with_label_values(&[operation]).inc();
-            tracing::warn!(operation = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
-        },
+        |err: E, wait: Duration| note_retry(what, &err, wait),
     )
     .await
+}
+
+/// Counts and logs one retry of `what`.
+fn note_retry(what: &str, err: &dyn Display, wait: Duration) {
+    let operation = what.trim_end_matches(|c: char| c.is_ascii_digit() || c == ' ');
+    crate::metrics::metrics()
+        .retries
+        .with_label_values(&[operation])
+        .inc();
+    tracing::warn!(operation = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
 }
 
 /// [`retry`] for blocking code (a consumer's metadata calls on a blocking thread): the same
@@ -129,10 +135,7 @@ where
                 false => backoff::Error::permanent(e),
             })
         },
-        |err: E, wait: Duration| {
-            crate::metrics::metrics().retries.with_label_values(&[what]).inc();
-            tracing::warn!(operation = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
-        },
+        |err: E, wait: Duration| note_retry(what, &err, wait),
     )
     .map_err(|e| match e {
         backoff::Error::Permanent(e) | backoff::Error::Transient { err: e, .. } => e,
