@@ -21,7 +21,9 @@
 //! Errors as librdkafka documents them: a retriable commit is retried; an abortable one
 //! aborts the transaction (its rows go in the next one; rows the broker refused for good go
 //! each alone, and are parked if refused alone); a fatal one (fenced) drops the producer, and
-//! the shard is initialised again on the next round if this instance still holds it.
+//! the shard is initialised again on the next round if this instance still holds it. So does
+//! a refusal: the refused records leave a gap in the producer's sequence numbers, which
+//! librdkafka would repair only by failing the shard's next transaction as well.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -146,6 +148,10 @@ pub enum TxnError {
         rows: Vec<i64>,
         source: KafkaError,
     },
+    /// The broker refused the transaction's only row for good: it is parked, the
+    /// transaction aborted.
+    #[error("shard {shard}: the broker refused a row for good ({source}); it is parked")]
+    Parked { shard: u32, source: KafkaError },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -154,7 +160,10 @@ impl TxnError {
     /// Each heals by publishing the rows again in a later transaction.
     pub fn is_transient(&self) -> bool {
         match self {
-            TxnError::Fatal { .. } | TxnError::Aborted { .. } | TxnError::Refused { .. } => true,
+            TxnError::Fatal { .. }
+            | TxnError::Aborted { .. }
+            | TxnError::Refused { .. }
+            | TxnError::Parked { .. } => true,
             TxnError::Store(e) => e.is_transient(),
         }
     }
@@ -721,7 +730,8 @@ impl Relay {
     ) -> Result<bool, RelayError> {
         let mut first_error = None;
         let mut total = Published::default();
-        let mut fatal = Vec::new();
+        // Shards whose producer is dropped (made again on the next round).
+        let mut renew = Vec::new();
         let mut committed = Unconfirmed::default();
         let mut landed = 0;
         let mut suspects = Vec::new();
@@ -743,8 +753,11 @@ impl Relay {
                 }
                 Err(e) => {
                     match &e {
-                        TxnError::Fatal { shard, .. } => fatal.push(*shard),
+                        TxnError::Fatal { shard, .. } | TxnError::Parked { shard, .. } => {
+                            renew.push(*shard)
+                        }
                         TxnError::Refused { shard, rows, .. } => {
+                            renew.push(*shard);
                             suspects.push((*shard, rows.clone(), Vec::new()))
                         }
                         _ => {}
@@ -753,13 +766,13 @@ impl Relay {
                 }
             }
         }
-        let whole = first_error.is_none() && fatal.is_empty() && landed == count;
+        let whole = first_error.is_none() && renew.is_empty() && landed == count;
         self.count(total);
         if let Some(txns) = self.txns.as_mut() {
             for (shard, rows, settled) in suspects {
                 txns.suspect(shard, &rows, &settled);
             }
-            fatal.into_iter().for_each(|s| txns.drop_shard(s));
+            renew.into_iter().for_each(|s| txns.drop_shard(s));
             txns.undeleted.merge(committed);
             txns.next = next.filter(|rows| whole && !rows.is_empty());
             if txns.next.is_none() {
@@ -873,28 +886,33 @@ impl ShardJob {
 
     /// After an aborted transaction (`aborted` says why): the rows the broker refused for good
     /// (the transaction is gone, so every delivery has its answer). A lone row's refusal is
-    /// its own: it is parked. Among many, a refusal names a whole record batch: the rows
-    /// become suspects (`TxnError::Refused`), each published again alone.
+    /// its own: it is parked (`TxnError::Parked`). Among many, a refusal names a whole record
+    /// batch: the rows become suspects (`TxnError::Refused`), each published again alone.
     async fn refused(&self, sent: Vec<Outgoing>, aborted: TxnError) -> Result<TxnError, TxnError> {
         // The commit flushed first, so the failures' reports are in; the flush after the
         // abort (which purged the rest) makes sure.
         let p = self.ready.producer.clone();
         let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(5))).await;
         let refusals = std::mem::take(&mut *self.ready.producer.context().refusals());
-        let alone = sent.len() == 1;
-        let mut refused = Vec::new();
-        for row in sent {
-            if let Some(e) = refusals.get(&row.pending_id).cloned() {
-                if alone {
-                    self.settings
-                        .park(&self.db, &row, &e)
-                        .await
-                        .map_err(relay_store)?;
-                } else {
-                    refused.push((row.pending_id, e));
-                }
-            }
+        if let [row] = sent.as_slice()
+            && let Some(e) = refusals.get(&row.pending_id).cloned()
+        {
+            self.settings
+                .park(&self.db, row, &e)
+                .await
+                .map_err(relay_store)?;
+            return Ok(TxnError::Parked {
+                shard: self.shard,
+                source: e,
+            });
         }
+        let refused: Vec<(i64, KafkaError)> = sent
+            .iter()
+            .filter_map(|row| {
+                let e = refusals.get(&row.pending_id)?;
+                Some((row.pending_id, e.clone()))
+            })
+            .collect();
         Ok(match refused.first() {
             Some((_, source)) => TxnError::Refused {
                 shard: self.shard,
