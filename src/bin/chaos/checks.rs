@@ -180,7 +180,8 @@ pub async fn settle(world: &World, sent: &Sent<'_>, within: Duration) -> anyhow:
         let past = std::time::Instant::now() > deadline;
         // The request topic is read whole: only once the queue is empty, or at the end.
         if queued == 0 || past {
-            let unasked = not_asked(sent, &notification_commands(&world.settings)?);
+            let missing = unasked(sent, &notification_commands(&world.settings)?);
+            let unasked = missing.len();
             if queued + unasked == 0 {
                 if started.elapsed() >= Duration::from_secs(2) {
                     eprintln!(
@@ -192,7 +193,12 @@ pub async fn settle(world: &World, sent: &Sent<'_>, within: Duration) -> anyhow:
             }
             if past {
                 eprintln!(
-                    "chaos: still owed after the drain: {queued} queued row(s), {unasked} notified code(s) not asked for"
+                    "chaos: still owed after the drain: {queued} queued row(s), {unasked} notified code(s) not asked for{}",
+                    if missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (first: {:?})", &missing[..missing.len().min(10)])
+                    }
                 );
                 return Ok(());
             }
@@ -384,6 +390,14 @@ fn notification_commands(
 
 /// Notified codes that no command made from notifications asked for (a lost notification).
 fn not_asked(sent: &Sent<'_>, asked: &BTreeMap<String, (String, Vec<String>)>) -> usize {
+    unasked(sent, asked).len()
+}
+
+/// The notified `(system, code)`s no command made from notifications asked for.
+fn unasked<'a>(
+    sent: &'a Sent<'_>,
+    asked: &BTreeMap<String, (String, Vec<String>)>,
+) -> Vec<(&'a str, &'a str)> {
     let asked: BTreeSet<(&str, &str)> = asked
         .values()
         .flat_map(|(system, codes)| codes.iter().map(move |c| (system.as_str(), c.as_str())))
@@ -393,7 +407,10 @@ fn not_asked(sent: &Sent<'_>, asked: &BTreeMap<String, (String, Vec<String>)>) -
         .iter()
         .map(|(s, c)| (s.as_str(), c.as_str()))
         .collect();
-    notified.difference(&asked).count()
+    notified
+        .into_iter()
+        .filter(|pair| !asked.contains(pair))
+        .collect()
 }
 
 /// Bad notifications without a DLQ record that names the notification topic and a reason.
