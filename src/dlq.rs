@@ -12,8 +12,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
-use crate::config::Settings;
-use crate::kafka::{KafkaError, header_text as header, plain_producer_config, reader_config};
+use crate::config::{KafkaSettings, Settings};
+use crate::kafka::{
+    KafkaError, client_config, header_text as header, plain_producer_config, reader_config,
+};
 use crate::retry::{RetryPolicy, retry_blocking};
 use crate::wire::{self, FailureClass, dlq};
 
@@ -36,17 +38,26 @@ pub struct DlqEntry {
 /// made by [`crate::kafka::reader_config`] (end-of-partition events on). Blocking: call it
 /// from a blocking context.
 ///
+/// The end is each partition's high watermark, asked by a read_uncommitted client made from
+/// `settings`: a read_committed client is told the last stable offset, which stays behind a
+/// transaction for a moment after its commit returned (the coordinator writes the commit
+/// markers after answering) — a read to it would miss what was just committed.
+///
 /// The topic's partitions and ends are asked again while the brokers answer with a transient
 /// error (a partition's leader moving answers `NotLeaderForPartition` for a moment), for up
 /// to a minute.
 pub fn read_until_end(
+    settings: &KafkaSettings,
     consumer: &BaseConsumer,
     topic: &str,
     from_group: bool,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
+    let watermarks: BaseConsumer = client_config(settings)
+        .set("isolation.level", "read_uncommitted")
+        .create()?;
     let policy = RetryPolicy::with_budget(Duration::from_secs(60));
     let (assignment, ends) = retry_blocking(&policy, "read a topic's ends", || {
-        ends_of(consumer, topic, from_group)
+        ends_of(consumer, &watermarks, topic, from_group)
     })?;
     if ends.is_empty() {
         return Ok(Vec::new());
@@ -56,9 +67,10 @@ pub fn read_until_end(
 }
 
 /// What a read of `topic` to its end now assigns, and the end of each partition that has
-/// records to read.
+/// records to read (its high watermark, asked by `watermarks`).
 fn ends_of(
     consumer: &BaseConsumer,
+    watermarks: &BaseConsumer,
     topic: &str,
     from_group: bool,
 ) -> Result<(TopicPartitionList, Vec<(i32, i64)>), KafkaError> {
@@ -72,7 +84,7 @@ fn ends_of(
     let mut assignment = TopicPartitionList::new();
     let mut ends = Vec::new();
     for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        let (low, high) = watermarks.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
         let start = if from_group {
             let mut one = TopicPartitionList::new();
             one.add_partition(topic, *p);
@@ -166,7 +178,7 @@ pub async fn list(settings: &Settings) -> Result<Vec<DlqEntry>, KafkaError> {
         let consumer: BaseConsumer = reader_config(&settings.kafka, &group)
             .create()
             .map_err(KafkaError::Client)?;
-        let records = read_until_end(&consumer, &settings.topics.dlq, false)?;
+        let records = read_until_end(&settings.kafka, &consumer, &settings.topics.dlq, false)?;
         Ok(records
             .iter()
             .map(|m| DlqEntry {
@@ -239,7 +251,7 @@ async fn replay_class(
             let consumer: BaseConsumer = reader_config(&s.kafka, &group)
                 .create()
                 .map_err(KafkaError::Client)?;
-            let records = read_until_end(&consumer, &s.topics.dlq, true)?;
+            let records = read_until_end(&s.kafka, &consumer, &s.topics.dlq, true)?;
             Ok((consumer, records))
         },
     )

@@ -449,3 +449,76 @@ async fn a_row_the_broker_refuses_at_commit_is_parked_and_the_rest_published_onc
     let (committed, _) = audit_both_ways(&w).await;
     assert_eq!(committed, total);
 }
+
+/// A read to the end (`dlq::read_until_end`, which the audits, `dlq list` and the chaos run
+/// use) reads to each partition's high watermark, also with read_committed: a transaction
+/// committed behind one still open is read once that one ends (here the coordinator aborts it
+/// when its timeout passes). A read to the last stable offset — what a read_committed client
+/// is told the end is — stops before the open transaction and misses what was committed behind
+/// it (and, the same way, a transaction whose commit returned before its markers were written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_to_the_end_misses_nothing_committed_behind_an_open_transaction() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let kafka = crate::helpers::require_kafka().await;
+    let topic = crate::helpers::unique("read-to-end");
+    product_sync::kafka::ensure_topics(
+        &kafka,
+        &[product_sync::kafka::TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+            replication_factor: 1,
+            compacted: false,
+        }],
+    )
+    .await
+    .expect("the topic");
+    let transactional = |id: &str, timeout_ms: &str| {
+        let p: ThreadedProducer<DefaultProducerContext> =
+            product_sync::kafka::producer_config(&kafka, 100_000)
+                .set("transactional.id", crate::helpers::unique(id))
+                .set("transaction.timeout.ms", timeout_ms)
+                .set("message.timeout.ms", timeout_ms)
+                .create()
+                .expect("a transactional producer");
+        p.init_transactions(Duration::from_secs(30))
+            .expect("init_transactions");
+        p.begin_transaction().expect("begin");
+        p
+    };
+    let send = |p: &ThreadedProducer<DefaultProducerContext>, value: &str| {
+        p.send(BaseRecord::<str, str>::to(&topic).key("k").payload(value))
+            .map_err(|(e, _)| e)
+            .expect("produce");
+        p.flush(Duration::from_secs(30)).expect("flush");
+    };
+    // A transaction left open (its producer hangs), then a whole committed one behind it.
+    let open = transactional("open", "2000");
+    let committed = transactional("committed", "60000");
+    send(&open, "from the open transaction");
+    send(&committed, "committed");
+    committed
+        .commit_transaction(Duration::from_secs(30))
+        .expect("commit");
+
+    let (settings, name) = (kafka.clone(), topic.clone());
+    let records = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer =
+            product_sync::kafka::reader_config(&settings, &crate::helpers::unique("reader"))
+                .create()
+                .expect("a reader");
+        product_sync::dlq::read_until_end(&settings, &consumer, &name, false)
+    })
+    .await
+    .expect("the read's thread")
+    .expect("read");
+    drop(open);
+    let values: Vec<String> = records
+        .iter()
+        .map(|m| String::from_utf8_lossy(rdkafka::Message::payload(m).unwrap_or_default()).into())
+        .collect();
+    assert_eq!(
+        values,
+        ["committed"],
+        "the committed record, not the aborted one"
+    );
+}

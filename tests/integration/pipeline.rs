@@ -266,7 +266,7 @@ impl World {
                     .set("isolation.level", &isolation)
                     .create()
                     .unwrap();
-            product_sync::dlq::read_until_end(&consumer, &topic, false)
+            product_sync::dlq::read_until_end(&kafka, &consumer, &topic, false)
                 .unwrap_or_else(|e| panic!("reading {topic} failed: {e}"))
         })
         .await

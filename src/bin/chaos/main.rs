@@ -265,7 +265,12 @@ fn read_all(settings: &Settings, topic: &str) -> anyhow::Result<Vec<OwnedMessage
     let group = format!("chaos-reader-{}", uuid::Uuid::new_v4().simple());
     let consumer: BaseConsumer =
         product_sync::kafka::reader_config(&settings.kafka, &group).create()?;
-    Ok(product_sync::dlq::read_until_end(&consumer, topic, false)?)
+    Ok(product_sync::dlq::read_until_end(
+        &settings.kafka,
+        &consumer,
+        topic,
+        false,
+    )?)
 }
 
 fn json_of(m: &OwnedMessage) -> Value {
