@@ -6,7 +6,7 @@
 //! Per partition and per system, codes are collected into one open batch, deduplicated, until
 //! `upstream.page_size` distinct codes (the batch is published at once) or until
 //! `notifications.window_ms` after its first code (published then). A batch becomes one
-//! command `{"request_id": "notif:<system>:<topic>-<partition>-<first offset>", "system",
+//! command `{"request_id": "notif:<system>:<topic>-<partition>-<first offset>:<codes hash>", "system",
 //! "selector": {"product_codes": [...]}, "requested_by": "notifications"}`; a batch that starts
 //! inside a notification another batch took the first codes of adds `.<index of its first
 //! code>`. A re-read partition (after a crash) forms the same first batch again, with the same
@@ -165,29 +165,41 @@ impl Batch {
         }
     }
 
-    /// `notif:<system>:<topic>-<partition>-<first offset>[.<first index>]`; a topic name that
-    /// would make it longer than a request id may be is replaced by a short hash of it.
+    /// `notif:<system>:<topic>-<partition>-<first offset>[.<first index>]:<codes hash>`; a
+    /// topic name that would make it longer than a request id may be is replaced by a short
+    /// hash of it.
+    ///
+    /// The hash of the batch's codes makes the id name the batch's content, not only where it
+    /// starts: a batch published part-way (its partition revoked) and the larger one its next
+    /// owner forms from the same notification — when the first owner's offset never reached
+    /// the group — are different commands. With one id, the second was skipped as a request
+    /// already completed and its other codes never fetched (the cluster chaos run lost 38).
+    /// The same batch formed again still has the same id.
     pub fn request_id(&self, topic: &str, partition: i32) -> String {
         let index = match self.first_index {
             0 => String::new(),
             i => format!(".{i}"),
         };
+        let content = self
+            .codes
+            .iter()
+            .fold(fnv1a(FNV_OFFSET, self.system.as_bytes()), |h, code| {
+                fnv1a(fnv1a(h, b","), code.as_bytes())
+            });
         let id = |topic: &str| {
             format!(
-                "notif:{}:{topic}-{partition}-{}{index}",
-                self.system, self.first_offset
+                "notif:{}:{topic}-{partition}-{}{index}:{:08x}",
+                self.system, self.first_offset, content as u32
             )
         };
         let full = id(topic);
         if full.len() <= MAX_REQUEST_ID_LEN {
             return full;
         }
-        // FNV-1a: stable across builds and platforms (a request id must be the same after a
-        // restart), unlike the standard library's hasher.
-        let hash = topic.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        id(&format!("t{:08x}", hash as u32))
+        id(&format!(
+            "t{:08x}",
+            fnv1a(FNV_OFFSET, topic.as_bytes()) as u32
+        ))
     }
 
     /// The command that asks for this batch's codes.
@@ -205,6 +217,17 @@ impl Batch {
             requested_by: Some(REQUESTED_BY.to_owned()),
         }
     }
+}
+
+/// FNV-1a's offset basis.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `bytes` from `hash`: stable across builds and platforms (a request id must be
+/// the same after a restart), unlike the standard library's hasher.
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// One partition's open batches (one per system) and where its reading stands.
@@ -481,13 +504,13 @@ mod tests {
         assert_eq!(full.len(), 1);
         assert_eq!(full[0].codes, ["A", "B", "C"]);
         assert_eq!(full[0].notifications, 3);
-        assert_eq!(full[0].request_id("n", 2), "notif:wms:n-2-10");
+        assert!(full[0].request_id("n", 2).starts_with("notif:wms:n-2-10:"));
         // "D" opened a new batch inside notification 13; fund's batch still holds 11.
         assert_eq!(c.offset_to_store(), Some(11));
         assert_eq!(c.held(), 2);
         let rest = c.take_all();
         let d = rest.iter().find(|b| b.system == "wms").unwrap();
-        assert_eq!(d.request_id("n", 2), "notif:wms:n-2-13.1");
+        assert!(d.request_id("n", 2).starts_with("notif:wms:n-2-13.1:"));
         assert_eq!(c.offset_to_store(), Some(14));
     }
 
@@ -540,6 +563,31 @@ mod tests {
         assert!(crate::command::is_request_id(&id), "{id}");
         assert_eq!(id, b.request_id(&"t".repeat(249), 5));
         assert!(id.starts_with("notif:wms:t"));
+    }
+
+    #[test]
+    fn batches_from_one_notification_with_other_codes_have_other_ids() {
+        let now = Instant::now();
+        // The first owner publishes part-way (its partition revoked after notification 10);
+        // the next owner re-reads from 10 and its batch takes notification 11 too.
+        let mut first = coalescer(100);
+        first.add(10, &note("wms", &["A", "B"]), now);
+        let partial = first.take_all();
+        let mut next = coalescer(100);
+        next.add(10, &note("wms", &["A", "B"]), now);
+        next.add(11, &note("wms", &["C"]), now);
+        let larger = next.take_all();
+        let (a, b) = (partial[0].request_id("n", 2), larger[0].request_id("n", 2));
+        assert_ne!(
+            a, b,
+            "the larger batch must not pass for the one already run"
+        );
+        assert!(a.starts_with("notif:wms:n-2-10:") && b.starts_with("notif:wms:n-2-10:"));
+        assert!(crate::command::is_request_id(&a) && crate::command::is_request_id(&b));
+        // The same batch formed again keeps its id (a re-run is recognised).
+        let mut again = coalescer(100);
+        again.add(10, &note("wms", &["A", "B"]), now);
+        assert_eq!(again.take_all()[0].request_id("n", 2), a);
     }
 
     #[test]
