@@ -311,7 +311,11 @@ async fn main() -> anyhow::Result<()> {
         instances.start(slot)?;
     }
     good.extend(final_round(&producer, &world.settings).await?);
-    let results = drain(&world.settings, &good, run.drain, &mut instances).await?;
+    let awaited = Awaited {
+        good: &good,
+        hostile: &faults.hostile_ids,
+    };
+    let results = drain(&world.settings, &awaited, run.drain, &mut instances).await?;
     let max_stall = stall_watch.stop().await?;
     let sent = checks::Sent {
         good: &good,
@@ -505,9 +509,17 @@ impl RunPlan {
 /// Waits until every good command has a completed result (failed ones are replayed from the
 /// DLQ, as an operator would) or `within` passes; returns every result record read. An
 /// instance that dies meanwhile is counted and restarted.
+/// The commands the drain waits for: every good one completed, every hostile one ended
+/// (completed or failed; one sent late in the run may still be at its retry budget when the
+/// good ones are done, and the verdict counts an unended one as stalled).
+struct Awaited<'a> {
+    good: &'a [String],
+    hostile: &'a [String],
+}
+
 async fn drain(
     settings: &Settings,
-    good: &[String],
+    awaited: &Awaited<'_>,
     within: Duration,
     instances: &mut world::Instances,
 ) -> anyhow::Result<Vec<OwnedMessage>> {
@@ -517,7 +529,13 @@ async fn drain(
         let records = read_all(settings, &settings.topics.results)?;
         let results: Vec<Value> = records.iter().map(json_of).collect();
         let completed = with_status(&results, &["completed"]);
-        if good.iter().all(|id| completed.contains(id.as_str())) || Instant::now() > deadline {
+        let ended = with_status(&results, &["completed", "failed"]);
+        let done = awaited
+            .good
+            .iter()
+            .all(|id| completed.contains(id.as_str()))
+            && awaited.hostile.iter().all(|id| ended.contains(id.as_str()));
+        if done || Instant::now() > deadline {
             return Ok(records);
         }
         // Each DLQ record is replayed once: replay remembers its place.
