@@ -180,7 +180,9 @@ async fn simulate_serves_several_systems_each_with_its_own_secret() {
 }
 
 /// The broker's settings and a new one-partition topic named after `prefix`.
-async fn one_partition_topic(prefix: &str) -> (product_sync::config::KafkaSettings, String) {
+pub(crate) async fn one_partition_topic(
+    prefix: &str,
+) -> (product_sync::config::KafkaSettings, String) {
     let kafka = crate::helpers::require_kafka().await;
     let topic = crate::helpers::unique(prefix);
     product_sync::kafka::ensure_topics(

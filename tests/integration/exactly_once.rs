@@ -459,19 +459,7 @@ async fn a_row_the_broker_refuses_at_commit_is_parked_and_the_rest_published_onc
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_to_the_end_misses_nothing_committed_behind_an_open_transaction() {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    let kafka = crate::helpers::require_kafka().await;
-    let topic = crate::helpers::unique("read-to-end");
-    product_sync::kafka::ensure_topics(
-        &kafka,
-        &[product_sync::kafka::TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-            replication_factor: 1,
-            compacted: false,
-        }],
-    )
-    .await
-    .expect("the topic");
+    let (kafka, topic) = crate::cli::one_partition_topic("read-to-end").await;
     let transactional = |id: &str, timeout_ms: &str| {
         let p: ThreadedProducer<DefaultProducerContext> =
             product_sync::kafka::producer_config(&kafka, 100_000)
