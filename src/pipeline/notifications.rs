@@ -9,8 +9,9 @@
 //! command `{"request_id": "notif:<system>:<topic>-<partition>-<first offset>:<codes hash>", "system",
 //! "selector": {"product_codes": [...]}, "requested_by": "notifications"}`; a batch that starts
 //! inside a notification another batch took the first codes of adds `.<index of its first
-//! code>`. A re-read partition (after a crash) forms the same first batch again, with the same
-//! request id.
+//! code>` to the offset. A re-read partition (after a crash) forms its first batch again from
+//! the same notification: with the same codes it has the same request id (a re-run), with more
+//! (read further this time) another one — never one id for two contents.
 //!
 //! # Nothing missed
 //! A code is taken into a batch not yet published, so the fetch of that batch starts after the
