@@ -89,25 +89,31 @@ where
         policy.backoff(),
         || {
             let attempt = op();
-            async move {
-                attempt.await.map_err(|e| {
-                    if !e.is_transient() || e.stops_retries() {
-                        backoff::Error::permanent(e)
-                    } else if let Some(wait) = e.retry_after() {
-                        if started.elapsed() + wait > policy.max_elapsed {
-                            backoff::Error::permanent(e)
-                        } else {
-                            backoff::Error::retry_after(e, wait)
-                        }
-                    } else {
-                        backoff::Error::transient(e)
-                    }
-                })
-            }
+            async move { attempt.await.map_err(|e| classify(e, policy, started)) }
         },
         |err: E, wait: Duration| note_retry(what, &err, wait),
     )
     .await
+}
+
+/// How the backoff treats a failure: permanent, retried after the server's wait (while it ends
+/// within the budget started at `started`), or retried on the backoff's own clock.
+fn classify<E: Transient>(
+    e: E,
+    policy: &RetryPolicy,
+    started: std::time::Instant,
+) -> backoff::Error<E> {
+    if !e.is_transient() || e.stops_retries() {
+        backoff::Error::permanent(e)
+    } else if let Some(wait) = e.retry_after() {
+        if started.elapsed() + wait > policy.max_elapsed {
+            backoff::Error::permanent(e)
+        } else {
+            backoff::Error::retry_after(e, wait)
+        }
+    } else {
+        backoff::Error::transient(e)
+    }
 }
 
 /// Counts and logs one retry of `what`.
@@ -121,20 +127,17 @@ fn note_retry(what: &str, err: &dyn Display, wait: Duration) {
 }
 
 /// [`retry`] for blocking code (a consumer's metadata calls on a blocking thread): the same
-/// backoff, budget and log line, the waits spent sleeping the calling thread.
+/// backoff, budget, failure classification and log line, the waits spent sleeping the
+/// calling thread.
 pub fn retry_blocking<T, E, F>(policy: &RetryPolicy, what: &str, mut op: F) -> Result<T, E>
 where
     F: FnMut() -> Result<T, E>,
     E: Transient + Display,
 {
+    let started = std::time::Instant::now();
     backoff::retry_notify(
         policy.backoff(),
-        || {
-            op().map_err(|e| match e.is_transient() {
-                true => backoff::Error::transient(e),
-                false => backoff::Error::permanent(e),
-            })
-        },
+        || op().map_err(|e| classify(e, policy, started)),
         |err: E, wait: Duration| note_retry(what, &err, wait),
     )
     .map_err(|e| match e {
