@@ -130,14 +130,15 @@ fn sqlx_is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// A connection error no retry cures, with the settings to check: a failed TLS handshake
-/// (the CA, the host the certificate names) or refused credentials (28P01, 28000).
+/// (the CA, the host the certificate names) or refused credentials (28P01, 28000). A
+/// handshake the network cut short is not one of them.
 fn refusal(e: &DbErr) -> Option<(String, &'static str)> {
     let DbErr::Conn(RuntimeErr::SqlxError(e)) = e else {
         return None;
     };
     let cut = |text: &str| crate::text::cut(text, crate::text::REASON_CHARS);
     match &**e {
-        sqlx::Error::Tls(tls) => Some((
+        sqlx::Error::Tls(tls) if !cut_by_network(&**tls) => Some((
             cut(&tls.to_string()),
             "the sslrootcert= of database.url (the CA that signed the server's certificate) and that the certificate names the URL's host",
         )),
@@ -146,6 +147,21 @@ fn refusal(e: &DbErr) -> Option<(String, &'static str)> {
         }
         _ => None,
     }
+}
+
+/// A TLS handshake the network cut short says nothing of the certificate: an I/O error, or
+/// the peer gone mid-handshake (OpenSSL's `unexpected EOF`: the cluster chaos run's link
+/// reset the connection while an instance started, and the instance stopped for good on a
+/// "refusal"). The connection is retried like any unreachable database.
+fn cut_by_network(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<std::io::Error>() || e.to_string() == "unexpected EOF" {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Opens the pool, retrying with backoff while the database is unreachable, up to
@@ -237,5 +253,44 @@ mod tests {
         let decode = on_statement(sqlx::Error::ColumnNotFound("nav".to_owned()));
         assert!(!db_err_is_transient(&decode), "{decode}");
         assert!(StoreError::Db(broken).is_transient());
+    }
+
+    /// A server that says yes to TLS (`S`) and hangs up before the handshake: what a link
+    /// reset mid-handshake looks like to the client. Start-up keeps retrying it as an
+    /// unreachable database (every connection attempt reaches the server), and does not
+    /// report a refused certificate.
+    #[tokio::test]
+    async fn a_tls_handshake_cut_by_the_network_is_retried_not_refused() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let counted = attempts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut request = [0u8; 8];
+                if socket.read_exact(&mut request).await.is_ok() {
+                    let _ = socket.write_all(b"S").await;
+                }
+            }
+        });
+        let settings = DatabaseSettings {
+            url: format!("postgres://u:hunter2@127.0.0.1:{port}/db?sslmode=require").into(),
+            max_connections: 1,
+            migrate_on_start: false,
+            connect_timeout: Duration::from_millis(1500),
+            require_tls: false,
+        };
+        let err = connect(&settings).await.expect_err("nothing to connect to");
+        assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+        assert!(err.is_transient());
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(
+            attempts.load(Ordering::SeqCst) >= 2,
+            "start-up tried once and gave up: {err}"
+        );
     }
 }
