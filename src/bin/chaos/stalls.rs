@@ -46,12 +46,7 @@ impl Drop for StallWatch {
 }
 
 fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Duration {
-    let consumer: Option<BaseConsumer> = client_config(&settings.kafka)
-        .set("group.id", &settings.kafka.group_id)
-        .create()
-        .ok();
-    let Some(consumer) = consumer else {
-        eprintln!("chaos: the stall watch could not create its client");
+    let Some(mut consumer) = watch_client(settings) else {
         return Duration::MAX;
     };
     let topic = &settings.topics.requests;
@@ -59,13 +54,18 @@ fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Dura
     // commands were pending.
     let mut since: HashMap<i32, (i64, Instant)> = HashMap::new();
     let mut longest = Duration::ZERO;
+    // Since when no partition could be looked at (the run's faults, or a client stuck after
+    // them: full cluster seed 3 saw nothing for 15 minutes while the instances went on).
+    let mut blind: Option<Instant> = None;
     while !stop.is_cancelled() {
+        let mut seen_any = false;
         for p in 0..partitions {
             // While the broker does not answer, the stretch goes on.
             let Ok((committed, high)) = position(&consumer, topic, p, Duration::from_secs(5))
             else {
                 continue;
             };
+            seen_any = true;
             let now = Instant::now();
             match since.get(&p) {
                 Some((seen, from)) if *seen == committed && committed < high => {
@@ -83,9 +83,40 @@ fn watch(settings: &Settings, partitions: i32, stop: &CancellationToken) -> Dura
                 }
             }
         }
+        match (seen_any, blind) {
+            (true, Some(from)) => {
+                if from.elapsed() >= REPORTED {
+                    eprintln!(
+                        "chaos: the stall watch saw no partition for {} s",
+                        from.elapsed().as_secs()
+                    );
+                }
+                blind = None;
+            }
+            (false, None) => blind = Some(Instant::now()),
+            (false, Some(from)) if from.elapsed() >= REPORTED => {
+                // A fresh client finds the coordinator and the leaders anew.
+                if let Some(fresh) = watch_client(settings) {
+                    consumer = fresh;
+                }
+            }
+            _ => {}
+        }
         std::thread::sleep(EVERY);
     }
     longest
+}
+
+/// The watch's client: it reads the group's committed offsets, as a member would.
+fn watch_client(settings: &Settings) -> Option<BaseConsumer> {
+    let consumer = client_config(&settings.kafka)
+        .set("group.id", &settings.kafka.group_id)
+        .create()
+        .ok();
+    if consumer.is_none() {
+        eprintln!("chaos: the stall watch could not create its client");
+    }
+    consumer
 }
 
 /// A stretch long enough to look into, on the run's log: the partition, the offset it stood
