@@ -174,5 +174,15 @@ mod tests {
         fn equal_hash_iff_equal(a in content(), b in content()) {
             prop_assert_eq!(a.hash() == b.hash(), a == b);
         }
+
+        /// The fold writes a created product's changes straight from its content: the same
+        /// bytes as this module's list.
+        #[test]
+        fn typed_created_changes_are_the_bytes_of_the_list(a in content()) {
+            prop_assert_eq!(
+                serde_json::to_string(&crate::product::CreatedChanges(&a)).unwrap(),
+                serde_json::to_string(&created(&a)).unwrap()
+            );
+        }
     }
 }

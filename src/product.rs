@@ -11,8 +11,14 @@ use std::str::FromStr;
 
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use rust_decimal::Decimal;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+
+pub mod raw;
+
+use raw::Loose;
+pub use raw::{Item, RawPage, RawRecord};
 
 /// Longest product code the contract allows.
 pub const MAX_CODE_LEN: usize = 64;
@@ -43,7 +49,7 @@ impl RecordError {
     }
 
     /// Field and reason are cut short: both may quote what the management system sent.
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             field: cut(field.into(), 100),
             reason: cut(reason.into(), 300),
@@ -237,31 +243,58 @@ impl Product {
 
     /// Parses one record of a products page. Errors name the field.
     pub fn from_json(value: &Value) -> Result<Product, RecordError> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| RecordError::new("(record)", "is not a JSON object"))?;
+        match Item::deserialize(value) {
+            Ok(Item(Some(mut raw))) => Product::from_raw(&mut raw),
+            Ok(Item(None)) => Err(RecordError::new("(record)", "is not a JSON object")),
+            // Reading a tree cannot fail on syntax; nothing else fails a loose read.
+            Err(e) => Err(RecordError::new("(record)", e.to_string())),
+        }
+    }
+
+    /// Checks one record as read (see [`raw`]) and makes the product of it: the fields are
+    /// taken out of `raw`, except the code and the name, which stay to name the record in an
+    /// error. Errors name the field, checked in the contract's field order.
+    pub fn from_raw(raw: &mut RawRecord) -> Result<Product, RecordError> {
+        use std::mem::take;
+        let [
+            code,
+            name,
+            category,
+            risk,
+            currency,
+            issuer,
+            status,
+            nav,
+            expected,
+            min,
+            term,
+            start,
+            end,
+            version,
+            updated,
+        ] = &mut raw.scalars;
         let content = Content {
-            product_code: opt_string(obj, "product_code")?,
-            product_name: opt_string(obj, "product_name")?.unwrap_or_default(),
-            category: opt_string(obj, "category")?,
-            risk_level: opt_parsed(obj, "risk_level")?,
-            currency: opt_string(obj, "currency")?,
-            issuer: opt_string(obj, "issuer")?,
-            status: opt_parsed(obj, "status")?,
-            nav: opt_decimal(obj, "nav")?,
-            expected_yield: opt_decimal(obj, "expected_yield")?,
-            min_investment: opt_decimal(obj, "min_investment")?,
-            term_days: term_days(obj)?,
-            sale_start: opt_date(obj, "sale_start")?,
-            sale_end: opt_date(obj, "sale_end")?,
-            keywords: keywords(obj)?,
-            attributes: attributes(obj)?,
+            product_code: opt_string(code.clone(), "product_code")?,
+            product_name: opt_string(name.clone(), "product_name")?.unwrap_or_default(),
+            category: opt_string(take(category), "category")?,
+            risk_level: opt_parsed(take(risk), "risk_level")?,
+            currency: opt_string(take(currency), "currency")?,
+            issuer: opt_string(take(issuer), "issuer")?,
+            status: opt_parsed(take(status), "status")?,
+            nav: opt_decimal(take(nav), "nav")?,
+            expected_yield: opt_decimal(take(expected), "expected_yield")?,
+            min_investment: opt_decimal(take(min), "min_investment")?,
+            term_days: term_days(take(term))?,
+            sale_start: opt_date(take(start), "sale_start")?,
+            sale_end: opt_date(take(end), "sale_end")?,
+            keywords: keywords(take(&mut raw.keywords))?,
+            attributes: attributes(take(&mut raw.attributes), take(&mut raw.extra))?,
         };
         content.validate()?;
         Ok(Product {
             content,
-            version: version(obj)?,
-            updated_at: updated_at(obj)?,
+            version: parse_version(take(version))?,
+            updated_at: updated_at(take(updated))?,
         })
     }
 
@@ -441,97 +474,213 @@ struct Canonical<'a>(&'a Content);
 impl serde::Serialize for Canonical<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let c = self.0;
-        let decimal = |d: &Option<Decimal>| d.map(|d| d.to_string());
-        let date = |d: &Option<NaiveDate>| d.map(|d| d.to_string());
-        // Keys in sorted order, as serde_json's ordered map would write them.
         let mut m = serializer.serialize_map(Some(CONTENT_FIELDS.len()))?;
-        m.serialize_entry("attributes", &c.attributes)?;
-        m.serialize_entry("category", &c.category)?;
-        m.serialize_entry("currency", &c.currency)?;
-        m.serialize_entry("expected_yield", &decimal(&c.expected_yield))?;
-        m.serialize_entry("issuer", &c.issuer)?;
-        m.serialize_entry("keywords", &c.keywords)?;
-        m.serialize_entry("min_investment", &decimal(&c.min_investment))?;
-        m.serialize_entry("nav", &decimal(&c.nav))?;
-        m.serialize_entry("product_code", &c.product_code)?;
-        m.serialize_entry("product_name", &c.product_name)?;
-        m.serialize_entry("risk_level", &c.risk_level.map(RiskLevel::as_str))?;
-        m.serialize_entry("sale_end", &date(&c.sale_end))?;
-        m.serialize_entry("sale_start", &date(&c.sale_start))?;
-        m.serialize_entry("status", &c.status.map(ProductStatus::as_str))?;
-        m.serialize_entry("term_days", &c.term_days)?;
+        content_entries(&mut m, self.0)?;
         m.end()
+    }
+}
+
+/// A product's canonical JSON form — the bytes of [`Product::to_json`] written out — serialized
+/// straight from the product: no JSON tree is built (the fold renders every event's `before`
+/// and `after` this way).
+pub struct ProductJson<'a>(pub &'a Product);
+
+impl serde::Serialize for ProductJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let p = self.0;
+        let mut m = serializer.serialize_map(Some(CONTENT_FIELDS.len() + 2))?;
+        content_entries(&mut m, &p.content)?;
+        // Both sort after every content field ("term_days" is the last of those).
+        m.serialize_entry(
+            "updated_at",
+            &p.updated_at
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+        )?;
+        m.serialize_entry("version", &p.version)?;
+        m.end()
+    }
+}
+
+/// The content's entries with their keys in sorted order, as serde_json's ordered map writes
+/// them; decimals and dates as text (`Display`), written without an intermediate string.
+fn content_entries<M: serde::ser::SerializeMap>(m: &mut M, c: &Content) -> Result<(), M::Error> {
+    m.serialize_entry("attributes", &c.attributes)?;
+    m.serialize_entry("category", &c.category)?;
+    m.serialize_entry("currency", &c.currency)?;
+    m.serialize_entry("expected_yield", &AsText(c.expected_yield.as_ref()))?;
+    m.serialize_entry("issuer", &c.issuer)?;
+    m.serialize_entry("keywords", &c.keywords)?;
+    m.serialize_entry("min_investment", &AsText(c.min_investment.as_ref()))?;
+    m.serialize_entry("nav", &AsText(c.nav.as_ref()))?;
+    m.serialize_entry("product_code", &c.product_code)?;
+    m.serialize_entry("product_name", &c.product_name)?;
+    m.serialize_entry("risk_level", &c.risk_level.map(RiskLevel::as_str))?;
+    m.serialize_entry("sale_end", &AsText(c.sale_end.as_ref()))?;
+    m.serialize_entry("sale_start", &AsText(c.sale_start.as_ref()))?;
+    m.serialize_entry("status", &c.status.map(ProductStatus::as_str))?;
+    m.serialize_entry("term_days", &c.term_days)
+}
+
+/// An optional value written as its `Display` text (a JSON string), or `null`.
+struct AsText<'a, T>(Option<&'a T>);
+
+impl<T: fmt::Display> serde::Serialize for AsText<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(v) => serializer.collect_str(v),
+            None => serializer.serialize_none(),
+        }
+    }
+}
+
+/// The `changes` of a newly created product (the bytes of the diff module's `created`), serialized
+/// straight from its content: every field with a value, from `null`, attributes key by key.
+pub struct CreatedChanges<'a>(pub &'a Content);
+
+impl serde::Serialize for CreatedChanges<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        /// One entry, in `FieldChange`'s field order; `()` is written as `null`.
+        #[derive(serde::Serialize)]
+        struct Entry<'a, V: serde::Serialize> {
+            field: &'a str,
+            old: (),
+            new: V,
+        }
+        let c = self.0;
+        let mut seq = serializer.serialize_seq(None)?;
+        macro_rules! entry {
+            ($field:literal, $value:expr) => {
+                seq.serialize_element(&Entry {
+                    field: $field,
+                    old: (),
+                    new: $value,
+                })?
+            };
+        }
+        if let Some(v) = &c.product_code {
+            entry!("product_code", v);
+        }
+        entry!("product_name", &c.product_name);
+        if let Some(v) = &c.category {
+            entry!("category", v);
+        }
+        if let Some(v) = c.risk_level {
+            entry!("risk_level", v.as_str());
+        }
+        if let Some(v) = &c.currency {
+            entry!("currency", v);
+        }
+        if let Some(v) = &c.issuer {
+            entry!("issuer", v);
+        }
+        if let Some(v) = c.status {
+            entry!("status", v.as_str());
+        }
+        for (field, value) in [
+            ("nav", &c.nav),
+            ("expected_yield", &c.expected_yield),
+            ("min_investment", &c.min_investment),
+        ] {
+            if value.is_some() {
+                seq.serialize_element(&Entry {
+                    field,
+                    old: (),
+                    new: AsText(value.as_ref()),
+                })?;
+            }
+        }
+        if let Some(v) = c.term_days {
+            entry!("term_days", v);
+        }
+        for (field, value) in [("sale_start", &c.sale_start), ("sale_end", &c.sale_end)] {
+            if value.is_some() {
+                seq.serialize_element(&Entry {
+                    field,
+                    old: (),
+                    new: AsText(value.as_ref()),
+                })?;
+            }
+        }
+        if !c.keywords.is_empty() {
+            entry!("keywords", &c.keywords);
+        }
+        for (key, value) in &c.attributes {
+            let field = format!("attributes.{key}");
+            seq.serialize_element(&Entry {
+                field: &field,
+                old: (),
+                new: value,
+            })?;
+        }
+        seq.end()
     }
 }
 
 /// `attributes`, with every field the contract does not name folded in (an unknown field
 /// that contradicts an attribute of the same name is refused).
-fn attributes(obj: &Map<String, Value>) -> Result<BTreeMap<String, Value>, RecordError> {
-    let mut attributes: BTreeMap<String, Value> = match obj.get("attributes") {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(m)) => m.clone().into_iter().collect(),
-        Some(_) => return Err(RecordError::new("attributes", "must be an object")),
+fn attributes(
+    attributes: raw::Attributes,
+    extra: BTreeMap<String, Value>,
+) -> Result<BTreeMap<String, Value>, RecordError> {
+    let mut attributes = match attributes {
+        raw::Attributes::Null => BTreeMap::new(),
+        raw::Attributes::Object(m) => m,
+        raw::Attributes::Wrong => return Err(RecordError::new("attributes", "must be an object")),
     };
-    let known =
-        |key: &str| CONTENT_FIELDS.contains(&key) || key == "version" || key == "updated_at";
-    for (key, value) in obj.iter().filter(|(k, _)| !known(k)) {
-        match attributes.get(key) {
-            Some(existing) if existing != value => {
+    for (key, value) in extra {
+        match attributes.get(&key) {
+            Some(existing) if *existing != value => {
                 return Err(RecordError::new(
-                    key.clone(),
+                    key,
                     "unknown field also present in attributes with another value",
                 ));
             }
             _ => {
-                attributes.insert(key.clone(), value.clone());
+                attributes.insert(key, value);
             }
         }
     }
     Ok(attributes)
 }
 
-fn term_days(obj: &Map<String, Value>) -> Result<Option<i32>, RecordError> {
-    match obj.get("term_days") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
+fn term_days(value: Loose) -> Result<Option<i32>, RecordError> {
+    match value {
+        Loose::Null => Ok(None),
+        Loose::Number(n) => n
             .as_i64()
             .and_then(|v| i32::try_from(v).ok())
             .filter(|v| *v >= 0)
             .map(Some)
             .ok_or_else(|| RecordError::new("term_days", "must be a non-negative whole number")),
-        Some(_) => Err(RecordError::new("term_days", "must be a number")),
+        _ => Err(RecordError::new("term_days", "must be a number")),
     }
 }
 
-fn keywords(obj: &Map<String, Value>) -> Result<Vec<String>, RecordError> {
-    let not_strings = || RecordError::new("keywords", "must be an array of strings");
-    match obj.get("keywords") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|k| k.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(not_strings),
-        Some(_) => Err(not_strings()),
+fn keywords(value: raw::Keywords) -> Result<Vec<String>, RecordError> {
+    match value {
+        raw::Keywords::Null => Ok(Vec::new()),
+        raw::Keywords::Strings(k) => Ok(k),
+        raw::Keywords::Wrong => Err(RecordError::new("keywords", "must be an array of strings")),
     }
 }
 
-fn version(obj: &Map<String, Value>) -> Result<i64, RecordError> {
-    match obj.get("version") {
-        Some(Value::Number(n)) => n
+fn parse_version(value: Loose) -> Result<i64, RecordError> {
+    match value {
+        Loose::Number(n) => n
             .as_i64()
             .filter(|v| *v >= 0)
             .ok_or_else(|| RecordError::new("version", "must be a non-negative integer")),
-        None | Some(Value::Null) => Err(RecordError::new("version", "is required")),
-        Some(_) => Err(RecordError::new("version", "must be an integer")),
+        Loose::Null => Err(RecordError::new("version", "is required")),
+        _ => Err(RecordError::new("version", "must be an integer")),
     }
 }
 
 /// Stores keep microseconds (PostgreSQL timestamptz): finer digits are dropped here, so what
 /// is stored is exactly what was parsed.
-fn updated_at(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, RecordError> {
-    opt_string(obj, "updated_at")?
+fn updated_at(value: Loose) -> Result<Option<DateTime<Utc>>, RecordError> {
+    opt_string(value, "updated_at")?
         .map(|s| {
             DateTime::parse_from_rfc3339(&s)
                 .map(|d| d.with_timezone(&Utc).trunc_subsecs(6))
@@ -540,25 +689,25 @@ fn updated_at(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, RecordE
         .transpose()
 }
 
-fn opt_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, RecordError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(RecordError::new(field, "must be a string")),
+fn opt_string(value: Loose, field: &str) -> Result<Option<String>, RecordError> {
+    match value {
+        Loose::Null => Ok(None),
+        Loose::Str(s) => Ok(Some(s)),
+        _ => Err(RecordError::new(field, "must be a string")),
     }
 }
 
 fn opt_parsed<T: FromStr<Err = String>>(
-    obj: &Map<String, Value>,
+    value: Loose,
     field: &str,
 ) -> Result<Option<T>, RecordError> {
-    opt_string(obj, field)?
+    opt_string(value, field)?
         .map(|s| s.parse().map_err(|e| RecordError::new(field, e)))
         .transpose()
 }
 
-fn opt_date(obj: &Map<String, Value>, field: &str) -> Result<Option<NaiveDate>, RecordError> {
-    opt_string(obj, field)?
+fn opt_date(value: Loose, field: &str) -> Result<Option<NaiveDate>, RecordError> {
+    opt_string(value, field)?
         .map(|s| {
             NaiveDate::parse_from_str(&s, "%Y-%m-%d")
                 .map_err(|_| RecordError::new(field, format!("{s:?} is not a YYYY-MM-DD date")))
@@ -567,17 +716,17 @@ fn opt_date(obj: &Map<String, Value>, field: &str) -> Result<Option<NaiveDate>, 
 }
 
 /// Decimals travel as strings and are parsed exactly, then normalised.
-fn opt_decimal(obj: &Map<String, Value>, field: &str) -> Result<Option<Decimal>, RecordError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_decimal(s)
+fn opt_decimal(value: Loose, field: &str) -> Result<Option<Decimal>, RecordError> {
+    match value {
+        Loose::Null => Ok(None),
+        Loose::Str(s) => parse_decimal(&s)
             .map(Some)
             .map_err(|reason| RecordError::new(field, reason)),
-        Some(Value::Number(_)) => Err(RecordError::new(
+        Loose::Number(_) => Err(RecordError::new(
             field,
             "must be a decimal string, not a JSON number (precision)",
         )),
-        Some(_) => Err(RecordError::new(field, "must be a decimal string")),
+        Loose::Other => Err(RecordError::new(field, "must be a decimal string")),
     }
 }
 
@@ -693,6 +842,27 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(p.content.hash(), expected);
+    }
+
+    /// The typed form writes the same bytes as the JSON tree it replaces, for a full record,
+    /// a name-only one with no optional field, and one whose attributes are empty (the
+    /// created changes: in the diff module's tests).
+    #[test]
+    fn the_typed_form_writes_the_bytes_of_the_json_tree() {
+        let full = Product::from_json(&record()).unwrap();
+        let bare = Product::from_json(&json!({"product_name": "n", "version": 0})).unwrap();
+        let mut plain = record();
+        plain.as_object_mut().unwrap().remove("custodian");
+        plain["attributes"] = json!({});
+        plain["keywords"] = json!([]);
+        plain["updated_at"] = json!("2026-11-01T08:00:00.123456+08:00");
+        let plain = Product::from_json(&plain).unwrap();
+        for p in [full, bare, plain] {
+            assert_eq!(
+                serde_json::to_string(&ProductJson(&p)).unwrap(),
+                serde_json::to_string(&p.to_json()).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -2,14 +2,14 @@
 //! reduced), result and rejected events, CloudEvents headers, `traceparent`, DLQ header names
 //! and message keys — defined once, for the relay, the pipeline, the DLQ tools and the tests.
 //!
-//! A leaf module: it depends on nothing of product-sync but the pure diff type.
+//! A leaf module: it depends on nothing of product-sync but the pure diff and product types.
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::diff::FieldChange;
-use crate::product::json_len;
+use crate::product::{Content, CreatedChanges, ProductJson, json_len};
 
 /// Header names of every record product-sync produces.
 pub mod headers {
@@ -307,11 +307,14 @@ pub struct ChangeEvent<'a> {
     /// The command that caused the change.
     pub request_id: Option<&'a str>,
     /// The changed fields (every field with a value, for `created`).
-    pub changes: &'a [FieldChange],
+    #[schemars(with = "Vec<FieldChange>")]
+    pub changes: Changes<'a>,
     /// The product before (`null` for `created`), in the contract's JSON form.
-    pub before: &'a Value,
-    /// The product after, in the contract's JSON form.
-    pub after: &'a Value,
+    #[schemars(with = "Value")]
+    pub before: Option<ProductJson<'a>>,
+    /// The product after (`null` for `delisted`), in the contract's JSON form.
+    #[schemars(with = "Value")]
+    pub after: Option<ProductJson<'a>>,
     /// The management system's `version` of `after`.
     pub source_version: i64,
     /// When the store changed (RFC 3339).
@@ -321,6 +324,22 @@ pub struct ChangeEvent<'a> {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schemars(default)]
     pub reduced: bool,
+}
+
+/// A change event's `changes`: a diff already made, or a created product's fields written
+/// straight from its content (the same bytes as [`crate::diff::created`]).
+pub enum Changes<'a> {
+    List(&'a [FieldChange]),
+    Created(&'a Content),
+}
+
+impl Serialize for Changes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Changes::List(list) => list.serialize(serializer),
+            Changes::Created(content) => CreatedChanges(content).serialize(serializer),
+        }
+    }
 }
 
 /// A record of the compacted state topic: the product's full current state at `revision`.

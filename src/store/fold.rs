@@ -42,10 +42,9 @@ use serde_json::Value;
 
 use super::StoreError;
 use super::entity::products;
-use crate::diff;
-use crate::product::{Content, Identity, Product, parse_decimal};
+use crate::product::{Content, Identity, Product, ProductJson, parse_decimal};
 use crate::retry::{RetryPolicy, retry};
-use crate::wire::{ChangeEvent, Drift, DriftKind};
+use crate::wire::{ChangeEvent, Changes, Drift, DriftKind};
 
 mod columns;
 mod delist;
@@ -152,7 +151,7 @@ pub async fn compare_page(
             head.content_hash.clear();
         }
         let stored = read_full(db, &plan::to_read(&prepared, &heads)).await?;
-        let plan = plan::plan(&prepared, &heads, &stored).ok_or(StoreError::Conflict)?;
+        let plan = plan::plan(&prepared, &heads, stored).ok_or(StoreError::Conflict)?;
         let mut drift = Drift::default();
         let key = |w: &Write<'_>| format!("{system}/{}", w.record.identity.event_key());
         for w in &plan.inserts {
@@ -216,7 +215,7 @@ async fn fold_once(
     let heads = heads?;
     let stored = read_full(db, &plan::to_read(page, &heads)).await?;
     // A stored row the heads promised is gone: fold again from a fresh read.
-    let plan = plan::plan(page, &heads, &stored).ok_or(StoreError::Conflict)?;
+    let plan = plan::plan(page, &heads, stored).ok_or(StoreError::Conflict)?;
     if plan.is_empty() {
         return Ok(plan.outcome);
     }
@@ -433,18 +432,11 @@ fn render_event(
     changed_at: &str,
 ) -> Result<String, StoreError> {
     let product = write.record.product;
-    let derived;
-    let (changes, before, after) = match event {
-        PlannedEvent::Created => {
-            derived = (diff::created(&product.content), product.to_json());
-            (&derived.0, &Value::Null, &derived.1)
-        }
+    let (changes, before) = match event {
+        PlannedEvent::Created => (Changes::Created(&product.content), None),
         PlannedEvent::Updated {
-            changes,
-            before,
-            after,
-            ..
-        } => (changes, before, after),
+            changes, before, ..
+        } => (Changes::List(changes), Some(ProductJson(before))),
     };
     to_json_text(&ChangeEvent {
         op: event.op(),
@@ -454,7 +446,7 @@ fn render_event(
         request_id: ctx.request_id,
         changes,
         before,
-        after,
+        after: Some(ProductJson(product)),
         source_version: product.version,
         changed_at,
         reduced: false,

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use serde_json::Value;
 use tokio::time::Instant;
 
 use super::auth::{Token, TokenSource};
 use super::guard::Guard;
 use super::{UpstreamError, join, read_limited, retry_after};
 use crate::command::{Selector, Since};
-use crate::product::Product;
+use crate::product::{Item, Product, RawPage, RecordError};
 use crate::retry::{RetryPolicy, retry};
 use crate::text::quote;
 
@@ -314,32 +313,34 @@ pub fn parse_page(body: &[u8], number: usize, what: &str) -> Result<Page, Upstre
         what: what.to_owned(),
         reason,
     };
-    let value: Value =
+    // Read straight into the records' fields: no JSON tree of the page is built.
+    let mut raw: RawPage =
         serde_json::from_slice(body).map_err(|e| malformed(format!("not JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| malformed("not a JSON object".into()))?;
-    let items = obj
-        .get("items")
-        .and_then(Value::as_array)
+    if !raw.object {
+        return Err(malformed("not a JSON object".into()));
+    }
+    let items = raw
+        .items
+        .take()
         .ok_or_else(|| malformed("`items` is missing or not an array".into()))?;
-    let next_cursor = match obj.get("next_cursor") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::String(_)) => None,
-        Some(_) => {
-            return Err(malformed(
-                "`next_cursor` is neither a string nor null".into(),
-            ));
-        }
-    };
+    let next_cursor = raw
+        .next_cursor()
+        .map_err(|reason| malformed(reason.into()))?;
     let mut products = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
-        let product = Product::from_json(item).map_err(|error| UpstreamError::InvalidRecord {
+    for (index, Item(item)) in items.into_iter().enumerate() {
+        let invalid = |identity: String, error| UpstreamError::InvalidRecord {
             what: what.to_owned(),
             index,
-            identity: describe_record(item),
+            identity,
             error,
+        };
+        let Some(mut record) = item else {
+            let error = RecordError::new("(record)", "is not a JSON object");
+            return Err(invalid(describe_record(None, None), error));
+        };
+        let product = Product::from_raw(&mut record).map_err(|error| {
+            let (code, name) = record.code_and_name();
+            invalid(describe_record(code, name), error)
         })?;
         products.push(product);
     }
@@ -351,11 +352,8 @@ pub fn parse_page(body: &[u8], number: usize, what: &str) -> Result<Page, Upstre
 }
 
 /// How to name a record in an error: its code, else its name, else its position only.
-fn describe_record(item: &Value) -> String {
-    match (
-        item.get("product_code").and_then(Value::as_str),
-        item.get("product_name").and_then(Value::as_str),
-    ) {
+fn describe_record(code: Option<&str>, name: Option<&str>) -> String {
+    match (code, name) {
         (Some(code), _) => format!("code {}", quote(code)),
         (None, Some(name)) => format!("name {}", quote(name)),
         _ => "no code or name".to_owned(),

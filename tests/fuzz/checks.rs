@@ -9,6 +9,7 @@
 
 use product_sync::command::{Command, valid_traceparent};
 use product_sync::diff;
+use product_sync::product::{CreatedChanges, ProductJson};
 use product_sync::upstream::products::parse_page;
 
 /// The management system the fuzzed commands are checked against.
@@ -54,6 +55,14 @@ pub fn product_page(data: &[u8]) {
         assert_eq!(&again, product, "round trip changed the record");
         assert_eq!(again.content.hash(), hash, "round trip changed the hash");
         assert!(diff::diff(&product.content, &again.content).is_empty());
+        // The forms the fold writes events with are the same bytes as the JSON trees.
+        let typed = serde_json::to_string(&ProductJson(product)).expect("a product serializes");
+        assert_eq!(typed, json.to_string(), "typed product form differs");
+        let created =
+            serde_json::to_string(&CreatedChanges(&product.content)).expect("changes serialize");
+        let tree =
+            serde_json::to_string(&diff::created(&product.content)).expect("changes serialize");
+        assert_eq!(created, tree, "typed created changes differ");
     }
     // The whole page, re-encoded, decodes to the same page.
     let items: Vec<_> = page.items.iter().map(|p| p.to_json()).collect();

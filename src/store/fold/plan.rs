@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
 use sea_orm::FromQueryResult;
-use serde_json::Value;
 
 use super::FoldOutcome;
 use crate::diff::{self, FieldChange};
@@ -82,12 +81,12 @@ pub(super) enum PlannedEvent {
     /// (on PostgreSQL while the server writes the product rows), not before.
     Created,
     /// The diff against the stored row, read before writing; `relisted` when the stored row
-    /// was delisted (`before` is then its state at delisting, `changes` may be empty).
+    /// was delisted (`before` is then its state at delisting, `changes` may be empty). The
+    /// event's `after` is the record's product.
     Updated {
         product_id: i64,
         changes: Vec<FieldChange>,
-        before: Value,
-        after: Value,
+        before: Box<Product>,
         relisted: bool,
     },
 }
@@ -141,12 +140,12 @@ pub(super) fn to_read(page: &[Prepared<'_>], heads: &HashMap<String, StoredHead>
 }
 
 /// Decides the fold of `page` against the stored `heads` and the full `stored` rows of
-/// [`to_read`]. `None` when a stored row the heads promised is missing (deleted meanwhile):
-/// the caller folds again from a fresh read.
+/// [`to_read`] (each moves into the event whose `before` it is). `None` when a stored row the
+/// heads promised is missing (deleted meanwhile): the caller folds again from a fresh read.
 pub(super) fn plan<'a>(
     page: &'a [Prepared<'a>],
     heads: &HashMap<String, StoredHead>,
-    stored: &HashMap<i64, Product>,
+    mut stored: HashMap<i64, Product>,
 ) -> Option<Plan<'a>> {
     let mut outcome = FoldOutcome {
         fetched: page.len() as u64,
@@ -167,28 +166,32 @@ pub(super) fn plan<'a>(
             continue;
         }
         if head.delisted {
-            let stored = stored.get(&head.id)?;
+            let before = stored.remove(&head.id)?;
             outcome.relisted += 1;
             updates.push(Write {
                 record,
                 revision: head.revision + 1,
                 event: Some(PlannedEvent::Updated {
                     product_id: head.id,
-                    changes: diff::diff(&stored.content, &record.product.content),
-                    before: stored.to_json(),
-                    after: record.product.to_json(),
+                    changes: diff::diff(&before.content, &record.product.content),
+                    before: Box::new(before),
                     relisted: true,
                 }),
             });
             continue;
         }
-        let changes = if record.hash() == head.content_hash {
-            Vec::new()
+        // Identities are unique within a page, so each stored row is taken at most once.
+        let (changes, before) = if record.hash() == head.content_hash {
+            (Vec::new(), None)
         } else {
             // Equal content under a different hash (an older canonical form) diffs empty.
-            diff::diff(&stored.get(&head.id)?.content, &record.product.content)
+            let before = stored.remove(&head.id)?;
+            (
+                diff::diff(&before.content, &record.product.content),
+                Some(before),
+            )
         };
-        if changes.is_empty() {
+        let Some(before) = before.filter(|_| !changes.is_empty()) else {
             outcome.unchanged += 1;
             // A newer version of the same content: advance the stored version alone.
             if record.product.version > head.source_version {
@@ -199,7 +202,7 @@ pub(super) fn plan<'a>(
                 });
             }
             continue;
-        }
+        };
         outcome.updated += 1;
         updates.push(Write {
             record,
@@ -207,8 +210,7 @@ pub(super) fn plan<'a>(
             event: Some(PlannedEvent::Updated {
                 product_id: head.id,
                 changes,
-                before: stored.get(&head.id)?.to_json(),
-                after: record.product.to_json(),
+                before: Box::new(before),
                 relisted: false,
             }),
         });
@@ -284,7 +286,7 @@ mod tests {
             let wanted: std::collections::HashSet<i64> = to_read(&prepared, &heads).into_iter().collect();
             let stored: HashMap<i64, Product> =
                 full.into_iter().filter(|(id, _)| wanted.contains(id)).collect();
-            let plan = plan(&prepared, &heads, &stored).expect("every row read");
+            let plan = plan(&prepared, &heads, stored.clone()).expect("every row read");
             let o = plan.outcome;
             prop_assert_eq!(o.fetched, prepared.len() as u64);
             prop_assert_eq!(o.created + o.updated + o.unchanged + o.stale, o.fetched);
@@ -336,7 +338,7 @@ mod tests {
             let (heads, full) = heads_of(&rows);
             let page: Vec<Product> = full.values().cloned().collect();
             let (prepared, _) = prepare(&page);
-            let plan = plan(&prepared, &heads, &HashMap::new()).expect("nothing to read");
+            let plan = plan(&prepared, &heads, HashMap::new()).expect("nothing to read");
             prop_assert!(plan.is_empty());
             prop_assert_eq!(plan.outcome.unchanged, prepared.len() as u64);
         }
@@ -360,6 +362,6 @@ mod tests {
         let page = [new];
         let (prepared, _) = prepare(&page);
         assert_eq!(to_read(&prepared, &heads), vec![100]);
-        assert!(plan(&prepared, &heads, &HashMap::new()).is_none());
+        assert!(plan(&prepared, &heads, HashMap::new()).is_none());
     }
 }
