@@ -525,9 +525,12 @@ fn last_record(
 pub async fn commit(producer: &Arc<ShardProducer>, shard: u32) -> Result<(), TxnError> {
     for _ in 0..3 {
         let p = producer.clone();
-        let committed = tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT))
-            .await
-            .unwrap_or(Err(KafkaError::Canceled));
+        let committed = tokio::task::spawn_blocking(move || {
+            wait_delivered(&p);
+            p.commit_transaction(TXN_TIMEOUT)
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled));
         match committed {
             Ok(()) => return Ok(()),
             Err(KafkaError::Transaction(e)) if e.is_retriable() => {
@@ -537,6 +540,23 @@ pub async fn commit(producer: &Arc<ShardProducer>, shard: u32) -> Result<(), Txn
         }
     }
     Err(abort(producer, shard, KafkaError::Canceled).await)
+}
+
+/// Blocks until every record produced into the open transaction has been acknowledged or
+/// failed (at most [`TXN_TIMEOUT`]), on librdkafka's own condition: with the event API
+/// `rd_kafka_flush` waits for the producer's message count to reach zero, and it makes the
+/// broker threads send at once instead of after `linger.ms`. rust-rdkafka's `flush`, which
+/// `commit_transaction` calls first, asks without waiting and then polls in 100 ms windows
+/// that end only when the window does (each ending in a sub-millisecond busy wait), so every
+/// commit took at least 100 ms; afterwards its flush finds nothing left and returns at once.
+/// Whatever this returns, the commit's own flush and librdkafka's commit decide the outcome.
+fn wait_delivered(producer: &ShardProducer) {
+    let timeout_ms = i32::try_from(TXN_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the handle is the live producer's own (`producer` is borrowed for the whole
+    // call, so it cannot be destroyed meanwhile), and rd_kafka_flush is thread-safe.
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), timeout_ms);
+    }
 }
 
 /// Aborts the open transaction after `cause`; fatal when the producer cannot go on.
