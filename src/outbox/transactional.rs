@@ -526,7 +526,7 @@ pub async fn commit(producer: &Arc<ShardProducer>, shard: u32) -> Result<(), Txn
     for _ in 0..3 {
         let p = producer.clone();
         let committed = tokio::task::spawn_blocking(move || {
-            wait_delivered(&p);
+            wait_delivered(&p)?;
             p.commit_transaction(TXN_TIMEOUT)
         })
         .await
@@ -549,13 +549,17 @@ pub async fn commit(producer: &Arc<ShardProducer>, shard: u32) -> Result<(), Txn
 /// `commit_transaction` calls first, asks without waiting and then polls in 100 ms windows
 /// that end only when the window does (each ending in a sub-millisecond busy wait), so every
 /// commit took at least 100 ms; afterwards its flush finds nothing left and returns at once.
-/// Whatever this returns, the commit's own flush and librdkafka's commit decide the outcome.
-fn wait_delivered(producer: &ShardProducer) {
+/// Records still undelivered at the timeout give the same error as rust-rdkafka's `flush`
+/// (the transaction is then aborted, after one timeout as before, not two).
+fn wait_delivered(producer: &ShardProducer) -> Result<(), KafkaError> {
     let timeout_ms = i32::try_from(TXN_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: the handle is the live producer's own (`producer` is borrowed for the whole
     // call, so it cannot be destroyed meanwhile), and rd_kafka_flush is thread-safe.
-    unsafe {
-        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), timeout_ms);
+    let code =
+        unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), timeout_ms) };
+    match RDKafkaErrorCode::from(code) {
+        RDKafkaErrorCode::NoError => Ok(()),
+        undelivered => Err(KafkaError::Flush(undelivered)),
     }
 }
 
