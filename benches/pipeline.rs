@@ -6,7 +6,7 @@
 //! ```text
 //! pipeline-bench: case=limits fetch_per_s=… copy_per_s=… broker_per_s=… composite_per_s=…
 //! pipeline-bench: case=<initial|unchanged|changed10> products=N e2e_per_s=… result_s=… all_events_s=… events=… fetch_s=… fold_s=… ratio=…
-//! pipeline-bench: case=relay mode=<transactional|idempotent> rows=N relay_per_s=… broker_per_s=… ratio=…
+//! pipeline-bench: case=relay mode=<transactional|idempotent> rows=N relay_per_s=… broker_per_s=… ratio=… trials=…
 //! pipeline-bench: case=million products=1000000 result_s=… all_events_s=… command_s=… peak_rss_mb=…
 //! ```
 //!
@@ -21,14 +21,17 @@
 //! page is fetched while one is folded). `relay`: a plain producer (same settings) sends N change
 //! events and their state records from memory (the broker's rate on this machine), then the
 //! relay alone publishes a pre-filled queue of the same N rows, transactional
-//! (`pipeline.exactly_once`) and idempotent, each against that rate. `million` runs one command of a million products
+//! (`pipeline.exactly_once`) and idempotent, each against that rate; the three measured in
+//! turn `--relay-trials` times (default 3), each line giving medians and every trial's ratio.
+//! `million` runs one command of a million products
 //! in a fresh store (`peak_rss_mb` is the instance's own VmHWM), then the relay case again
 //! with a million history rows.
 //!
 //! Run: `deploy/local/kafka.sh up && deploy/local/postgres.sh up && cargo bench --bench pipeline`
 //! (options after `--`: `--products N` (default 100000), `--million N` (default 1000000; 0
 //! skips it), `--relay-batch N` (the relay case's `pipeline.relay_batch_size`, default 5000),
-//! `--relay-only` (only the initial case, to fill the history, then the relay case),
+//! `--relay-trials N` (default 3; the million's relay case runs one), `--relay-only` (only
+//! the initial case, to fill the history, then the relay case),
 //! `--keep-db`). `PRODUCT_SYNC_BENCH_DATABASE_URL` and `PRODUCT_SYNC_BENCH_KAFKA` name the
 //! services (default: the local ones); every run makes its own database and topics and
 //! deletes them at the end.
@@ -530,19 +533,47 @@ async fn copy_alone(w: &World) -> Result<(usize, f64), Error> {
 
 /// Publishes the first `rows` change rows with the relay alone, transactional and then
 /// idempotent (the queue filled again before each), and the same messages with a plain
-/// producer. Prints one relay line per mode.
-/// The plain producer is measured again here, though the limits measured it too: the
-/// machine's speed drifts, so the relay is set against a rate taken right beside it.
-async fn relay_case(w: &World, rows: usize) -> Result<(), Error> {
-    let broker_rate = rows as f64 / plain_send(w, rows).await?;
-    for mode in ["transactional", "idempotent"] {
-        let relay_rate = rows as f64 / relay_alone(w, rows, mode == "transactional").await?;
+/// producer, `trials` times in turn. Prints one relay line per mode: the median of its
+/// trials' rates, the plain producer's median, and the median of the trials' ratios (each
+/// trial's relay against the plain producer measured right before it: this machine's speed
+/// drifts, and one trial of each swung the ratio from 0.28 to 0.51 between runs).
+async fn relay_case(w: &World, rows: usize, trials: usize) -> Result<(), Error> {
+    let mut broker = Vec::new();
+    let mut modes: [(&str, Vec<f64>, Vec<f64>); 2] = [
+        ("transactional", Vec::new(), Vec::new()),
+        ("idempotent", Vec::new(), Vec::new()),
+    ];
+    for _ in 0..trials.max(1) {
+        let broker_rate = rows as f64 / plain_send(w, rows).await?;
+        broker.push(broker_rate);
+        for (mode, rates, ratios) in modes.iter_mut() {
+            let rate = rows as f64 / relay_alone(w, rows, *mode == "transactional").await?;
+            rates.push(rate);
+            ratios.push(rate / broker_rate);
+        }
+    }
+    let broker_rate = median(&broker);
+    for (mode, rates, ratios) in &modes {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "pipeline-bench: case=relay mode={mode} rows={rows} (each a change event and a state record) relay_per_s={relay_rate:.0} broker_per_s={broker_rate:.0} ratio={:.2}",
-            relay_rate / broker_rate
+            "pipeline-bench: case=relay mode={mode} rows={rows} (each a change event and a state record) relay_per_s={:.0} broker_per_s={broker_rate:.0} ratio={:.2} trials={}",
+            median(rates),
+            median(ratios),
+            each.join("/")
         );
     }
     Ok(())
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// Re-queues the first `rows` change rows and publishes them with the relay alone; returns
@@ -721,7 +752,7 @@ async fn three_cases(n: usize) -> Result<(), Error> {
         println!("{line} ratio={:.2}", rate / limits.with_changed(0.1));
     }
     instance.stop()?;
-    relay_case(&w, n).await?;
+    relay_case(&w, n, arg("--relay-trials", 3)).await?;
     w.clean_up().await;
     Ok(())
 }
@@ -739,7 +770,8 @@ async fn million(n: usize) -> Result<(), Error> {
          command_s={command_s:.1} events={events} peak_rss_mb={peak:.0}"
     );
     instance.stop()?;
-    relay_case(&w, n).await?;
+    // A million rows take minutes a trial: one.
+    relay_case(&w, n, 1).await?;
     w.clean_up().await;
     Ok(())
 }

@@ -62,6 +62,10 @@ const TXN_BATCHES: u64 = 4;
 const MAX_RUNS: usize = 4096;
 /// How long one blocking transaction call (init, commit, abort) may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shards of a round producing at once; the others wait their turn (their commits run
+/// meanwhile). All at once, the 16 produce loops shared the runtime's threads with the read
+/// of the next round, which got a 17th of them and became the round's longest part.
+const PRODUCING: usize = 1;
 /// Rows a shard's produce loop handles between two yields to the runtime.
 const YIELD_EVERY: usize = 256;
 /// How long reading a shard's progress record may take.
@@ -396,6 +400,11 @@ async fn take_shard(
         // reason). Retries back off exponentially from here up to the usual second.
         .set("retry.backoff.ms", "10")
         .set("retry.backoff.max.ms", "1000")
+        // The commit sends what is left at once (`wait_delivered`), so lingering costs a
+        // transaction no latency: its records go in a few full batches instead of one small
+        // batch per partition every 10 ms (the broker's CPU for 100,000 rows 1.75 -> 1.40
+        // core-seconds, this process's 3.17 -> 2.92).
+        .set("linger.ms", "100")
         .create_with_context(ShardContext::default())?;
     let producer = Arc::new(producer);
     let init = producer.clone();
@@ -667,7 +676,9 @@ impl Relay {
                 if matches!(&filter, Shards::Some { held, .. } if held.is_empty()) {
                     return Ok(false);
                 }
-                let rows = queue::read(&self.db, &filter, 0, limit).await?;
+                // One relay batch from the head, so publishing starts sooner; the rounds
+                // read ahead meanwhile take the whole `limit`.
+                let rows = queue::read(&self.db, &filter, 0, self.settings.batch).await?;
                 (rows, Unconfirmed::default())
             }
         };
@@ -694,6 +705,7 @@ impl Relay {
         let Some(txns) = self.txns.as_ref() else {
             return Ok(false);
         };
+        let turn = Arc::new(tokio::sync::Semaphore::new(PRODUCING));
         let shards: Vec<_> = by_shard
             .into_iter()
             .map(|(shard, rows)| {
@@ -704,6 +716,7 @@ impl Relay {
                     shard,
                     unconfirmed: deleting.of(shard).to_vec(),
                     suspects: txns.suspects.get(&shard).cloned().unwrap_or_default(),
+                    turn: turn.clone(),
                 });
                 (shard, job.map(|job| tokio::spawn(job.publish(rows))))
             })
@@ -820,6 +833,8 @@ struct ShardJob {
     unconfirmed: Vec<i64>,
     /// The shard's rows in a record batch the broker refused: each goes alone.
     suspects: BTreeSet<i64>,
+    /// Taken while producing (see [`PRODUCING`]).
+    turn: Arc<tokio::sync::Semaphore>,
 }
 
 impl ShardJob {
@@ -843,6 +858,7 @@ impl ShardJob {
             rows.truncate(first.max(1));
         }
         let producer = &ready.producer;
+        let turn = self.turn.acquire().await;
         producer.context().refusals().clear();
         if let Err(e) = producer.begin_transaction() {
             return Err(abort(producer, shard, e).await);
@@ -888,6 +904,7 @@ impl ShardJob {
         if let Err(e) = produce_progress(ready, &progress) {
             return Err(abort(producer, shard, e).await);
         }
+        drop(turn);
         if let Err(e) = commit(producer, shard).await {
             return Err(self.refused(sent, e).await?);
         }
