@@ -535,8 +535,9 @@ async fn copy_alone(w: &World) -> Result<(usize, f64), Error> {
 /// idempotent (the queue filled again before each), and the same messages with a plain
 /// producer, `trials` times in turn. Prints one relay line per mode: the median of its
 /// trials' rates, the plain producer's median, and the median of the trials' ratios (each
-/// trial's relay against the plain producer measured right before it: this machine's speed
-/// drifts, and one trial of each swung the ratio from 0.28 to 0.51 between runs).
+/// trial's relay against the plain producer measured at the start of the same trial: this
+/// machine's speed drifts, and one trial of each swung the ratio from 0.28 to 0.51 between
+/// runs).
 async fn relay_case(w: &World, rows: usize, trials: usize) -> Result<(), Error> {
     let mut broker = Vec::new();
     let mut modes: [(&str, Vec<f64>, Vec<f64>); 2] = [
