@@ -71,10 +71,13 @@ pub struct SystemSchedule {
     pub give_up_after: Duration,
 }
 
+/// What every scheduled command's request id (and key on the request topic) starts with.
+pub const REQUEST_ID_PREFIX: &str = "sched:";
+
 /// The request id of a slot: `sched:<system>:<kind>:<slot as RFC 3339 UTC>`.
 pub fn request_id(system: &str, kind: ScheduleKind, slot: DateTime<Utc>) -> String {
     let at = slot.to_rfc3339_opts(SecondsFormat::Secs, true);
-    format!("sched:{system}:{kind}:{at}")
+    format!("{REQUEST_ID_PREFIX}{system}:{kind}:{at}")
 }
 
 /// The command a slot publishes (`watermark`: the system's, less its overlap, for an

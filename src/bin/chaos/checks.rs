@@ -10,6 +10,7 @@ use product_sync::command::Selector;
 use product_sync::config::Settings;
 use product_sync::kafka::{client_config, header_text as header};
 use product_sync::product::{Identity, Product};
+use product_sync::scheduler;
 use product_sync::store::fold::load_all;
 use product_sync::wire::dlq as dlqh;
 use rdkafka::Message;
@@ -465,7 +466,10 @@ fn waits_beyond_schedules(records: &[OwnedMessage], partition: i32, committed: i
     records
         .iter()
         .filter(|m| m.partition() == partition && m.offset() >= committed)
-        .any(|m| !m.key().is_some_and(|k| k.starts_with(b"sched:")))
+        .any(|m| {
+            !m.key()
+                .is_some_and(|k| k.starts_with(scheduler::REQUEST_ID_PREFIX.as_bytes()))
+        })
 }
 
 /// The client secret and every token ever issued, searched as raw bytes in the log of every
