@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rdkafka::ClientContext;
@@ -70,6 +70,12 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 /// meanwhile). All at once, the 16 produce loops shared the runtime's threads with the read
 /// of the next round, which got a 17th of them and became the round's longest part.
 const PRODUCING: usize = 1;
+/// A round from the queue's head that found fewer rows than a relay batch holds the next one
+/// back until this long after its own start, so that rows trickling in (a command's pages
+/// folding one after another) go in fewer, fuller transactions: each costs the broker a
+/// transaction-log write, a partition registration and a marker for every partition it
+/// touched (about 13 here), whatever its size.
+pub const TXN_LINGER: Duration = Duration::from_millis(500);
 /// Rows a shard's produce loop handles between two yields to the runtime.
 const YIELD_EVERY: usize = 256;
 /// How long reading a shard's progress record may take.
@@ -306,6 +312,9 @@ pub struct Txns {
     /// By shard, rows in a record batch the broker refused: while one is queued, each goes
     /// in a transaction of its own (the rows before it together).
     suspects: BTreeMap<u32, BTreeSet<i64>>,
+    /// When the last round read from the queue's head started, if it was a small one (see
+    /// [`TXN_LINGER`]).
+    small_round: Option<Instant>,
 }
 
 impl Txns {
@@ -316,7 +325,16 @@ impl Txns {
             undeleted: Unconfirmed::default(),
             next: None,
             suspects: BTreeMap::new(),
+            small_round: None,
         }
+    }
+
+    /// How long the next round from the queue's head waits (see [`TXN_LINGER`]).
+    fn linger(&self) -> Option<Duration> {
+        let started = self.small_round?;
+        TXN_LINGER
+            .checked_sub(started.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     /// The shards ready to publish, as a queue filter.
@@ -555,10 +573,10 @@ fn last_record(
     list.add_partition_offset(topic, partition, Offset::Offset(from))
         .map_err(|e| e.to_string())?;
     consumer.assign(&list).map_err(|e| e.to_string())?;
-    let deadline = std::time::Instant::now() + PROGRESS_READ;
+    let deadline = Instant::now() + PROGRESS_READ;
     let mut last = None;
     loop {
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             return Err(format!("{topic}[{partition}] not read to its end in time"));
         }
         match consumer.poll(Duration::from_millis(200)) {
@@ -723,9 +741,15 @@ impl Relay {
                 if matches!(&filter, Shards::Some { held, .. } if held.is_empty()) {
                     return Ok(false);
                 }
+                if let Some(wait) = txns.linger() {
+                    tokio::time::sleep(wait).await;
+                }
                 // One relay batch from the head, so publishing starts sooner; the rounds
                 // read ahead meanwhile take the whole `limit`.
+                let started = Instant::now();
                 let rows = queue::read(&self.db, &filter, 0, self.settings.batch).await?;
+                let small = !rows.is_empty() && rows.len() < self.settings.batch as usize;
+                txns.small_round = small.then_some(started);
                 (rows, Unconfirmed::default())
             }
         };
@@ -858,7 +882,9 @@ impl Relay {
             }
             renew.into_iter().for_each(|s| txns.drop_shard(s));
             txns.undeleted.merge(committed);
-            txns.next = next.filter(|rows| whole && !rows.is_empty());
+            // A small read-ahead is left for a round from the head, after the linger.
+            let batch = self.settings.batch as usize;
+            txns.next = next.filter(|rows| whole && rows.len() >= batch);
             if txns.next.is_none() {
                 txns.finish(&self.db).await?;
             }

@@ -510,3 +510,57 @@ async fn a_read_to_the_end_misses_nothing_committed_behind_an_open_transaction()
         "the committed record, not the aborted one"
     );
 }
+
+/// Rows trickling into the queue (a command's pages folding one after another) go in few
+/// transactions: a round that found fewer rows than a relay batch holds the next round from
+/// the queue's head back until `TXN_LINGER` after its own start. Forty small commits of one
+/// shard over two seconds take at most one transaction per linger (and one more at each end);
+/// without the linger each took one of its own, and every transaction costs the broker a
+/// marker per partition it touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_trickling_in_go_in_few_transactions() {
+    use product_sync::outbox::transactional::TXN_LINGER;
+    let w = world(200, 1).await;
+    fold_everything(&w, "bulk").await;
+    let shards = w.settings.pipeline.relay_shards as usize;
+    let mut relay = transactional_relay(&w, "trickle").await;
+    take_all(&mut relay, shards).await;
+    publish_all(&w, &mut relay).await;
+    let progress = w.settings.topics.relay_progress.clone();
+    let offsets = |ends: Vec<(i64, i64)>| ends.iter().map(|(_, high)| high).sum::<i64>();
+    let before = offsets(ends(&w, &progress).await);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(relay.run(stop.clone()));
+    let started = std::time::Instant::now();
+    const COMMITS: usize = 40;
+    for k in 0..COMMITS {
+        // Five history rows queued again, all of shard 0 (shard key = the shard count).
+        sql(
+            &w,
+            &format!(
+                "INSERT INTO outbox_pending (shard_key, change_id, product_id, created_at) \
+                 SELECT {shards}, id, product_id, now() FROM product_changes \
+                 ORDER BY id LIMIT 5 OFFSET {}",
+                k * 5
+            ),
+        )
+        .await;
+        // The trickle's pace (the input), not a wait for the relay.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_queue_below(&w, 0, Duration::from_secs(60)).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    running.await.expect("the relay task");
+
+    // Each transaction of shard 0 wrote its progress record and its commit marker.
+    let transactions = (offsets(ends(&w, &progress).await) - before) / 2;
+    let bound = (elapsed.as_secs_f64() / TXN_LINGER.as_secs_f64()).ceil() as i64 + 2;
+    assert!(transactions >= 1, "the trickle was published");
+    assert!(
+        transactions <= bound,
+        "{transactions} transactions for {COMMITS} small commits over {elapsed:?} \
+         (at most {bound}: one per {TXN_LINGER:?})"
+    );
+}
