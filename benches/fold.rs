@@ -4,6 +4,11 @@
 //!
 //! `fold-bench: case=<initial|unchanged|changed10> products=<n> runs=<r> batched_per_s=<x> naive_per_s=<y> ratio=<x/y> range=<min-max batched>`
 //!
+//! The `initial` line goes on with its limit, the raw `COPY` path measured in the same run:
+//! the rows each run's initial fold stored (products, change rows, queue rows) loaded again by
+//! `COPY` into empty copies of their tables — `copy_per_s=<median> copy_ratio=<median of each
+//! run's batched/copy> copy_ratios=<each run's>`.
+//!
 //! After an untimed warm-up, each case runs `--runs` times (default 3) on fresh systems; the
 //! figures are medians. Each run's outcome counts are asserted (created, updated, unchanged),
 //! so a fold that did nothing cannot pass for a fast one.
@@ -277,6 +282,67 @@ async fn naive(
     (started.elapsed(), counts)
 }
 
+/// The raw `COPY` path, the limit of the `initial` case: the rows the batched initial fold of
+/// `system` stored (its products, their change rows and their queue rows) loaded again by
+/// `COPY … FROM STDIN` into empty copies of their tables (same columns, indexes and defaults).
+/// Returns the products and the time of the three `COPY`s (their text read out beforehand).
+async fn copy_path(db: &DatabaseConnection, system: &str) -> (u64, Duration) {
+    use futures::StreamExt;
+    use sea_orm::sqlx::postgres::PgPoolCopyExt;
+    let pool = db.get_postgres_connection_pool();
+    let changes = format!("FROM product_changes WHERE system = '{system}'");
+    let tables = [
+        (
+            "products",
+            format!("SELECT * FROM products WHERE system = '{system}'"),
+            "",
+        ),
+        ("product_changes", format!("SELECT * {changes}"), ""),
+        (
+            "outbox_pending",
+            format!("SELECT product_id, id, product_id, created_at {changes}"),
+            "(shard_key, change_id, product_id, created_at)",
+        ),
+    ];
+    let mut data = Vec::new();
+    for (table, select, columns) in tables {
+        db.execute_unprepared(&format!(
+            "CREATE TABLE bench_copy_{table} (LIKE {table} INCLUDING ALL)"
+        ))
+        .await
+        .expect("copy table");
+        let mut out = pool
+            .copy_out_raw(&format!("COPY ({select}) TO STDOUT"))
+            .await
+            .expect("copy out");
+        let mut bytes = Vec::new();
+        while let Some(chunk) = out.next().await {
+            bytes.extend_from_slice(&chunk.expect("copy out chunk"));
+        }
+        data.push((table, columns, bytes));
+    }
+    let started = Instant::now();
+    let mut products = 0;
+    for (table, columns, bytes) in &data {
+        let mut copy = pool
+            .copy_in_raw(&format!("COPY bench_copy_{table} {columns} FROM STDIN"))
+            .await
+            .expect("copy in");
+        copy.send(bytes.as_slice()).await.expect("copy send");
+        let rows = copy.finish().await.expect("copy finish");
+        if *table == "products" {
+            products = rows;
+        }
+    }
+    let took = started.elapsed();
+    for (table, ..) in &data {
+        db.execute_unprepared(&format!("DROP TABLE bench_copy_{table}"))
+            .await
+            .expect("drop copy table");
+    }
+    (products, took)
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -343,15 +409,23 @@ async fn main() {
     // reported. Every sample's counts are checked: a fold that did nothing fails the bench.
     batched(&db, "bench-warmup", &v1[..page_size.min(n)], page_size).await;
     let mut samples: Vec<[(f64, f64); 3]> = Vec::new();
+    let (mut copies, mut copy_ratios) = (Vec::new(), Vec::new());
     for run in 0..runs {
         let mut sample = [(0.0, 0.0); 3];
         for (i, (case, batch)) in [("initial", &v1), ("unchanged", &v1), ("changed10", &v2)]
             .into_iter()
             .enumerate()
         {
-            let (b, counts) = batched(&db, &format!("bench-batched-{run}"), batch, page_size).await;
+            let system = format!("bench-batched-{run}");
+            let (b, counts) = batched(&db, &system, batch, page_size).await;
             assert_eq!(counts, expected(case, n), "batched fold, case {case}");
             sample[i].0 = rate(n, b);
+            if case == "initial" {
+                let (rows, took) = copy_path(&db, &system).await;
+                assert_eq!(rows, n as u64, "the COPY path loads every product");
+                copies.push(rate(n, took));
+                copy_ratios.push(sample[i].0 / rate(n, took));
+            }
             if n_naive > 0 {
                 let (nv, counts) = naive(
                     &db,
@@ -372,7 +446,17 @@ async fn main() {
         .enumerate()
     {
         let x = median(samples.iter().map(|s| s[i].0).collect());
-        let spread = spread(samples.iter().map(|s| s[i].0).collect());
+        let mut spread = spread(samples.iter().map(|s| s[i].0).collect());
+        if case == "initial" {
+            // Against the raw COPY path of the same run: each run's ratio, their median.
+            let each: Vec<String> = copy_ratios.iter().map(|r| format!("{r:.2}")).collect();
+            spread = format!(
+                "{spread} copy_per_s={:.0} copy_ratio={:.2} copy_ratios={}",
+                median(copies.clone()),
+                median(copy_ratios.clone()),
+                each.join("/")
+            );
+        }
         if n_naive == 0 {
             lines.push(format!(
                 "fold-bench: case={case} products={n} runs={runs} batched_per_s={x:.0} range={spread}"
