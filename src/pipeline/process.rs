@@ -43,8 +43,9 @@ const UNTIL_HEALED: RetryPolicy = RetryPolicy::until_cancelled(Duration::from_se
 /// page with few writes spends most of its fold waiting on round trips to the store, so four
 /// at once rather than two: `changed10` 8,300–8,900 → 11,900–12,700 products/s, `initial`
 /// and `unchanged` within their noise (`cargo bench --bench pipeline -- --million 0`,
-/// 2026-12-07). A command's folds beyond the pool's free connections wait for one.
-const FOLDS_IN_FLIGHT: usize = 4;
+/// 2026-12-07). A command's folds beyond the pool's free connections wait for one. The fold
+/// benchmark folds its pages the same way.
+pub const FOLDS_IN_FLIGHT: usize = 4;
 
 /// The command was left unfinished (shutdown or revoke): its offset must not be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
