@@ -239,6 +239,10 @@ impl Proxy {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
+                    // As the clients it stands in for: no Nagle delay (and a socket with it on
+                    // would fail `store_smoke`'s check of the sockets to PostgreSQL).
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
                     tokio::select! {
                         _ = live.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
