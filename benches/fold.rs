@@ -43,6 +43,9 @@ use sea_orm::{
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
+#[path = "support/copy.rs"]
+mod copy;
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -293,13 +296,10 @@ async fn naive(
 
 /// The raw `COPY` path, the limit of the `initial` case: the rows the batched initial fold of
 /// `system` stored (its products, their change rows and their queue rows) loaded again by
-/// `COPY … FROM STDIN` into empty copies of their tables (same columns, indexes and defaults).
-/// Returns the products and the time of the three `COPY`s (their text read out beforehand).
+/// `COPY` into empty copies of their tables. Returns the products and the time of the `COPY`s.
 async fn copy_path(db: &DatabaseConnection, system: &str) -> (u64, Duration) {
-    use sea_orm::sqlx::postgres::PgPoolCopyExt;
-    let pool = db.get_postgres_connection_pool();
     let changes = format!("FROM product_changes WHERE system = '{system}'");
-    let tables = [
+    let tables = vec![
         (
             "products",
             format!("SELECT * FROM products WHERE system = '{system}'"),
@@ -312,43 +312,9 @@ async fn copy_path(db: &DatabaseConnection, system: &str) -> (u64, Duration) {
             "(shard_key, change_id, product_id, created_at)",
         ),
     ];
-    let mut data = Vec::new();
-    for (table, select, columns) in tables {
-        db.execute_unprepared(&format!(
-            "CREATE TABLE bench_copy_{table} (LIKE {table} INCLUDING ALL)"
-        ))
+    copy::copy_again(db, tables)
         .await
-        .expect("copy table");
-        let mut out = pool
-            .copy_out_raw(&format!("COPY ({select}) TO STDOUT"))
-            .await
-            .expect("copy out");
-        let mut bytes = Vec::new();
-        while let Some(chunk) = out.next().await {
-            bytes.extend_from_slice(&chunk.expect("copy out chunk"));
-        }
-        data.push((table, columns, bytes));
-    }
-    let started = Instant::now();
-    let mut products = 0;
-    for (table, columns, bytes) in &data {
-        let mut copy = pool
-            .copy_in_raw(&format!("COPY bench_copy_{table} {columns} FROM STDIN"))
-            .await
-            .expect("copy in");
-        copy.send(bytes.as_slice()).await.expect("copy send");
-        let rows = copy.finish().await.expect("copy finish");
-        if *table == "products" {
-            products = rows;
-        }
-    }
-    let took = started.elapsed();
-    for (table, ..) in &data {
-        db.execute_unprepared(&format!("DROP TABLE bench_copy_{table}"))
-            .await
-            .expect("drop copy table");
-    }
-    (products, took)
+        .unwrap_or_else(|e| panic!("the COPY path: {e}"))
 }
 
 fn rate(n: usize, d: Duration) -> f64 {

@@ -55,6 +55,9 @@ use sea_orm::sqlx::{self, PgPool, Row};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use secrecy::SecretString;
 
+#[path = "support/copy.rs"]
+mod copy;
+
 /// mimalloc: the relay and the fold allocate and free many small strings across threads,
 /// where glibc's allocator spent a fifth of the relay's time (perf, `case=relay`).
 #[global_allocator]
@@ -484,51 +487,21 @@ async fn fetch_alone(sim_url: &str) -> Result<(usize, f64), Error> {
 /// loaded again by raw `COPY` into empty copies of their tables (same columns, indexes and
 /// defaults); the products and the seconds of the three `COPY`s.
 async fn copy_alone(w: &World) -> Result<(usize, f64), Error> {
-    use futures::StreamExt;
-    use sqlx::postgres::PgPoolCopyExt;
-    let pool = w.pool();
-    let tables = [
-        ("products", "SELECT * FROM products", ""),
-        ("product_changes", "SELECT * FROM product_changes", ""),
+    let tables = vec![
+        ("products", "SELECT * FROM products".to_owned(), ""),
+        (
+            "product_changes",
+            "SELECT * FROM product_changes".to_owned(),
+            "",
+        ),
         (
             "outbox_pending",
-            "SELECT product_id, id, product_id, created_at FROM product_changes",
+            "SELECT product_id, id, product_id, created_at FROM product_changes".to_owned(),
             "(shard_key, change_id, product_id, created_at)",
         ),
     ];
-    let mut data = Vec::new();
-    for (table, select, columns) in tables {
-        w.db.execute_unprepared(&format!(
-            "CREATE TABLE bench_copy_{table} (LIKE {table} INCLUDING ALL)"
-        ))
-        .await?;
-        let mut out = pool
-            .copy_out_raw(&format!("COPY ({select}) TO STDOUT"))
-            .await?;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = out.next().await {
-            bytes.extend_from_slice(&chunk?);
-        }
-        data.push((table, columns, bytes));
-    }
-    let started = Instant::now();
-    let mut products = 0;
-    for (table, columns, bytes) in &data {
-        let mut copy = pool
-            .copy_in_raw(&format!("COPY bench_copy_{table} {columns} FROM STDIN"))
-            .await?;
-        copy.send(bytes.as_slice()).await?;
-        let rows = copy.finish().await?;
-        if *table == "products" {
-            products = rows;
-        }
-    }
-    let took = started.elapsed().as_secs_f64();
-    for (table, ..) in &data {
-        w.db.execute_unprepared(&format!("DROP TABLE bench_copy_{table}"))
-            .await?;
-    }
-    Ok((usize::try_from(products)?, took))
+    let (products, took) = copy::copy_again(&w.db, tables).await?;
+    Ok((usize::try_from(products)?, took.as_secs_f64()))
 }
 
 /// Publishes the first `rows` change rows with the relay alone, transactional and then
