@@ -8,13 +8,13 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use std::sync::Arc;
 
+use futures::TryStreamExt;
 use sea_orm::sqlx;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseConnectionType,
     DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QueryResult, RuntimeErr,
     Statement, StreamTrait, TransactionTrait,
 };
-use futures::TryStreamExt;
 
 use crate::store::entity::{outbox_pending, requests as request_rows};
 use crate::store::{StoreError, requests};
