@@ -42,6 +42,7 @@
 //!
 //! Every boundary has its own `thiserror` error type that answers `is_transient()`.
 
+pub mod allocator;
 pub mod app;
 #[cfg(feature = "dev-tools")]
 pub mod audit;

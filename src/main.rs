@@ -82,6 +82,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    product_sync::allocator::return_freed_memory_at_once();
     let cli = Cli::parse();
     let file = cli.config;
     match cli.command {

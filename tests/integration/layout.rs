@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// The library's modules, lowest layer first. A module may use modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
-    &["metrics", "text", "config"],
+    &["metrics", "text", "config", "allocator"],
     &["telemetry", "retry", "product"],
     &["diff", "command"],
     &["wire", "kafka"],
