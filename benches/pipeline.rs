@@ -6,7 +6,7 @@
 //! ```text
 //! pipeline-bench: case=limits fetch_per_s=… copy_per_s=… broker_per_s=… composite_per_s=…
 //! pipeline-bench: case=<initial|unchanged|changed10> products=N e2e_per_s=… result_s=… all_events_s=… events=… fetch_s=… fold_s=… ratio=…
-//! pipeline-bench: case=relay mode=<transactional|idempotent> rows=N relay_per_s=… broker_per_s=… ratio=… trials=…
+//! pipeline-bench: case=relay mode=<transactional|idempotent> rows=N relay_per_s=… broker_per_s=… ratio=… trials=… broker_before_per_s=… broker_after_per_s=…
 //! pipeline-bench: case=million products=1000000 result_s=… all_events_s=… command_s=… peak_rss_mb=…
 //! ```
 //!
@@ -21,8 +21,9 @@
 //! page is fetched while one is folded). `relay`: a plain producer (same settings) sends N change
 //! events and their state records from memory (the broker's rate on this machine), then the
 //! relay alone publishes a pre-filled queue of the same N rows, transactional
-//! (`pipeline.exactly_once`) and idempotent, each against that rate; the three measured in
-//! turn `--relay-trials` times (default 3), each line giving medians and every trial's ratio.
+//! (`pipeline.exactly_once`) and idempotent, then the plain producer sends again; each relay
+//! against the mean of the two plain sends around it. A trial measures the four in turn;
+//! `--relay-trials` of them (default 3), each line giving medians and every trial's ratio.
 //! `million` runs one command of a million products
 //! in a fresh store (`peak_rss_mb` is the instance's own VmHWM), then the relay case again
 //! with a million history rows.
@@ -445,7 +446,7 @@ impl Limits {
         let limits = Limits {
             fetch: fetched as f64 / fetch_s,
             copy: copied as f64 / copy_s,
-            broker: n as f64 / plain_send(w, n).await?,
+            broker: Plain::load(w, n).await?.send(w).await?,
         };
         println!(
             "pipeline-bench: case=limits fetch_per_s={:.0} copy_per_s={:.0} broker_per_s={:.0} composite_per_s={:.0}",
@@ -505,32 +506,43 @@ async fn copy_alone(w: &World) -> Result<(usize, f64), Error> {
 }
 
 /// Publishes the first `rows` change rows with the relay alone, transactional and then
-/// idempotent (the queue filled again before each), and the same messages with a plain
-/// producer, `trials` times in turn. Prints one relay line per mode: the median of its
-/// trials' rates, the plain producer's median, and the median of the trials' ratios (each
-/// trial's relay against the plain producer measured at the start of the same trial: this
-/// machine's speed drifts, and one trial of each swung the ratio from 0.28 to 0.51 between
-/// runs).
+/// idempotent (the queue filled again before each), bracketed by the same messages sent with
+/// a plain producer just before and just after, `trials` times in turn. Prints one relay line
+/// per mode: the median of its trials' rates, the plain producer's median (each trial's the
+/// mean of its two sends; the medians of the sends before and after follow), and the median
+/// of the trials' ratios (each trial's relay against its own plain producer). This machine's
+/// speed drifts within a run as well as between runs: one trial of each swung the ratio from
+/// 0.28 to 0.51 between runs, and a plain producer measured only before the relays sent a
+/// million rows at 85,000 to 129,000 a second in five runs of the same commit.
 async fn relay_case(w: &World, rows: usize, trials: usize) -> Result<(), Error> {
-    let mut broker = Vec::new();
+    let plain = Plain::load(w, rows).await?;
+    let (mut broker, mut before, mut after) = (Vec::new(), Vec::new(), Vec::new());
     let mut modes: [(&str, Vec<f64>, Vec<f64>); 2] = [
         ("transactional", Vec::new(), Vec::new()),
         ("idempotent", Vec::new(), Vec::new()),
     ];
     for _ in 0..trials.max(1) {
-        let broker_rate = rows as f64 / plain_send(w, rows).await?;
+        let first = plain.send(w).await?;
+        let mut trial = Vec::new();
+        for (mode, ..) in &modes {
+            trial.push(rows as f64 / relay_alone(w, rows, *mode == "transactional").await?);
+        }
+        let last = plain.send(w).await?;
+        let broker_rate = (first + last) / 2.0;
         broker.push(broker_rate);
-        for (mode, rates, ratios) in modes.iter_mut() {
-            let rate = rows as f64 / relay_alone(w, rows, *mode == "transactional").await?;
+        before.push(first);
+        after.push(last);
+        for ((_, rates, ratios), rate) in modes.iter_mut().zip(trial) {
             rates.push(rate);
             ratios.push(rate / broker_rate);
         }
     }
     let broker_rate = median(&broker);
+    let (before, after) = (median(&before), median(&after));
     for (mode, rates, ratios) in &modes {
         let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "pipeline-bench: case=relay mode={mode} rows={rows} (each a change event and a state record) relay_per_s={:.0} broker_per_s={broker_rate:.0} ratio={:.2} trials={}",
+            "pipeline-bench: case=relay mode={mode} rows={rows} (each a change event and a state record) relay_per_s={:.0} broker_per_s={broker_rate:.0} ratio={:.2} trials={} broker_before_per_s={before:.0} broker_after_per_s={after:.0}",
             median(rates),
             median(ratios),
             each.join("/")
@@ -618,65 +630,77 @@ async fn relay_alone(w: &World, rows: usize, exactly_once: bool) -> Result<f64, 
     Ok(relay_s)
 }
 
-/// Sends the first `rows` change events (and their state records) with a plain producer,
-/// straight from memory; returns the seconds it took: the broker's rate on this machine.
-async fn plain_send(w: &World, rows: usize) -> Result<f64, Error> {
-    // The same messages, straight from memory through a plain producer.
-    let messages: Vec<(String, String, String, String, String)> = sqlx::query(
-        "SELECT system || '/' || COALESCE(product_code, identity) AS key, payload::text AS payload, \
-         event_id, op, to_char(created_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS time \
-         FROM product_changes ORDER BY id LIMIT $1",
-    )
-    .bind(rows as i64)
-    .fetch_all(w.pool())
-    .await?
-    .iter()
-    .map(|r| {
-        Ok((
-            r.try_get("key")?,
-            r.try_get("payload")?,
-            r.try_get("event_id")?,
-            r.try_get("op")?,
-            r.try_get("time")?,
-        ))
-    })
-    .collect::<Result<_, sqlx::Error>>()?;
-    // The relay also sends each product's state record: the plain producer sends the same
-    // records (their values made before the clock starts).
-    let states: Vec<Option<String>> = messages
+/// The first `rows` change events as the plain producer sends them: (key, payload, id, op,
+/// time) and each one's state record (`None`: a tombstone), all made before any clock starts.
+struct Plain {
+    messages: Vec<(String, String, String, String, String)>,
+    states: Vec<Option<String>>,
+}
+
+impl Plain {
+    async fn load(w: &World, rows: usize) -> Result<Self, Error> {
+        let messages: Vec<(String, String, String, String, String)> = sqlx::query(
+            "SELECT system || '/' || COALESCE(product_code, identity) AS key, payload::text AS payload, \
+             event_id, op, to_char(created_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS time \
+             FROM product_changes ORDER BY id LIMIT $1",
+        )
+        .bind(rows as i64)
+        .fetch_all(w.pool())
+        .await?
         .iter()
-        .map(|(_, payload, ..)| product_sync::wire::state_of(payload))
-        .collect::<Result<_, _>>()?;
-    let producer = plain_producer()?;
-    let (topic, state_topic) = (w.topic("changes"), w.topic("state"));
-    let started = Instant::now();
-    let mut deliveries = Vec::with_capacity(messages.len() * 2);
-    for ((key, payload, id, op, time), state) in messages.iter().zip(&states) {
-        let ce_type = format!("com.product-sync.product.{op}");
-        let headers = CloudEvent {
-            id,
-            ce_type: &ce_type,
-            source: "product-sync/wms",
-            subject: key,
-            time,
-            traceparent: None,
-        }
-        .headers();
-        let record = FutureRecord::to(&topic)
-            .key(key)
-            .payload(payload)
-            .headers(headers);
-        deliveries.push(send_waiting(&producer, record).await);
-        let mut record = FutureRecord::<String, String>::to(&state_topic).key(key);
-        if let Some(state) = state {
-            record = record.payload(state);
-        }
-        deliveries.push(send_waiting(&producer, record).await);
+        .map(|r| {
+            Ok((
+                r.try_get("key")?,
+                r.try_get("payload")?,
+                r.try_get("event_id")?,
+                r.try_get("op")?,
+                r.try_get("time")?,
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+        // The relay also sends each product's state record: the plain producer sends the same
+        // records.
+        let states = messages
+            .iter()
+            .map(|(_, payload, ..)| product_sync::wire::state_of(payload))
+            .collect::<Result<_, _>>()?;
+        Ok(Plain { messages, states })
     }
-    for d in deliveries {
-        d.await?.map_err(|(e, _)| e)?;
+
+    /// Sends them with a plain producer, straight from memory; returns the rate per change
+    /// event: the broker's on this machine.
+    async fn send(&self, w: &World) -> Result<f64, Error> {
+        let producer = plain_producer()?;
+        let (topic, state_topic) = (w.topic("changes"), w.topic("state"));
+        let started = Instant::now();
+        let mut deliveries = Vec::with_capacity(self.messages.len() * 2);
+        for ((key, payload, id, op, time), state) in self.messages.iter().zip(&self.states) {
+            let ce_type = format!("com.product-sync.product.{op}");
+            let headers = CloudEvent {
+                id,
+                ce_type: &ce_type,
+                source: "product-sync/wms",
+                subject: key,
+                time,
+                traceparent: None,
+            }
+            .headers();
+            let record = FutureRecord::to(&topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers);
+            deliveries.push(send_waiting(&producer, record).await);
+            let mut record = FutureRecord::<String, String>::to(&state_topic).key(key);
+            if let Some(state) = state {
+                record = record.payload(state);
+            }
+            deliveries.push(send_waiting(&producer, record).await);
+        }
+        for d in deliveries {
+            d.await?.map_err(|(e, _)| e)?;
+        }
+        Ok(self.messages.len() as f64 / started.elapsed().as_secs_f64())
     }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 /// Hands a record to the producer, waiting while its local queue is full.
@@ -756,6 +780,8 @@ async fn main() -> Result<(), Error> {
     if !std::env::args().any(|a| a == "--bench") {
         return Ok(());
     }
+    // As the binary does: the relay case runs the service's relay in this process.
+    product_sync::allocator::return_freed_memory_at_once();
     let n = arg("--products", 100_000);
     let m = arg("--million", 1_000_000);
     three_cases(n).await?;
