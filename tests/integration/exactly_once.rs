@@ -167,7 +167,7 @@ async fn kill_9_of_relay_holders_mid_publication_repeats_nothing_for_read_commit
     // Holders killed one after another, each caught with a transaction open (its records
     // on the log, visible to read_uncommitted readers only, aborted by the next holder's
     // fencing); at least three kills, each in the middle of the publication.
-    // A holder that drains the queue before it is caught gets more work: a fifth of the
+    // A holder that drains the queue before it is caught gets more work: the whole
     // catalogue changed upstream and folded again (more revisions, each to be seen once).
     let mut since = Vec::new();
     let mut refills = 0;
@@ -177,21 +177,26 @@ async fn kill_9_of_relay_holders_mid_publication_repeats_nothing_for_read_commit
             if let Some(caught) = freeze_mid_transaction(&w, &holder, &since).await {
                 break caught;
             }
-            // Since the store's statements stopped waiting out Nagle's 40 ms, a holder drains
-            // a refill fast: refills are larger and more of them are allowed (seven were
-            // needed once for three catches).
+            // The refill is queued while the holder stays frozen: thawed, it publishes the
+            // whole backlog in full rounds back to back (a transaction open most of the
+            // time). Thawed during the fold, it published the trickle of pages as it came,
+            // mostly waiting between small rounds (`TXN_LINGER`), and drained refill after
+            // refill uncaught (16 times once, after the relay's store work got faster; then 6
+            // and 8 refills of 8,000 changed products; 1–3 of all 20,000).
             refills += 1;
             assert!(
                 refills <= 15,
                 "holders drained the queue {refills} times uncaught"
             );
-            signal(&holder, "CONT");
-            w.sim.sim.mutate(8000, 100 + refills);
+            w.sim.sim.mutate(20_000, 100 + refills);
             fold_everything(&w, &format!("more-{refills}")).await;
+            signal(&holder, "CONT");
         };
         signal(&holder, "KILL");
         wait_exit(&mut holder, Duration::from_secs(10)).await;
     }
+
+    eprintln!("kill_9: three holders caught mid-transaction after {refills} refills");
 
     // The last holder finishes the publication.
     let mut last = w.spawn_process("holder-last", &[SMALL_BATCHES]);
