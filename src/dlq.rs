@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -14,7 +14,7 @@ use rdkafka::util::Timeout;
 
 use crate::config::{KafkaSettings, Settings};
 use crate::kafka::{
-    KafkaError, client_config, header_text as header, plain_producer_config, reader_config,
+    KafkaError, Reader, client_config, header_text as header, plain_producer_config, reader,
 };
 use crate::retry::{RetryPolicy, retry_blocking};
 use crate::wire::{self, FailureClass, dlq};
@@ -35,7 +35,7 @@ pub struct DlqEntry {
 
 /// Reads `topic` from its start (or, with `from_group`, the consumer group's committed
 /// position) up to its end at call time: every record committed by then. The consumer must be
-/// made by [`crate::kafka::reader_config`] (end-of-partition events on). Blocking: call it
+/// made by [`crate::kafka::reader`] or [`crate::kafka::reader_config`] (end-of-partition events on). Blocking: call it
 /// from a blocking context.
 ///
 /// The end is each partition's high watermark, asked by a read_uncommitted client made from
@@ -46,9 +46,9 @@ pub struct DlqEntry {
 /// The topic's partitions and ends are asked again while the brokers answer with a transient
 /// error (a partition's leader moving answers `NotLeaderForPartition` for a moment), for up
 /// to a minute.
-pub fn read_until_end(
+pub fn read_until_end<C: ConsumerContext>(
     settings: &KafkaSettings,
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<C>,
     topic: &str,
     from_group: bool,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
@@ -68,8 +68,8 @@ pub fn read_until_end(
 
 /// What a read of `topic` to its end now assigns, and the end of each partition that has
 /// records to read (its high watermark, asked by `watermarks`).
-fn ends_of(
-    consumer: &BaseConsumer,
+fn ends_of<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     watermarks: &BaseConsumer,
     topic: &str,
     from_group: bool,
@@ -108,8 +108,8 @@ fn ends_of(
 }
 
 /// Polls the assigned partitions until each has been read to its end.
-fn read_assigned(
-    consumer: &BaseConsumer,
+fn read_assigned<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     ends: Vec<(i32, i64)>,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
@@ -151,8 +151,8 @@ fn read_assigned(
 
 /// Drops from `remaining` the partitions seen at their end whose position reached the end
 /// they had at call time.
-fn reached_end(
-    consumer: &BaseConsumer,
+fn reached_end<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     remaining: &mut std::collections::HashMap<i32, i64>,
     at_end: &std::collections::HashSet<i32>,
@@ -175,9 +175,7 @@ pub async fn list(settings: &Settings) -> Result<Vec<DlqEntry>, KafkaError> {
     let settings = settings.clone();
     tokio::task::spawn_blocking(move || {
         let group = format!("{}-dlq-list", settings.kafka.group_id);
-        let consumer: BaseConsumer = reader_config(&settings.kafka, &group)
-            .create()
-            .map_err(KafkaError::Client)?;
+        let consumer = reader(&settings.kafka, &group).map_err(KafkaError::Client)?;
         let records = read_until_end(&settings.kafka, &consumer, &settings.topics.dlq, false)?;
         Ok(records
             .iter()
@@ -246,17 +244,14 @@ async fn replay_class(
     let name = class.map_or("unclassified", FailureClass::as_str);
     let s = settings.clone();
     let group = format!("{}-dlq-replay-{name}", s.kafka.group_id);
-    let (consumer, records) = tokio::task::spawn_blocking(
-        move || -> Result<(BaseConsumer, Vec<OwnedMessage>), KafkaError> {
-            let consumer: BaseConsumer = reader_config(&s.kafka, &group)
-                .create()
-                .map_err(KafkaError::Client)?;
+    let (consumer, records) =
+        tokio::task::spawn_blocking(move || -> Result<(Reader, Vec<OwnedMessage>), KafkaError> {
+            let consumer = reader(&s.kafka, &group).map_err(KafkaError::Client)?;
             let records = read_until_end(&s.kafka, &consumer, &s.topics.dlq, true)?;
             Ok((consumer, records))
-        },
-    )
-    .await
-    .unwrap_or_else(|_| Err(KafkaError::Other(rdkafka::error::KafkaError::Canceled)))?;
+        })
+        .await
+        .unwrap_or_else(|_| Err(KafkaError::Other(rdkafka::error::KafkaError::Canceled)))?;
     let mut replayed = 0;
     let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for m in &records {

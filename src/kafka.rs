@@ -9,6 +9,7 @@ pub use publisher::Publisher;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
@@ -209,6 +210,34 @@ pub fn reader_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
     config
+}
+
+/// The context of the one-shot readers of [`reader_config`]. Reaching a partition's end is
+/// how such a reader knows it has read everything, not a failure; librdkafka also reports it
+/// through the client's error callback, which rust-rdkafka's default context logs at ERROR
+/// (16 such lines each time an instance took the relay's shards). Here it is a debug line;
+/// every other error is logged at ERROR as before, its reason cut short.
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        let reason = crate::text::cut(reason, crate::text::REASON_CHARS);
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::debug!(%reason, "Kafka reader reached the end of a partition");
+        } else {
+            tracing::error!(error = %error, %reason, "Kafka reader error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// A one-shot reader: [`reader_config`] with [`ReaderContext`].
+pub type Reader = BaseConsumer<ReaderContext>;
+
+/// Makes a one-shot reader (see [`reader_config`]).
+pub fn reader(settings: &KafkaSettings, group: &str) -> Result<Reader, RdKafkaError> {
+    reader_config(settings, group).create_with_context(ReaderContext)
 }
 
 /// The producer of every event product-sync sends (relay, DLQ, rejections): idempotent with
@@ -412,6 +441,49 @@ pub fn header_text(message: &rdkafka::message::OwnedMessage, name: &str) -> Opti
 mod tests {
     use super::*;
     use crate::config::LibrdkafkaOptions;
+    use std::sync::{Arc, Mutex};
+
+    /// What a subscriber wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The lines the reader context logs for this error, at every level.
+    fn logged(code: RDKafkaErrorCode, reason: &str) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            ReaderContext.error(RdKafkaError::Global(code), reason)
+        });
+        String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned()
+    }
+
+    #[test]
+    fn a_reader_logs_the_end_of_a_partition_as_debug_and_other_errors_as_errors() {
+        let eof = logged(
+            RDKafkaErrorCode::PartitionEOF,
+            "Fetch from broker 1 reached end of partition at offset 0 (HighwaterMark 0)",
+        );
+        assert!(eof.contains("DEBUG"), "{eof}");
+        assert!(!eof.contains("ERROR"), "{eof}");
+        let down = logged(RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down");
+        assert!(down.contains("ERROR"), "{down}");
+        assert!(down.contains("1/1 brokers are down"), "{down}");
+    }
 
     fn settings() -> KafkaSettings {
         KafkaSettings {

@@ -34,7 +34,7 @@ use chrono::Utc;
 use rdkafka::ClientContext;
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -46,7 +46,7 @@ use std::collections::HashSet;
 use super::queue::{self, Done, Kind, Outgoing, Shards};
 use super::{Published, Relay, RelayError, RelaySettings, event_headers, is_refusal, state_value};
 use crate::config::KafkaSettings;
-use crate::kafka::{producer_config, reader_config};
+use crate::kafka::{Reader, producer_config, reader};
 use crate::store::StoreError;
 
 /// A transactional round reads this many relay batches (`pipeline.relay_batch_size`) at
@@ -505,7 +505,7 @@ async fn take_shard(
 /// offset, so another producer's open transaction would hide this shard's last record (one
 /// partition per shard, one topic per deployment).
 fn progress_partition(
-    consumer: &BaseConsumer,
+    consumer: &Reader,
     topic: &str,
     shard: u32,
     shards: u32,
@@ -540,9 +540,7 @@ pub fn read_progress(
 ) -> Result<(i32, Option<Progress>), String> {
     let topic = &settings.progress_topic;
     let group = format!("{}-progress-reader", settings.id_prefix);
-    let consumer: BaseConsumer = reader_config(&settings.kafka, &group)
-        .create()
-        .map_err(|e| e.to_string())?;
+    let consumer = reader(&settings.kafka, &group).map_err(|e| e.to_string())?;
     let partition = progress_partition(&consumer, topic, shard, settings.shards)?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
@@ -563,7 +561,7 @@ pub fn read_progress(
 
 /// The last record with `key` from `from` to the partition's end.
 fn last_record(
-    consumer: &BaseConsumer,
+    consumer: &Reader,
     topic: &str,
     partition: i32,
     from: i64,

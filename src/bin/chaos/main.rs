@@ -46,7 +46,6 @@ use product_sync::kafka::plain_producer_config;
 use product_sync::sim::Faults;
 use product_sync::wire::FailureClass;
 use rdkafka::Message;
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -263,8 +262,7 @@ fn selectors() -> Vec<Value> {
 /// Every record of a topic from its start up to its end now.
 fn read_all(settings: &Settings, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
     let group = format!("chaos-reader-{}", uuid::Uuid::new_v4().simple());
-    let consumer: BaseConsumer =
-        product_sync::kafka::reader_config(&settings.kafka, &group).create()?;
+    let consumer = product_sync::kafka::reader(&settings.kafka, &group)?;
     Ok(product_sync::dlq::read_until_end(
         &settings.kafka,
         &consumer,
