@@ -4,7 +4,7 @@
 //! mimalloc 3 keeps freed pages for a second (`purge_delay` 1000 ms) before returning them.
 //! The relay and the fold free tens of megabytes a second, so a second of freed pages was a
 //! fifth of the instance's peak resident memory: one command of a million products peaked
-//! at 197–216 MB, and at 163 MB with immediate purging, for the same run time
+//! at 197–216 MB, and at 156–163 MB with immediate purging, for the same run time
 //! (`cargo bench --bench pipeline`, `case=million`).
 
 /// mimalloc's `mi_option_purge_delay` (the position in its `mi_option_e`, the same in

@@ -35,8 +35,8 @@ pub struct DlqEntry {
 
 /// Reads `topic` from its start (or, with `from_group`, the consumer group's committed
 /// position) up to its end at call time: every record committed by then. The consumer must be
-/// made by [`crate::kafka::reader`] or [`crate::kafka::reader_config`] (end-of-partition events on). Blocking: call it
-/// from a blocking context.
+/// made by [`crate::kafka::reader`] or from [`crate::kafka::reader_config`] (end-of-partition
+/// events on). Blocking: call it from a blocking context.
 ///
 /// The end is each partition's high watermark, asked by a read_uncommitted client made from
 /// `settings`: a read_committed client is told the last stable offset, which stays behind a

@@ -86,7 +86,7 @@ pub async fn read<C: ConnectionTrait + StreamTrait>(
     // Streamed, each row made an `Outgoing` as it arrives: a round of 20,000 rows held its
     // driver rows and their copies at once (about twice its events' size) when read whole.
     let mut rows = Box::pin(db.stream_raw(Statement::from_string(backend, sql)).await?);
-    let mut out = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(1 << 16));
+    let mut out = Vec::new();
     let mut results = Vec::new();
     while let Some(row) = rows.try_next().await? {
         let row = &row;
