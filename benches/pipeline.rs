@@ -440,13 +440,14 @@ impl Limits {
         self.with_changed(1.0)
     }
 
-    async fn measure(w: &World, n: usize) -> Result<Self, Error> {
+    /// `plain`: the initial case's change events, for the broker's rate.
+    async fn measure(w: &World, plain: &Plain) -> Result<Self, Error> {
         let (fetched, fetch_s) = fetch_alone(&w.sim_url).await?;
         let (copied, copy_s) = copy_alone(w).await?;
         let limits = Limits {
             fetch: fetched as f64 / fetch_s,
             copy: copied as f64 / copy_s,
-            broker: Plain::load(w, n).await?.send(w).await?,
+            broker: plain.send(w).await?,
         };
         println!(
             "pipeline-bench: case=limits fetch_per_s={:.0} copy_per_s={:.0} broker_per_s={:.0} composite_per_s={:.0}",
@@ -514,8 +515,8 @@ async fn copy_alone(w: &World) -> Result<(usize, f64), Error> {
 /// speed drifts within a run as well as between runs: one trial of each swung the ratio from
 /// 0.28 to 0.51 between runs, and a plain producer measured only before the relays sent a
 /// million rows at 85,000 to 129,000 a second in five runs of the same commit.
-async fn relay_case(w: &World, rows: usize, trials: usize) -> Result<(), Error> {
-    let plain = Plain::load(w, rows).await?;
+async fn relay_case(w: &World, plain: &Plain, trials: usize) -> Result<(), Error> {
+    let rows = plain.messages.len();
     let (mut broker, mut before, mut after) = (Vec::new(), Vec::new(), Vec::new());
     let mut modes: [(&str, Vec<f64>, Vec<f64>); 2] = [
         ("transactional", Vec::new(), Vec::new()),
@@ -740,7 +741,9 @@ async fn three_cases(n: usize) -> Result<(), Error> {
     w.wait_ready().await?;
     let producer = plain_producer()?;
     let (initial, rate) = case(&w, &producer, "initial", n).await?;
-    let limits = Limits::measure(&w, n).await?;
+    // The initial case's change events, read once: the broker's limit and the relay case.
+    let plain = Plain::load(&w, n).await?;
+    let limits = Limits::measure(&w, &plain).await?;
     println!("{initial} ratio={:.2}", rate / limits.composite());
     if !std::env::args().any(|a| a == "--relay-only") {
         let (line, rate) = case(&w, &producer, "unchanged", n).await?;
@@ -750,7 +753,7 @@ async fn three_cases(n: usize) -> Result<(), Error> {
         println!("{line} ratio={:.2}", rate / limits.with_changed(0.1));
     }
     instance.stop()?;
-    relay_case(&w, n, arg("--relay-trials", 3)).await?;
+    relay_case(&w, &plain, arg("--relay-trials", 3)).await?;
     w.clean_up().await;
     Ok(())
 }
@@ -769,7 +772,7 @@ async fn million(n: usize) -> Result<(), Error> {
     );
     instance.stop()?;
     // A million rows take minutes a trial: one.
-    relay_case(&w, n, 1).await?;
+    relay_case(&w, &Plain::load(&w, n).await?, 1).await?;
     w.clean_up().await;
     Ok(())
 }

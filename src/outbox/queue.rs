@@ -89,7 +89,6 @@ pub async fn read<C: ConnectionTrait + StreamTrait>(
     let mut out = Vec::new();
     let mut results = Vec::new();
     while let Some(row) = rows.try_next().await? {
-        let row = &row;
         let pending_id: i64 = row.try_get("", "pending_id")?;
         let shard_key: i64 = row.try_get("", "shard_key")?;
         let product_id: Option<i64> = row.try_get("", "product_id")?;
@@ -98,7 +97,7 @@ pub async fn read<C: ConnectionTrait + StreamTrait>(
         // A change row gone from the history (removed by hand) has nothing left to publish.
         let has_change = row.try_get::<Option<String>>("", "system")?.is_some();
         match (change_id, request) {
-            (Some(_), _) if has_change => out.push(change(row, pending_id, product_id)?),
+            (Some(_), _) if has_change => out.push(change(&row, pending_id, product_id)?),
             (Some(_), _) => out.push(gone(pending_id, String::new())),
             (None, Some(request_id)) => {
                 results.push((out.len(), request_id.clone()));
